@@ -1,0 +1,23 @@
+"""dali_patches: random patches from a bounded on-device cache of decoded images, fed by NVIDIA DALI.
+
+Every batch holds patches of ``batch_size`` different images; each decoded image serves ``reuse``
+patches on average, so throughput is ``reuse × decode rate`` while batches stay diverse.
+"""
+
+from .catalog import Catalog, CatalogWarning
+from .config import Device, SamplerConfig, format_bytes, parse_bytes
+from .pipeline import OUTPUT_NAMES, PatchSampler
+from .producer import PatchBatch
+
+__all__ = [
+    "Catalog",
+    "CatalogWarning",
+    "Device",
+    "OUTPUT_NAMES",
+    "PatchBatch",
+    "PatchSampler",
+    "SamplerConfig",
+    "format_bytes",
+    "parse_bytes",
+]
+__version__ = "0.1.0"

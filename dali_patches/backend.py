@@ -1,0 +1,129 @@
+"""The one place where CPU and GPU mode differ: array module, DALI device names, streams.
+
+Everything downstream asks a :class:`Backend` instead of branching on the device, so the CPU and GPU
+paths are the same code (DESIGN invariant 7). CuPy is imported only when GPU mode is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import Device
+
+__all__ = ["Backend", "cuda_available", "resolve_backend"]
+
+log = logging.getLogger(__name__)
+
+
+def _import_cupy() -> types.ModuleType | None:
+    try:
+        import cupy  # noqa: PLC0415 - optional, GPU mode only
+    except ImportError:
+        return None
+    return cupy
+
+
+def cuda_available() -> bool:
+    """True when CuPy is installed and sees at least one CUDA device."""
+    cupy = _import_cupy()
+    if cupy is None:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no driver, no device: all mean "no GPU"
+        return False
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Array module and DALI names for one device mode.
+
+    Attributes:
+        device: ``Device.CPU`` or ``Device.GPU`` (never ``AUTO``).
+        xp: ``numpy`` or ``cupy``.
+        decoder_device: DALI ``decoders.image`` device: ``"mixed"`` (nvJPEG) or ``"cpu"``.
+        op_device: DALI device of data after decoding: ``"gpu"`` or ``"cpu"``.
+        dali_device_id: ``device_id`` for DALI pipelines (``None`` = CPU-only pipeline).
+    """
+
+    device: Device
+    xp: Any
+    decoder_device: str
+    op_device: str
+    dali_device_id: int | None
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device is Device.GPU
+
+    def new_stream(self) -> Any:
+        """A CUDA stream for a producer thread (GPU) or ``None`` (CPU)."""
+        if not self.is_gpu:
+            return None
+        with self.xp.cuda.Device(self.dali_device_id):
+            return self.xp.cuda.Stream(non_blocking=True)
+
+    def use(self, stream: Any) -> contextlib.AbstractContextManager:
+        """Make ``stream`` current (and the device active) in this thread; no-op on CPU."""
+        if stream is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.xp.cuda.Device(self.dali_device_id))
+        stack.enter_context(stream)
+        return stack
+
+    @staticmethod
+    def synchronize(stream: Any) -> None:
+        """Block until all work queued on ``stream`` is done (no-op on CPU)."""
+        if stream is not None:
+            stream.synchronize()
+
+    def empty(self, nbytes: int) -> Any:
+        """One flat ``uint8`` buffer of ``nbytes`` on this device."""
+        if self.is_gpu:
+            with self.xp.cuda.Device(self.dali_device_id):
+                return self.xp.empty(nbytes, dtype=self.xp.uint8)
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def as_array(self, dali_tensor: Any) -> Any:
+        """A view of one DALI tensor (``TensorCPU``/``TensorGPU``) as an ``xp`` array (no copy)."""
+        return self.xp.asarray(dali_tensor)
+
+    def free_bytes(self) -> int:
+        """Memory an arena could take now: free GPU memory, or available host RAM."""
+        if self.is_gpu:
+            with self.xp.cuda.Device(self.dali_device_id):
+                return int(self.xp.cuda.runtime.memGetInfo()[0])
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return self.xp.asnumpy(array) if self.is_gpu else np.asarray(array)
+
+
+def resolve_backend(device: Device | str, device_id: int = 0) -> Backend:
+    """Pick the backend for ``device``; ``"auto"`` means GPU when one is usable, else CPU."""
+    device = Device(device)
+    if device is Device.AUTO:
+        device = Device.GPU if cuda_available() else Device.CPU
+        log.info("device='auto' resolved to %r", device.value)
+    if device is Device.GPU:
+        cupy = _import_cupy()
+        if cupy is None:
+            msg = "device='gpu' needs CuPy: pip install 'dali-patches[gpu]' (cupy-cuda13x), or use device='cpu'"
+            raise RuntimeError(msg)
+        if not cuda_available():
+            msg = "device='gpu' but CuPy sees no CUDA device; check the driver or use device='cpu'"
+            raise RuntimeError(msg)
+        count = cupy.cuda.runtime.getDeviceCount()
+        if device_id >= count:
+            msg = f"{device_id=} but only {count} CUDA device(s) are visible; pass device_id < {count}"
+            raise ValueError(msg)
+        return Backend(Device.GPU, cupy, "mixed", "gpu", device_id)
+    return Backend(Device.CPU, np, "cpu", "cpu", None)

@@ -1,0 +1,135 @@
+"""RingCache: decoded images in one preallocated flat ``uint8`` arena, evicted first-in first-out.
+
+A new image is written at the head; the oldest images in its way are evicted. FIFO gives every image
+the same residence time, hence ≈ ``reuse`` patches each (random eviction would not). The arena is
+allocated once and never grows (DESIGN invariant 1). The slot table lives on the host: slot ids are
+consecutive, and FIFO keeps the resident ones a contiguous range ``[first, next)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend
+from .config import format_bytes
+
+__all__ = ["RingCache"]
+
+
+class RingCache:
+    """A byte ring of decoded RGB images plus their slot table.
+
+    Args:
+        backend: where the arena lives (CuPy on GPU, NumPy on CPU).
+        capacity_bytes: arena size; allocated here, once.
+        max_slots: upper bound on resident images (``capacity_bytes // smallest image bytes + 1``).
+
+    Each resident slot records its byte ``offset``, ``height``, ``width``, the ``source`` index of its
+    file, how many patches it has ``served``, and whether it is ``alive``: a slot dies (stops being
+    sampled) when a newer decode of the same source arrives, so a source is never drawn twice.
+    """
+
+    def __init__(self, backend: Backend, capacity_bytes: int, max_slots: int) -> None:
+        self.capacity_bytes = int(capacity_bytes)
+        self.arena = backend.empty(self.capacity_bytes)
+        self.max_slots = int(max_slots)
+        self.offset = np.zeros(self.max_slots, np.int64)
+        self.height = np.zeros(self.max_slots, np.int64)
+        self.width = np.zeros(self.max_slots, np.int64)
+        self.source = np.full(self.max_slots, -1, np.int64)
+        self.served = np.zeros(self.max_slots, np.int64)
+        self.alive = np.zeros(self.max_slots, bool)
+        self._first = 0  # id of the oldest resident slot
+        self._next = 0  # id the next insert gets
+        self._head = 0  # byte offset of the next insert
+        self._used = 0  # bytes held by resident images
+        self._slot_of_source: dict[int, int] = {}
+        self.evicted = 0
+        self.evicted_served = 0  # patches served by images whose residence has ended
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def resident(self) -> int:
+        return self._next - self._first
+
+    @property
+    def bytes_used(self) -> int:
+        return self._used
+
+    def resident_slots(self) -> np.ndarray:
+        """Ring indices of resident slots, oldest first."""
+        return np.arange(self._first, self._next) % self.max_slots
+
+    def alive_slots(self) -> np.ndarray:
+        """Ring indices of resident slots that may be sampled, oldest first."""
+        slots = self.resident_slots()
+        return slots[self.alive[slots]]
+
+    def would_evict(self, nbytes: int) -> bool:
+        """Whether inserting an image of ``nbytes`` would evict a resident one."""
+        if self.resident == 0:
+            return False
+        oldest = self.offset[self._first % self.max_slots]
+        if self._head + nbytes > self.capacity_bytes:  # wrap: the lap ahead of the head goes first
+            return oldest >= self._head or oldest < nbytes
+        return self._head <= oldest < self._head + nbytes
+
+    # -- updates -----------------------------------------------------------------------------
+    def insert(self, image: Any, source: int) -> int:
+        """Copy an ``(H, W, 3) uint8`` image into the arena, evicting the oldest in its way.
+
+        Returns the ring index of its slot.
+        """
+        h, w = int(image.shape[0]), int(image.shape[1])
+        nbytes = h * w * 3
+        if nbytes > self.capacity_bytes:
+            msg = (f"image {h}x{w} ({format_bytes(nbytes)}) does not fit in the cache "
+                   f"({format_bytes(self.capacity_bytes)}); raise cache_bytes")
+            raise ValueError(msg)
+        self._make_room(nbytes)
+        slot = self._next % self.max_slots
+        offset = self._head
+        self.arena[offset : offset + nbytes] = image.reshape(-1)
+        self.offset[slot], self.height[slot], self.width[slot] = offset, h, w
+        self.source[slot], self.served[slot], self.alive[slot] = source, 0, True
+        previous = self._slot_of_source.get(source)
+        if previous is not None:
+            self._end_residence(previous)  # the older copy stops being sampled
+        self._slot_of_source[source] = slot
+        self._next += 1
+        self._head += nbytes
+        self._used += nbytes
+        return slot
+
+    def record_served(self, slots: np.ndarray) -> None:
+        """Count one served patch per entry of ``slots`` (repeats allowed)."""
+        np.add.at(self.served, slots, 1)
+
+    def _make_room(self, nbytes: int) -> None:
+        if self._head + nbytes > self.capacity_bytes:
+            # Wrap. Images at or after the head belong to the previous lap: they are the oldest.
+            while self.resident and self.offset[self._first % self.max_slots] >= self._head:
+                self._evict_oldest()
+            self._head = 0
+        while self.resident and self._head <= self.offset[self._first % self.max_slots] < self._head + nbytes:
+            self._evict_oldest()
+        if self.resident >= self.max_slots:
+            msg = f"slot table overflow ({self.max_slots=}); the catalog's smallest image size is wrong"
+            raise RuntimeError(msg)
+
+    def _evict_oldest(self) -> None:
+        slot = self._first % self.max_slots
+        self._end_residence(slot)
+        self._used -= int(self.height[slot] * self.width[slot] * 3)
+        self._first += 1
+
+    def _end_residence(self, slot: int) -> None:
+        if not self.alive[slot]:
+            return
+        self.alive[slot] = False
+        self.evicted += 1
+        self.evicted_served += int(self.served[slot])
+        if self._slot_of_source.get(int(self.source[slot])) == slot:
+            del self._slot_of_source[int(self.source[slot])]

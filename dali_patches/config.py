@@ -1,0 +1,165 @@
+"""One frozen, validated configuration for a :class:`~dali_patches.PatchSampler`.
+
+Every knob is checked here, at construction, so that a nonsense value fails before any file is read
+or any memory is allocated, with a message that names the parameter, its value and the fix.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+__all__ = ["Device", "SamplerConfig", "format_bytes", "parse_bytes"]
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+class Device(str, enum.Enum):
+    """Where images are decoded, cached and cut.
+
+    ``GPU``: nvJPEG (DALI ``mixed`` decoder) and a CuPy arena. ``CPU``: DALI's libjpeg-turbo decoder
+    and a NumPy arena. ``AUTO``: GPU when CuPy sees a CUDA device, CPU otherwise.
+    """
+
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+def parse_bytes(value: int | str, name: str = "cache_bytes") -> int:
+    """``2147483648``, ``"2GiB"``, ``"512MiB"``, ``"1.5G"`` or ``"800MB"`` → a byte count (int)."""
+    if isinstance(value, bool):
+        msg = f"{name}={value!r} is not a size; pass bytes as an int or a string such as '2GiB'"
+        raise TypeError(msg)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = _BYTES_RE.match(value)
+        unit = match.group(2).upper() if match else None
+        if match and unit in _UNITS:
+            return int(float(match.group(1)) * _UNITS[unit])
+    msg = (
+        f"{name}={value!r} is not a size; use an int of bytes or a number with a unit "
+        "such as '512MiB', '2GiB' or '800MB'"
+    )
+    raise ValueError(msg)
+
+
+def format_bytes(n: int | float) -> str:
+    """A byte count for humans: ``2147483648`` → ``'2.00 GiB'``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        msg = f"{name}={value!r} must be a positive int"
+        raise ValueError(msg)
+    return value
+
+
+def _patch_hw(value: int | tuple[int, int]) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
+        msg = f"patch_size={value!r} must be a positive int or a (height, width) pair of them, e.g. 64"
+        raise ValueError(msg)
+    return pair  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """What to sample and how much memory to spend on it. Frozen; validated in ``__post_init__``.
+
+    Args:
+        patch_size: patch height and width in pixels; an int means square. Output patches are
+            ``(batch_size, patch_h, patch_w, 3) uint8``.
+        batch_size: patches per batch. With ``allow_repeats=False`` every batch comes from
+            ``batch_size`` *distinct* images, so the cache must hold at least that many.
+        reuse: mean number of patches served per decoded image. Throughput is about
+            ``reuse × decode rate``; diversity across the run falls as ``reuse`` grows (each image is
+            seen ``reuse`` times), diversity inside a batch does not.
+        cache_bytes: size of the decoded-image ring arena, in bytes (``"2GiB"`` accepted). More cache
+            = more distinct images to draw each batch from, at that much device (GPU) or host (CPU)
+            memory, plus a warm-up that decodes enough images to fill it.
+        cache_images: alternative to ``cache_bytes``: size the arena to hold this many of the data
+            set's largest images. Give exactly one of the two.
+        device: :class:`Device` or its name.
+        seed: seeds the reader's shuffle and the sampler's draws. Same seed, files, device and shard
+            give the same ``(source, anchor)`` stream.
+        allow_repeats: let a batch hold several patches of one image when fewer than ``batch_size``
+            images are resident (small data sets, small caches). Off by default: such a set-up fails
+            at construction with the cache it would need.
+        decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 4 on CPU, 16 on
+            GPU. Larger batches decode faster on GPU but hold ``decode_batch × prefetch`` decoded
+            images in DALI's queue on top of the arena.
+        num_threads: DALI worker threads of both pipelines; ``None`` uses every core.
+        queue_depth: finished batches the producer thread keeps ready for the trainer.
+        device_id: CUDA device index (GPU mode).
+        shard_id, num_shards: this process's part of the files (DALI reader sharding).
+    """
+
+    patch_size: tuple[int, int]
+    batch_size: int
+    reuse: float
+    cache_bytes: int | None = None
+    cache_images: int | None = None
+    device: Device = Device.AUTO
+    seed: int = 0
+    allow_repeats: bool = False
+    decode_batch: int | None = None
+    num_threads: int | None = None
+    queue_depth: int = 2
+    device_id: int = 0
+    shard_id: int = 0
+    num_shards: int = 1
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalise fields of a frozen dataclass once, here
+        set_(self, "patch_size", _patch_hw(self.patch_size))
+        _positive_int("batch_size", self.batch_size)
+        if isinstance(self.reuse, bool) or not isinstance(self.reuse, (int, float)) or not self.reuse >= 1:
+            msg = f"reuse={self.reuse!r} must be a number >= 1 (patches served per decoded image; 1 = decode per patch)"
+            raise ValueError(msg)
+        if (self.cache_bytes is None) == (self.cache_images is None):
+            msg = (
+                f"give exactly one of cache_bytes and cache_images (got {self.cache_bytes=}, "
+                f"{self.cache_images=}); e.g. cache_bytes='2GiB'"
+            )
+            raise ValueError(msg)
+        if self.cache_bytes is not None:
+            set_(self, "cache_bytes", parse_bytes(self.cache_bytes, "cache_bytes"))
+            if self.cache_bytes <= 0:
+                msg = f"cache_bytes={self.cache_bytes!r} must be positive, e.g. '2GiB'"
+                raise ValueError(msg)
+        else:
+            _positive_int("cache_images", self.cache_images)
+        try:
+            set_(self, "device", Device(self.device))
+        except ValueError:
+            msg = f"device={self.device!r} is not one of {[d.value for d in Device]}"
+            raise ValueError(msg) from None
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            msg = f"seed={self.seed!r} must be a non-negative int"
+            raise ValueError(msg)
+        for name in ("decode_batch", "num_threads"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        _positive_int("queue_depth", self.queue_depth)
+        _positive_int("num_shards", self.num_shards)
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
+            msg = f"device_id={self.device_id!r} must be a non-negative int"
+            raise ValueError(msg)
+        if not isinstance(self.shard_id, int) or not 0 <= self.shard_id < self.num_shards:
+            msg = f"{self.shard_id=} must be in [0, {self.num_shards=})"
+            raise ValueError(msg)
+
+    @property
+    def patch_bytes(self) -> int:
+        """Bytes of one RGB uint8 patch."""
+        return self.patch_size[0] * self.patch_size[1] * 3

@@ -1,0 +1,125 @@
+"""Decode stage: DALI ``readers.file → decoders.image`` over the catalog, one image at a time.
+
+DALI's executor decodes ``prefetch`` batches ahead in its own threads, so the producer thread that
+calls :meth:`DecodeStage.next` finds finished images waiting whenever decoding keeps up. Images come
+out in a full per-epoch permutation (``shuffle_after_epoch``) seeded from the sampler's seed: one
+reader epoch decodes every file of the shard exactly once, and epochs follow each other seamlessly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+
+from .backend import Backend
+
+__all__ = ["DecodeError", "DecodeStage"]
+
+log = logging.getLogger(__name__)
+
+_MAX_FAILED_RUNS_IN_A_ROW = 8  # a reader that fails this often is broken, not unlucky
+
+
+class DecodeError(RuntimeError):
+    """The decode pipeline failed repeatedly; the message carries DALI's error (it names the file)."""
+
+
+@pipeline_def(enable_conditionals=False)
+def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: int, shard_id: int, num_shards: int):
+    jpegs, labels = fn.readers.file(
+        files=list(files),
+        labels=list(range(len(files))),
+        shuffle_after_epoch=True,
+        shuffle_after_epoch_seed=shuffle_seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        name="Reader",
+    )
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    return images, labels
+
+
+class DecodeStage:
+    """Decoded images of a shard, in the reader's seeded order, as device arrays.
+
+    Args:
+        files: paths; the index of a path is the ``source`` reported for its image.
+        backend: device mode (decoder ``"mixed"`` on GPU, ``"cpu"`` otherwise).
+        batch_size: images per DALI decode batch.
+        num_threads: DALI worker threads.
+        seed: seeds the reader's per-epoch shuffle.
+        prefetch: decode batches DALI keeps in flight; each holds ``batch_size`` decoded images.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        backend: Backend,
+        batch_size: int,
+        num_threads: int,
+        seed: int,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        prefetch: int = 2,
+    ) -> None:
+        self._backend = backend
+        self._pending: deque[tuple[int, Any]] = deque()
+        self.images_decoded = 0
+        self.failed_runs = 0
+        self.errors: list[str] = []
+        self._failed_in_a_row = 0
+        self._pipe = _decode_pipeline(
+            files=files,
+            decoder_device=backend.decoder_device,
+            shuffle_seed=seed,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=backend.dali_device_id,
+            prefetch_queue_depth=prefetch,
+            seed=seed,
+        )
+        self._pipe.build()
+        self.epoch_size = int(self._pipe.reader_meta("Reader")["epoch_size"])
+        self.shard_size = -(-self.epoch_size // num_shards) if num_shards > 1 else self.epoch_size
+
+    def peek(self) -> tuple[int, Any]:
+        """The next ``(source index, (H, W, 3) uint8 image)`` without consuming it."""
+        while not self._pending:
+            self._run()
+        return self._pending[0]
+
+    def next(self) -> tuple[int, Any]:
+        """Consume the next decoded image. The array is a view into DALI's output, valid while held."""
+        item = self.peek()
+        self._pending.popleft()
+        self.images_decoded += 1
+        return item
+
+    def _run(self) -> None:
+        try:
+            images, labels = self._pipe.run()
+        except RuntimeError as e:  # a corrupt file costs its whole decode batch; DALI keeps working
+            self.failed_runs += 1
+            self._failed_in_a_row += 1
+            self.errors.append(str(e).splitlines()[0] if str(e) else repr(e))
+            log.warning("decode batch failed and was skipped: %s", self.errors[-1])
+            if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
+                msg = f"{self._failed_in_a_row} decode batches failed in a row; last error: {e}"
+                raise DecodeError(msg) from e
+            return
+        self._failed_in_a_row = 0
+        sources = np.asarray(labels.as_tensor()).reshape(-1)
+        for i, source in enumerate(sources.tolist()):
+            self._pending.append((source, self._backend.as_array(images[i])))
+
+    def close(self) -> None:
+        """Drop pending images and the DALI pipeline (frees its buffers and threads)."""
+        self._pending.clear()
+        self._pipe = None

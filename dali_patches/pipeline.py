@@ -1,0 +1,198 @@
+"""PatchSampler: the user-facing sampler, and the DALI sample pipeline fed from it.
+
+Construction scans the catalog, plans and checks the cache (before allocating anything), and builds
+the decode pipeline. The producer thread starts on first use. Batches come out either as plain arrays
+(iterate the sampler) or through :meth:`PatchSampler.pipeline`, a DALI pipeline whose
+``external_source`` hands over finished batches, for DALI's framework plugins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+
+from .backend import resolve_backend
+from .catalog import Catalog
+from .config import Device, SamplerConfig, format_bytes
+from .producer import PatchBatch, Producer
+
+__all__ = ["OUTPUT_NAMES", "PatchSampler"]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES = ("patches", "source", "anchor")
+
+
+class PatchSampler:
+    """Random patches from a bounded cache of decoded images, ``batch_size`` distinct images a batch.
+
+    Args:
+        source: a folder (searched recursively), a glob, or a list of image paths.
+        patch_size: int or ``(height, width)`` in pixels.
+        batch_size: patches per batch; each from a different image unless ``allow_repeats``.
+        reuse: mean patches served per decoded image (throughput ≈ ``reuse × decode rate``).
+        cache_bytes: arena size (int bytes or ``"2GiB"``); or give ``cache_images`` instead.
+        cache_images: size the arena to hold this many of the largest images.
+        device: ``"auto"``, ``"gpu"`` or ``"cpu"``.
+        seed: seeds everything random; same seed + files + device + shard → same stream.
+        progress: show progress bars for the header scan and the cache warm-up.
+        **options: the rest of :class:`SamplerConfig` (``allow_repeats``, ``decode_batch``,
+            ``num_threads``, ``queue_depth``, ``device_id``, ``shard_id``, ``num_shards``).
+
+    Raises:
+        ValueError: bad parameters, no usable images, or a cache too small for ``batch_size``
+            distinct images (the message gives the size needed).
+        FileNotFoundError: ``source`` does not exist.
+
+    Example:
+        >>> sampler = PatchSampler("data/train", patch_size=64, batch_size=256, reuse=32, cache_bytes="2GiB")
+        >>> batch = next(iter(sampler))
+        >>> batch.patches.shape
+        (256, 64, 64, 3)
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Iterable[str | os.PathLike],
+        patch_size: int | tuple[int, int],
+        batch_size: int,
+        reuse: float,
+        cache_bytes: int | str | None = None,
+        *,
+        cache_images: int | None = None,
+        device: Device | str = Device.AUTO,
+        seed: int = 0,
+        progress: bool | None = None,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(SamplerConfig.__dataclass_fields__)
+        if unknown:
+            msg = f"unknown option(s) {sorted(unknown)}; valid: {sorted(SamplerConfig.__dataclass_fields__)}"
+            raise TypeError(msg)
+        self.config = SamplerConfig(patch_size=patch_size, batch_size=batch_size, reuse=reuse,
+                                    cache_bytes=cache_bytes, cache_images=cache_images, device=device,
+                                    seed=seed, **options)
+        self.backend = resolve_backend(self.config.device, self.config.device_id)
+        self.catalog = Catalog.scan(source, min_size=self.config.patch_size, progress=progress)
+        self.cache_bytes, max_slots, warmup_estimate = self._plan_cache()
+        self._producer = Producer(list(self.catalog.files), self.config, self.backend, self.cache_bytes,
+                                  max_slots, warmup_estimate, progress=bool(progress))
+        self._pipelines: list[Any] = []
+
+    # -- planning ----------------------------------------------------------------------------
+    def _plan_cache(self) -> tuple[int, int, int]:
+        """Arena bytes, slot-table size and expected warm-up images; fails early if too small."""
+        cfg = self.config
+        sizes = np.sort(self.catalog.image_bytes)[::-1]  # largest first
+        largest = int(sizes[0])
+        shard_images = len(sizes) // cfg.num_shards
+        # A ring holds n images for sure when it fits the n largest, plus one largest image of slack
+        # at the wrap and one for the image being written.
+        slack = 2 * largest
+        if cfg.cache_images is not None:
+            cache_bytes = int(sizes[: cfg.cache_images].sum()) + slack
+        else:
+            cache_bytes = int(cfg.cache_bytes)
+        if not cfg.allow_repeats:
+            if shard_images < cfg.batch_size:
+                msg = (f"batch_size={cfg.batch_size} distinct images are needed per batch but this shard has "
+                       f"only {shard_images} images; lower batch_size or pass allow_repeats=True")
+                raise ValueError(msg)
+            needed = int(sizes[: cfg.batch_size].sum()) + slack
+            if cache_bytes < needed:
+                msg = (f"cache_bytes={format_bytes(cache_bytes)} cannot hold batch_size={cfg.batch_size} distinct "
+                       f"images of this data set (largest {format_bytes(largest)} each); it needs at least "
+                       f"{format_bytes(needed)} ({needed} bytes). Raise cache_bytes, lower batch_size, "
+                       "or pass allow_repeats=True")
+                raise ValueError(msg)
+        elif cache_bytes < largest:
+            msg = (f"cache_bytes={format_bytes(cache_bytes)} cannot hold even the largest image "
+                   f"({format_bytes(largest)}); raise cache_bytes to at least {largest}")
+            raise ValueError(msg)
+        free = self.backend.free_bytes()
+        if cache_bytes > free:
+            msg = (f"cache_bytes={format_bytes(cache_bytes)} exceeds the free {self.backend.device.value} "
+                   f"memory ({format_bytes(free)}); lower cache_bytes")
+            raise ValueError(msg)
+        max_slots = cache_bytes // int(sizes[-1]) + 1
+        warmup = min(len(sizes), int(cache_bytes // max(1, sizes.mean())))
+        return cache_bytes, int(max_slots), warmup
+
+    # -- data --------------------------------------------------------------------------------
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The catalog's paths; ``batch.source`` indexes this tuple."""
+        return self.catalog.files
+
+    @property
+    def max_memory(self) -> int:
+        """Bytes this sampler will hold on its device: the arena plus DALI's decode queue
+        (``decode_batch × 3`` of the largest images), plus ``queue_depth + 2`` output batches."""
+        decode_batch = self.config.decode_batch or (16 if self.backend.is_gpu else 4)
+        largest = int(self.catalog.image_bytes.max())
+        batches = (self.config.queue_depth + 2) * self.config.batch_size * self.config.patch_bytes
+        return self.cache_bytes + 3 * decode_batch * largest + batches
+
+    def __iter__(self) -> PatchSampler:
+        return self
+
+    def __next__(self) -> PatchBatch:
+        return self._producer.get()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``images_decoded``, ``patches_served``, ``batches_served``, ``resident_images``,
+        ``cache_bytes``, ``cache_bytes_used``, ``mean_reuse`` (patches per image over completed
+        residences), ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
+        ``skipped_files``, decode failures."""
+        return {**self._producer.stats(), "files": len(self.files), "skipped_files": len(self.catalog.skipped),
+                "device": self.backend.device.value}
+
+    # -- DALI --------------------------------------------------------------------------------
+    def _feed(self) -> tuple[Any, np.ndarray, np.ndarray]:
+        batch = self._producer.get()
+        return batch.patches, batch.source, batch.anchor
+
+    def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int | None = None, **kwargs: Any) -> Any:
+        """A built DALI pipeline with outputs ``patches`` (``HWC`` uint8), ``source`` (int64 scalar)
+        and ``anchor`` (``(2,)`` int32) per sample, on this sampler's device, for
+        ``DALIGenericIterator(pipe, ["patches", "source", "anchor"], size=-1)`` and friends.
+
+        Its ``external_source`` only takes finished batches from the producer thread. Every pipeline
+        and ``next(sampler)`` draw from the same stream.
+        """
+
+        @pipeline_def(batch_size=self.config.batch_size, num_threads=num_threads or os.cpu_count() or 1,
+                      device_id=self.backend.dali_device_id, prefetch_queue_depth=prefetch_queue_depth,
+                      seed=self.config.seed, **kwargs)
+        def sample_pipeline():  # noqa: ANN202 - DALI graph
+            return tuple(fn.external_source(
+                source=self._feed, num_outputs=3, batch=True, device=self.backend.op_device,
+                dtype=[types.UINT8, types.INT64, types.INT32], layout=["HWC", "", ""], ndim=[3, 0, 1],
+            ))
+
+        pipe = sample_pipeline()
+        pipe.build()
+        self._pipelines.append(pipe)
+        return pipe
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the producer thread and release the DALI pipelines and the arena. Idempotent."""
+        self._producer.close()
+        self._pipelines.clear()
+
+    def __enter__(self) -> PatchSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"PatchSampler({len(self.files)} images, patch_size={c.patch_size}, batch_size={c.batch_size}, "
+                f"reuse={c.reuse}, cache={format_bytes(self.cache_bytes)}, device={self.backend.device.value!r})")

@@ -1,0 +1,212 @@
+"""Producer: the thread that turns decoded images into finished batches.
+
+DALI calls an ``external_source`` callback on the *training* thread (DALI-NOTES), so nothing slow may
+happen there. This thread runs decode → refill → sample → gather ahead of the trainer and hands over
+finished :class:`PatchBatch` objects through a small bounded queue: in steady state neither side
+waits for the other. On GPU all of its CUDA work runs on one stream of its own, in order, so a slot
+is only overwritten after every gather that read it was issued before it, and the stream is
+synchronised before a batch leaves the thread (DALI copies it on a stream of its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backend import Backend
+from .cache import RingCache
+from .config import SamplerConfig
+from .decode import DecodeStage
+from .gather import gather_patches, row_starts
+from .sampler import RefillSchedule, Sampler
+
+__all__ = ["PatchBatch", "Producer"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.1  # how often a blocked thread checks for close()
+
+
+@dataclass(frozen=True)
+class PatchBatch:
+    """One batch of patches with its provenance.
+
+    Attributes:
+        patches: ``(B, P_h, P_w, 3) uint8``; CuPy on GPU, NumPy on CPU.
+        source: ``(B,) int64`` host array, index of each patch's image in ``sampler.files``.
+        anchor: ``(B, 2) int32`` host array, ``(y, x)`` of each patch's top-left pixel in its image.
+        index: position of this batch in the stream (0, 1, 2, ...).
+    """
+
+    patches: Any
+    source: np.ndarray
+    anchor: np.ndarray
+    index: int
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: BaseException
+
+
+class Producer:
+    """Owns the decode stage, the cache and the sampler; runs them in one daemon thread."""
+
+    def __init__(self, files: list[str], config: SamplerConfig, backend: Backend, cache_bytes: int,
+                 max_slots: int, warmup_estimate: int, progress: bool = False) -> None:
+        self.config = config
+        self.backend = backend
+        threads = config.num_threads or os.cpu_count() or 1
+        self.decoder = DecodeStage(
+            files, backend, batch_size=config.decode_batch or (16 if backend.is_gpu else 4),
+            num_threads=threads, seed=config.seed, shard_id=config.shard_id, num_shards=config.num_shards,
+        )
+        self.cache = RingCache(backend, cache_bytes, max_slots)
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id]))
+        self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng)
+        self.schedule = RefillSchedule(config.batch_size, config.reuse)
+        self.queue: queue.Queue = queue.Queue(maxsize=config.queue_depth)
+        self.batches_made = 0
+        self.distinct_batches = 0
+        self.warmup_images = 0
+        self._warmup_estimate = warmup_estimate
+        self._progress = progress
+        self._stream = backend.new_stream()
+        self._hold: list[Any] = []  # decoded views whose async copy may still be pending
+        self._stop = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dali-patches-producer", daemon=True)
+
+    # -- consumer side -----------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._thread.is_alive() and not self._stop.is_set():
+            self._thread.start()
+
+    def get(self) -> PatchBatch:
+        """The next finished batch; re-raises whatever stopped the producer."""
+        if self._closed:
+            msg = "this sampler is closed; create a new PatchSampler"
+            raise RuntimeError(msg)
+        self.start()
+        while True:
+            try:
+                item = self.queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    msg = "the producer thread stopped without a reason; create a new PatchSampler"
+                    raise RuntimeError(msg) from None
+                continue
+            if isinstance(item, _Failure):
+                self.queue.put(item)  # every later call fails the same way
+                raise RuntimeError(f"dali_patches producer failed: {item.error}") from item.error
+            return item
+
+    def close(self) -> None:
+        """Stop the thread, drop the queue, the decode pipeline and the arena."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._thread.join(timeout=_POLL_S)
+        self.queue = queue.Queue()
+        self.decoder.close()
+        self._hold.clear()
+        self.cache.arena = None
+
+    # -- producer side -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            with self.backend.use(self._stream):
+                self._warm_up()
+                while not self._stop.is_set():
+                    self._put(self._make_batch())
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            if not self._stop.is_set():
+                log.exception("producer failed")
+                self._put(_Failure(e))
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _insert_next(self) -> None:
+        source, image = self.decoder.next()
+        self.cache.insert(image, source)
+        self._hold.append(image)
+
+    def _release_holds(self) -> None:
+        self.backend.synchronize(self._stream)
+        self._hold.clear()
+
+    def _warm_up(self) -> None:
+        """Fill the arena until the next image would evict one, or the shard has been decoded once."""
+        shard = self.decoder.shard_size
+        with tqdm(total=min(self._warmup_estimate, shard), desc="filling cache", unit="img",
+                  disable=not self._progress, leave=False) as bar:
+            while not self._stop.is_set() and self.decoder.images_decoded < shard:
+                _, image = self.decoder.peek()
+                if self.cache.would_evict(int(np.prod(image.shape))):
+                    break
+                self._insert_next()
+                bar.update()
+                if len(self._hold) >= 64:
+                    self._release_holds()
+        self._release_holds()
+        self.warmup_images = self.decoder.images_decoded
+        log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
+
+    def _make_batch(self) -> PatchBatch:
+        for _ in range(self.schedule.next()):
+            self._insert_next()
+        draw = self.sampler.draw(self.cache)
+        self.cache.record_served(draw.slots)
+        starts = row_starts(self.cache.offset[draw.slots], self.cache.width[draw.slots], draw.y, draw.x,
+                            self.config.patch_size[0])
+        patches = gather_patches(self.backend.xp, self.cache.arena, starts, self.config.patch_size)
+        self._release_holds()  # the gather (and the inserts before it) are done: safe to hand over
+        anchor = np.stack([draw.y, draw.x], axis=1).astype(np.int32)
+        self.distinct_batches += int(len(np.unique(draw.source)) == len(draw.source))
+        batch = PatchBatch(patches, draw.source, anchor, self.batches_made)
+        self.batches_made += 1
+        return batch
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the stream so far (batches made by the producer, possibly not yet consumed)."""
+        cache, made = self.cache, self.batches_made
+        served = made * self.config.batch_size
+        decoded = self.decoder.images_decoded
+        if cache.evicted:
+            mean_reuse = cache.evicted_served / cache.evicted  # completed residences only
+        else:
+            mean_reuse = served / decoded if decoded else 0.0
+        return {
+            "batches_served": made,
+            "patches_served": served,
+            "images_decoded": decoded,
+            "warmup_images": self.warmup_images,
+            "reader_epochs": decoded / self.decoder.shard_size if self.decoder.shard_size else 0.0,
+            "resident_images": cache.resident,
+            "alive_images": int(cache.alive[cache.resident_slots()].sum()) if cache.resident else 0,
+            "cache_bytes": cache.capacity_bytes,
+            "cache_bytes_used": cache.bytes_used,
+            "mean_reuse": float(mean_reuse),
+            "distinct_fraction": self.distinct_batches / made if made else 1.0,
+            "decode_failed_batches": self.decoder.failed_runs,
+            "decode_errors": list(self.decoder.errors),
+        }

@@ -1,0 +1,101 @@
+"""Shared fixtures: the ``device`` to test on, generated image sets, and a reference decoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dali_patches.backend import cuda_available, resolve_backend
+from dali_patches.synth import synthetic_image
+
+_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=_DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """Each test runs on the CPU, and again on the GPU when one is present (skipped otherwise)."""
+    if request.param == "gpu" and not cuda_available():
+        pytest.skip("no CUDA GPU with CuPy on this machine")
+    return request.param
+
+
+@pytest.fixture
+def backend(device: str):  # noqa: ANN201
+    return resolve_backend(device)
+
+
+def _save(path: Path, array: np.ndarray, **kwargs: object) -> Path:
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1]]
+    Image.fromarray(array.squeeze(-1) if mode == "L" else array, mode).save(path, **kwargs)
+    return path
+
+
+def make_image_set(folder: Path, seed: int = 0) -> list[Path]:
+    """24 small images: odd sizes, JPEG baseline and progressive, PNG RGB, grayscale, RGBA, in
+    two sub-folders (the catalog searches recursively)."""
+    rng = np.random.default_rng(seed)
+    (folder / "a").mkdir(parents=True, exist_ok=True)
+    (folder / "b" / "deep").mkdir(parents=True, exist_ok=True)
+    paths = []
+    sizes = [(97, 131), (128, 128), (200, 161), (257, 301), (64, 333), (150, 99), (181, 223), (120, 240)]
+    for i in range(10):
+        h, w = sizes[i % len(sizes)]
+        paths.append(_save(folder / "a" / f"base_{i}.jpg", synthetic_image(h, w, rng), quality=90))
+    for i in range(4):
+        h, w = sizes[(i + 3) % len(sizes)]
+        paths.append(_save(folder / "a" / f"prog_{i}.jpeg", synthetic_image(h, w, rng), quality=85, progressive=True))
+    for i in range(4):
+        h, w = sizes[(i + 5) % len(sizes)]
+        paths.append(_save(folder / "b" / f"rgb_{i}.png", synthetic_image(h, w, rng)))
+    for i in range(2):
+        paths.append(_save(folder / "b" / "deep" / f"gray_{i}.png", synthetic_image(111 + i, 97, rng, channels=1)))
+    paths.append(_save(folder / "b" / "deep" / "gray.jpg", synthetic_image(140, 90, rng, channels=1), quality=90))
+    for i in range(2):
+        rgba = np.concatenate([synthetic_image(133, 150 + i, rng), rng.integers(0, 256, (133, 150 + i, 1), np.uint8)], -1)
+        paths.append(_save(folder / "b" / f"rgba_{i}.png", rgba))
+    paths.append(_save(folder / "b" / "big.jpg", synthetic_image(480, 640, rng), quality=92))
+    return sorted(paths)
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 24 varied images (see :func:`make_image_set`), shared read-only by all tests."""
+    folder = tmp_path_factory.mktemp("images")
+    make_image_set(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 small JPEGs for statistical tests (reuse, coverage, distinctness)."""
+    folder = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(1)
+    for i in range(64):
+        h, w = int(rng.integers(64, 160)), int(rng.integers(64, 160))
+        _save(folder / f"img_{i:03d}.jpg", synthetic_image(h, w, rng), quality=90)
+    return folder
+
+
+def reference_decode(paths: list[str], device: str) -> dict[str, np.ndarray]:
+    """Full decode of each file by the same DALI decoder the sampler uses (host arrays)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    backend = resolve_backend(device)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=backend.dali_device_id, prefetch_queue_depth=1)
+    def full():  # noqa: ANN202
+        jpegs, _ = fn.readers.file(files=list(paths))
+        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
+
+    pipe = full()
+    pipe.build()
+    out = {}
+    for path in paths:
+        (images,) = pipe.run()
+        if backend.is_gpu:
+            images = images.as_cpu()
+        out[path] = np.array(images[0])
+    return out

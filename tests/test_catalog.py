@@ -1,0 +1,100 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dali_patches.catalog import Catalog, CatalogWarning, screen_file
+
+from .conftest import make_image_set
+
+
+def test_folder_is_searched_recursively_and_sizes_are_read(image_dir: Path) -> None:
+    cat = Catalog.scan(image_dir)
+    assert len(cat) == 24
+    assert list(cat.files) == sorted(cat.files)
+    for path, h, w in zip(cat.files, cat.heights, cat.widths):
+        with Image.open(path) as im:
+            assert (w, h) == im.size
+    assert set(cat.channels.tolist()) == {1, 3, 4}
+    assert np.array_equal(cat.image_bytes, cat.heights * cat.widths * 3)
+    assert cat.skipped == ()
+
+
+def test_glob_list_and_single_file(image_dir: Path) -> None:
+    assert len(Catalog.scan(str(image_dir / "**" / "*.png"))) == 8
+    listed = sorted(str(p) for p in image_dir.rglob("*.jpg"))
+    cat = Catalog.scan(listed)
+    assert list(cat.files) == listed  # a list keeps the caller's order
+    assert len(Catalog.scan(listed[0])) == 1
+
+
+def test_missing_path_names_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        Catalog.scan(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="1 listed file"):
+        Catalog.scan([tmp_path / "gone.jpg"])
+
+
+def test_empty_folder_and_empty_glob(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images in folder.*recursively"):
+        Catalog.scan(tmp_path)
+    with pytest.raises(ValueError, match="matched no files"):
+        Catalog.scan(str(tmp_path / "*.jpg"))
+    with pytest.raises(ValueError, match="file list is empty"):
+        Catalog.scan([])
+
+
+def test_too_small_images_are_skipped_and_reported(image_dir: Path) -> None:
+    with pytest.warns(CatalogWarning, match=r"skipped \d+ of 24 files \(\d+ smaller than the patch\)"):
+        cat = Catalog.scan(image_dir, min_size=(128, 128))
+    assert len(cat) + len(cat.skipped) == 24
+    assert all(h >= 128 and w >= 128 for h, w in zip(cat.heights, cat.widths))
+    assert all("smaller than the patch 128x128" in reason for _, reason in cat.skipped)
+
+
+def test_patch_larger_than_every_image_says_largest(image_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"exceeds every image \(largest is 480x640\); lower patch_size"):
+        Catalog.scan(image_dir, min_size=(1000, 1000))
+
+
+def test_bad_files_are_screened_with_reasons(tmp_path: Path) -> None:
+    make_image_set(tmp_path)
+    good = (tmp_path / "b" / "big.jpg").read_bytes()
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.jpg").write_text("this is not an image")
+    png = (tmp_path / "b" / "rgb_0.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[:200])
+    with pytest.warns(CatalogWarning, match="skipped 4 of 28"):
+        cat = Catalog.scan(tmp_path)
+    reasons = {Path(p).name: r for p, r in cat.skipped}
+    assert reasons == {
+        "empty.jpg": "empty file (0 bytes)",
+        "truncated.jpg": "truncated JPEG (no end-of-image marker)",
+        "text.jpg": "not a JPG file (bad signature b'this')",
+        "truncated.png": "truncated PNG (no IEND chunk)",
+    }
+    assert len(cat) == 24
+
+
+def test_only_bad_files_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 1 file.*empty.jpg.*0 bytes"):
+        Catalog.scan(tmp_path)
+
+
+def test_exif_rotation_swaps_reported_size(tmp_path: Path) -> None:
+    image = Image.new("RGB", (200, 100), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: DALI decodes it as 200 high, 100 wide
+    image.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    cat = Catalog.scan(tmp_path)
+    assert (int(cat.heights[0]), int(cat.widths[0])) == (200, 100)
+
+
+def test_screen_file_accepts_other_formats(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.bmp")
+    assert screen_file(os.fspath(tmp_path / "x.bmp")) is None

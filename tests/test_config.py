@@ -1,0 +1,56 @@
+import pytest
+
+from dali_patches.config import Device, SamplerConfig, format_bytes, parse_bytes
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (1024, 1024), ("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1.5G", int(1.5 * 2**30)),
+    ("800MB", 800 * 10**6), ("64 kib", 64 * 1024), ("123", 123),
+])
+def test_parse_bytes(text: object, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["2 parsecs", "GiB", "-1GiB", "", "1e9"])
+def test_parse_bytes_rejects_nonsense_and_names_parameter(bad: str) -> None:
+    with pytest.raises(ValueError, match="cache_bytes=.*512MiB"):
+        parse_bytes(bad)
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(2 * 2**30) == "2.00 GiB"
+    assert format_bytes(1536) == "1.50 KiB"
+    assert format_bytes(10) == "10 B"
+
+
+def test_defaults_and_normalisation() -> None:
+    cfg = SamplerConfig(patch_size=64, batch_size=8, reuse=4, cache_bytes="1MiB")
+    assert cfg.patch_size == (64, 64)
+    assert cfg.cache_bytes == 2**20
+    assert cfg.device is Device.AUTO
+    assert cfg.patch_bytes == 64 * 64 * 3
+    with pytest.raises(AttributeError):
+        cfg.batch_size = 3  # type: ignore[misc]  # frozen
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"patch_size": 0}, "patch_size=0"),
+    ({"patch_size": (32, 0)}, r"patch_size=\(32, 0\)"),
+    ({"patch_size": (1, 2, 3)}, "patch_size"),
+    ({"batch_size": 0}, "batch_size=0"),
+    ({"batch_size": 2.5}, "batch_size=2.5"),
+    ({"reuse": 0}, "reuse=0"),
+    ({"reuse": 0.5}, "reuse=0.5"),
+    ({"cache_bytes": None}, "exactly one of cache_bytes and cache_images"),
+    ({"cache_images": 4}, "exactly one of cache_bytes and cache_images"),
+    ({"cache_bytes": 0}, "cache_bytes=0"),
+    ({"device": "tpu"}, "device='tpu'"),
+    ({"seed": -1}, "seed=-1"),
+    ({"queue_depth": 0}, "queue_depth=0"),
+    ({"decode_batch": 0}, "decode_batch=0"),
+    ({"shard_id": 2, "num_shards": 2}, "shard_id"),
+])
+def test_nonsense_parameters_fail_with_their_name(kwargs: dict, match: str) -> None:
+    base = {"patch_size": 32, "batch_size": 8, "reuse": 4, "cache_bytes": "1MiB"}
+    with pytest.raises(ValueError, match=match):
+        SamplerConfig(**{**base, **kwargs})

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dali_patches import PatchSampler  # noqa: E402
+from dali_patches.torch import PatchIterator  # noqa: E402
+
+
+def test_iterator_yields_torch_tensors_on_the_sampler_device(device: str, image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=(16, 32), batch_size=8, reuse=4, cache_images=12, device=device) as s:
+        iterator = PatchIterator(s, batches_per_epoch=3)
+        assert len(iterator) == 3
+        for _ in range(2):  # two epochs of 3 batches
+            steps = list(iterator)
+            assert len(steps) == 3
+        data = steps[-1]
+        expected = "cuda" if device == "gpu" else "cpu"
+        assert data["patches"].shape == (8, 16, 32, 3) and data["patches"].dtype == torch.uint8
+        assert data["source"].shape == (8,) and data["source"].dtype == torch.int64
+        assert data["anchor"].shape == (8, 2) and data["anchor"].dtype == torch.int32
+        assert {t.device.type for t in data.values()} == {expected}
+        assert len(set(data["source"].tolist())) == 8
+
+
+def test_endless_iterator_has_no_length(image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=16, batch_size=4, reuse=4, cache_images=8, device="cpu") as s:
+        iterator = PatchIterator(s)
+        with pytest.raises(TypeError, match="batches_per_epoch"):
+            len(iterator)
+        with pytest.raises(ValueError, match="batches_per_epoch=0"):
+            PatchIterator(s, batches_per_epoch=0)
