@@ -10,7 +10,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-__all__ = ["Device", "SamplerConfig", "format_bytes", "parse_bytes"]
+__all__ = ["Device", "SamplerConfig", "default_decode_batch", "format_bytes", "parse_bytes"]
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
@@ -57,6 +57,11 @@ def format_bytes(n: int | float) -> str:
     return f"{int(n)} B"
 
 
+def default_decode_batch(backend: object) -> int:
+    """Decode batch used when ``decode_batch=None``: 16 on GPU (nvJPEG batches well), 8 on CPU."""
+    return 16 if getattr(backend, "is_gpu", False) else 8
+
+
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         msg = f"{name}={value!r} must be a positive int"
@@ -95,9 +100,9 @@ class SamplerConfig:
         allow_repeats: let a batch hold several patches of one image when fewer than ``batch_size``
             images are resident (small data sets, small caches). Off by default: such a set-up fails
             at construction with the cache it would need.
-        decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 4 on CPU, 16 on
-            GPU. Larger batches decode faster on GPU but hold ``decode_batch × prefetch`` decoded
-            images in DALI's queue on top of the arena.
+        decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 8 on CPU, 16 on
+            GPU. Larger batches decode a little faster (CPU, 0.8 MP images: 4 → 655, 16 → 728 img/s)
+            but hold about ``3 × decode_batch`` decoded images in DALI's queue on top of the arena.
         num_threads: DALI worker threads of both pipelines; ``None`` uses every core.
         queue_depth: finished batches the producer thread keeps ready for the trainer.
         device_id: CUDA device index (GPU mode).

@@ -18,7 +18,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from .backend import resolve_backend
 from .catalog import Catalog
-from .config import Device, SamplerConfig, format_bytes
+from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .producer import PatchBatch, Producer
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
@@ -133,7 +133,7 @@ class PatchSampler:
     def max_memory(self) -> int:
         """Bytes this sampler will hold on its device: the arena plus DALI's decode queue
         (``decode_batch × 3`` of the largest images), plus ``queue_depth + 2`` output batches."""
-        decode_batch = self.config.decode_batch or (16 if self.backend.is_gpu else 4)
+        decode_batch = self.config.decode_batch or default_decode_batch(self.backend)
         largest = int(self.catalog.image_bytes.max())
         batches = (self.config.queue_depth + 2) * self.config.batch_size * self.config.patch_bytes
         return self.cache_bytes + 3 * decode_batch * largest + batches

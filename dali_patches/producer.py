@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .backend import Backend
 from .cache import RingCache
-from .config import SamplerConfig
+from .config import SamplerConfig, default_decode_batch
 from .decode import DecodeStage
 from .gather import gather_patches, row_starts
 from .sampler import RefillSchedule, Sampler
@@ -65,7 +65,7 @@ class Producer:
         self.backend = backend
         threads = config.num_threads or os.cpu_count() or 1
         self.decoder = DecodeStage(
-            files, backend, batch_size=config.decode_batch or (16 if backend.is_gpu else 4),
+            files, backend, batch_size=config.decode_batch or default_decode_batch(backend),
             num_threads=threads, seed=config.seed, shard_id=config.shard_id, num_shards=config.num_shards,
         )
         self.cache = RingCache(backend, cache_bytes, max_slots)

@@ -7,6 +7,7 @@ so decode costs are realistic. Deterministic for a given seed.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +28,27 @@ def synthetic_image(height: int, width: int, rng: np.random.Generator, channels:
     return np.clip(field + noise, 0, 255).astype(np.uint8)
 
 
+def _write_one(task: tuple[Path, int, tuple[int, int], int, str, int, bool]) -> Path:
+    path, index, size, seed, fmt, quality, progressive = task
+    rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
+    h = max(8, int(size[0] * rng.uniform(0.75, 1.25)))
+    w = max(8, int(size[1] * rng.uniform(0.75, 1.25)))
+    image = Image.fromarray(synthetic_image(h, w, rng))
+    if fmt == "jpg":
+        image.save(path, quality=quality, progressive=progressive)
+    else:
+        image.save(path)
+    return path
+
+
 def write_synthetic_images(folder: str | os.PathLike, count: int, size: tuple[int, int] = (1536, 2048),
                            seed: int = 0, fmt: str = "jpg", quality: int = 90, progressive: bool = False,
-                           progress: bool = False) -> list[Path]:
-    """Write ``count`` images of ``size=(height, width)`` into ``folder``; return their paths.
+                           progress: bool = False, workers: int | None = None) -> list[Path]:
+    """Write ``count`` images of about ``size=(height, width)`` into ``folder``; return their paths.
 
     ``fmt`` is ``"jpg"`` or ``"png"``. Sizes vary by up to ±25 % per image so that the cache sees
-    mixed shapes, as with real data.
+    mixed shapes, as with real data. Image ``i`` depends only on ``(seed, i)``; ``workers``
+    processes (default: every core) write them.
     """
     if count <= 0 or min(size) <= 0:
         msg = f"{count=} and {size=} must be positive"
@@ -43,16 +58,13 @@ def write_synthetic_images(folder: str | os.PathLike, count: int, size: tuple[in
         raise ValueError(msg)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in tqdm(range(count), desc="writing images", unit="img", disable=not progress):
-        h = max(8, int(size[0] * rng.uniform(0.75, 1.25)))
-        w = max(8, int(size[1] * rng.uniform(0.75, 1.25)))
-        image = Image.fromarray(synthetic_image(h, w, rng))
-        path = out / f"synthetic_{i:06d}.{fmt}"
-        if fmt == "jpg":
-            image.save(path, quality=quality, progressive=progressive)
-        else:
-            image.save(path)
-        paths.append(path)
+    tasks = [(out / f"synthetic_{i:06d}.{fmt}", i, size, seed, fmt, quality, progressive) for i in range(count)]
+    workers = workers or os.cpu_count() or 1
+    bar = tqdm(total=count, desc="writing images", unit="img", disable=not progress)
+    if workers == 1 or count < 8:
+        paths = [bar.update() or _write_one(t) for t in tasks]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            paths = [bar.update() or p for p in pool.map(_write_one, tasks, chunksize=4)]
+    bar.close()
     return paths
