@@ -6,7 +6,9 @@ Methods (same files, patch and batch size):
   * ``dali_patches@R``    this library at reuse R, through its DALI sample pipeline.
 
 Prints a table (patches/s, ratio to the baseline, distinct-source fraction, peak RSS) and the
-``reuse × decode rate`` bound, where decode rate is the baseline's full decodes per second.
+``reuse × decode rate`` bound, where decode rate is the baseline's full decodes per second. Each
+method runs in its own child process of this run (same files, one after the other), so that its peak
+RSS is its own and not what earlier methods left in the allocator.
 
     python benchmarks/throughput.py [DIR] --device cpu --reuse 8 32 128 --seconds 10 --json out.json
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -76,7 +80,7 @@ def _dali_baseline(files: list[str], args: argparse.Namespace, roi: bool) -> dic
 def _ours(files: list[str], args: argparse.Namespace, reuse: float) -> dict[str, Any]:
     with peak_rss() as rss, PatchSampler(files, patch_size=args.patch, batch_size=args.batch, reuse=reuse,
                                           cache_bytes=args.cache, device=args.device, seed=0,
-                                          num_threads=args.threads) as sampler:
+                                          num_threads=args.threads, decode_batch=args.decode_batch) as sampler:
         pipe = sampler.pipeline()
         sync = sampler.backend.xp.cuda.runtime.deviceSynchronize if sampler.backend.is_gpu else (lambda: None)
         pipe.run()  # waits for the cache warm-up
@@ -92,7 +96,7 @@ def _ours(files: list[str], args: argparse.Namespace, reuse: float) -> dict[str,
             "step_iqr_ms": timing.iqr_s * 1e3, "resident_images": after["resident_images"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("source", nargs="?", help="image folder; omitted: generate synthetic JPEGs")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
@@ -104,9 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="DALI worker threads")
     p.add_argument("--count", type=int, default=300, help="synthetic images to generate")
     p.add_argument("--size", default="1536x2048", help="synthetic image HEIGHTxWIDTH")
+    p.add_argument("--decode-batch", type=int, default=None, help="dali_patches decode batch [library default]")
     p.add_argument("--json", help="write results here")
-    args = p.parse_args(argv)
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method, print its JSON
+    return p
 
+
+def _run_one(args: argparse.Namespace) -> int:
+    files = list(Catalog.scan(args.source, min_size=(args.patch, args.patch), progress=False).files)
+    if args.one in ("dali_decode_crop", "dali_roi_decode"):
+        result = _dali_baseline(files, args, roi=args.one == "dali_roi_decode")
+    else:
+        result = _ours(files, args, float(args.one.split("@")[1]))
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.one:
+        return _run_one(args)
     with tempfile.TemporaryDirectory() as tmp:
         source = args.source
         if source is None:
@@ -118,10 +139,19 @@ def main(argv: list[str] | None = None) -> int:
         mp = float(np.mean(catalog.heights * catalog.widths)) / 1e6
         print(f"{len(files)} images, mean {mp:.2f} MP, device {args.device}, patch {args.patch}, batch {args.batch}")
         results: dict[str, dict[str, Any]] = {}
-        results["dali_decode_crop"] = _dali_baseline(files, args, roi=False)
-        results["dali_roi_decode"] = _dali_baseline(files, args, roi=True)
-        for reuse in args.reuse:
-            results[f"dali_patches@{reuse:g}"] = _ours(files, args, reuse)
+        methods = ["dali_decode_crop", "dali_roi_decode"] + [f"dali_patches@{r:g}" for r in args.reuse]
+        for method in methods:
+            cmd = [sys.executable, __file__, source, "--one", method, "--device", args.device,
+                   "--patch", str(args.patch), "--batch", str(args.batch), "--cache", str(args.cache),
+                   "--seconds", str(args.seconds), "--threads", str(args.threads)]
+            if args.decode_batch:
+                cmd += ["--decode-batch", str(args.decode_batch)]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+            if done.returncode or not lines:
+                print(f"{method} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            results[method] = json.loads(lines[-1][len("RESULT "):])
 
     base = results["dali_decode_crop"]["patches_per_s"]
     decode_rate = results["dali_decode_crop"]["decodes_per_s"]

