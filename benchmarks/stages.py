@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed, versions, write_json  # noqa: E402
+from common import timed, versions, write_json
 
-from dali_patches import Catalog, PatchSampler  # noqa: E402
-from dali_patches.backend import resolve_backend  # noqa: E402
-from dali_patches.decode import DecodeStage  # noqa: E402
-from dali_patches.gather import gather_patches, row_starts  # noqa: E402
-from dali_patches.synth import write_synthetic_images  # noqa: E402
+from dali_patches import Catalog, PatchSampler
+from dali_patches.backend import resolve_backend
+from dali_patches.decode import DecodeStage
+from dali_patches.gather import gather_patches, row_starts
+from dali_patches.synth import write_synthetic_images
 
 
 def _rate(timing: Any, per_step: int) -> float:
@@ -38,7 +38,7 @@ def _bare_dali(files: list[str], device: str, batch: int, threads: int, seconds:
     backend = resolve_backend(device)
 
     @pipeline_def(batch_size=batch, num_threads=threads, device_id=backend.dali_device_id, prefetch_queue_depth=2)
-    def pipe_def():  # noqa: ANN202
+    def pipe_def():
         jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True)
         return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
 
@@ -62,7 +62,7 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
         backend = sampler.backend
         sync = backend.xp.cuda.runtime.deviceSynchronize if backend.is_gpu else (lambda: None)
         next(sampler)  # warm: the producer now idles on a full queue (no refill at this reuse)
-        producer = sampler._producer  # noqa: SLF001 - a benchmark may look inside
+        producer = sampler._producer
         cache, draw, stream = producer.cache, producer.sampler.draw, backend.new_stream()
 
         def gather_once() -> None:

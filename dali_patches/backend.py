@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def _import_cupy() -> types.ModuleType | None:
     try:
-        import cupy  # noqa: PLC0415 - optional, GPU mode only
+        import cupy
     except ImportError:
         return None
     return cupy

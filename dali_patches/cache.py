@@ -3,7 +3,9 @@
 A new image is written at the head; the oldest images in its way are evicted. FIFO gives every image
 the same residence time, hence ≈ ``reuse`` patches each (random eviction would not). The arena is
 allocated once and never grows (DESIGN invariant 1). The slot table lives on the host: slot ids are
-consecutive, and FIFO keeps the resident ones a contiguous range ``[first, next)``.
+consecutive, and FIFO keeps the resident ones a contiguous range ``[first, next)``. A source is
+resident at most once (the producer does not insert a fresh decode of a resident source), so every
+resident image is a distinct image: ``resident ≥ batch_size`` is all that distinct batches need.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ class RingCache:
         max_slots: upper bound on resident images (``capacity_bytes // smallest image bytes + 1``).
 
     Each resident slot records its byte ``offset``, ``height``, ``width``, the ``source`` index of its
-    file, how many patches it has ``served``, and whether it is ``alive``: a slot dies (stops being
-    sampled) when a newer decode of the same source arrives, so a source is never drawn twice.
+    file and how many patches it has ``served``.
     """
 
     def __init__(self, backend: Backend, capacity_bytes: int, max_slots: int) -> None:
@@ -40,7 +41,6 @@ class RingCache:
         self.width = np.zeros(self.max_slots, np.int64)
         self.source = np.full(self.max_slots, -1, np.int64)
         self.served = np.zeros(self.max_slots, np.int64)
-        self.alive = np.zeros(self.max_slots, bool)
         self._first = 0  # id of the oldest resident slot
         self._next = 0  # id the next insert gets
         self._head = 0  # byte offset of the next insert
@@ -62,10 +62,9 @@ class RingCache:
         """Ring indices of resident slots, oldest first."""
         return np.arange(self._first, self._next) % self.max_slots
 
-    def alive_slots(self) -> np.ndarray:
-        """Ring indices of resident slots that may be sampled, oldest first."""
-        slots = self.resident_slots()
-        return slots[self.alive[slots]]
+    def holds(self, source: int) -> bool:
+        """Whether an image of ``source`` is resident."""
+        return source in self._slot_of_source
 
     def would_evict(self, nbytes: int) -> bool:
         """Whether inserting an image of ``nbytes`` would evict a resident one."""
@@ -80,8 +79,11 @@ class RingCache:
     def insert(self, image: Any, source: int) -> int:
         """Copy an ``(H, W, 3) uint8`` image into the arena, evicting the oldest in its way.
 
-        Returns the ring index of its slot.
+        Returns the ring index of its slot. ``source`` must not be resident (see :meth:`holds`).
         """
+        if source in self._slot_of_source:
+            msg = f"{source=} is already resident; check cache.holds(source) before inserting"
+            raise ValueError(msg)
         h, w = int(image.shape[0]), int(image.shape[1])
         nbytes = h * w * 3
         if nbytes > self.capacity_bytes:
@@ -93,10 +95,7 @@ class RingCache:
         offset = self._head
         self.arena[offset : offset + nbytes] = image.reshape(-1)
         self.offset[slot], self.height[slot], self.width[slot] = offset, h, w
-        self.source[slot], self.served[slot], self.alive[slot] = source, 0, True
-        previous = self._slot_of_source.get(source)
-        if previous is not None:
-            self._end_residence(previous)  # the older copy stops being sampled
+        self.source[slot], self.served[slot] = source, 0
         self._slot_of_source[source] = slot
         self._next += 1
         self._head += nbytes
@@ -121,15 +120,8 @@ class RingCache:
 
     def _evict_oldest(self) -> None:
         slot = self._first % self.max_slots
-        self._end_residence(slot)
-        self._used -= int(self.height[slot] * self.width[slot] * 3)
-        self._first += 1
-
-    def _end_residence(self, slot: int) -> None:
-        if not self.alive[slot]:
-            return
-        self.alive[slot] = False
         self.evicted += 1
         self.evicted_served += int(self.served[slot])
-        if self._slot_of_source.get(int(self.source[slot])) == slot:
-            del self._slot_of_source[int(self.source[slot])]
+        del self._slot_of_source[int(self.source[slot])]
+        self._used -= int(self.height[slot] * self.width[slot] * 3)
+        self._first += 1

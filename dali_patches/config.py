@@ -49,7 +49,7 @@ def parse_bytes(value: int | str, name: str = "cache_bytes") -> int:
     raise ValueError(msg)
 
 
-def format_bytes(n: int | float) -> str:
+def format_bytes(n: float) -> str:
     """A byte count for humans: ``2147483648`` → ``'2.00 GiB'``."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
@@ -58,8 +58,10 @@ def format_bytes(n: int | float) -> str:
 
 
 def default_decode_batch(backend: object) -> int:
-    """Decode batch used when ``decode_batch=None``: 16 on GPU (nvJPEG batches well), 8 on CPU."""
-    return 16 if getattr(backend, "is_gpu", False) else 8
+    """Decode batch used when ``decode_batch=None``: 64 on GPU (nvJPEG needs big batches: on an H100,
+    3 MP JPEGs decode at 1.7k img/s in batches of 16 and 3.5k in batches of 64), 8 on CPU (speed is
+    flat from 8 up, and every decoded batch in DALI's queue costs host memory)."""
+    return 64 if getattr(backend, "is_gpu", False) else 8
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -100,7 +102,7 @@ class SamplerConfig:
         allow_repeats: let a batch hold several patches of one image when fewer than ``batch_size``
             images are resident (small data sets, small caches). Off by default: such a set-up fails
             at construction with the cache it would need.
-        decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 8 on CPU, 16 on
+        decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 8 on CPU, 64 on
             GPU. Larger batches decode a little faster (CPU, 0.8 MP images: 4 → 655, 16 → 728 img/s)
             but hold about ``3 × decode_batch`` decoded images in DALI's queue on top of the arena.
         num_threads: DALI worker threads of both pipelines; ``None`` uses every core.

@@ -150,8 +150,10 @@ class PatchSampler:
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``images_decoded``, ``patches_served``, ``batches_served``, ``resident_images``,
-        ``cache_bytes``, ``cache_bytes_used``, ``mean_reuse`` (patches per image over completed
-        residences), ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
+        ``cache_bytes``, ``cache_bytes_used``, ``mean_reuse`` (patches served per decoded image, warm-up
+        included), ``patches_per_residence`` (patches per cached copy over completed residences),
+        ``duplicate_decodes`` (fresh decodes of still-resident images, not inserted twice),
+        ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
         ``skipped_files``, decode failures."""
         return {**self._producer.stats(), "files": len(self.files), "skipped_files": len(self.catalog.skipped),
                 "device": self.backend.device.value}
@@ -174,7 +176,7 @@ class PatchSampler:
         @pipeline_def(batch_size=self.config.batch_size, num_threads=num_threads,
                       device_id=self.backend.dali_device_id, prefetch_queue_depth=prefetch_queue_depth,
                       seed=self.config.seed, **kwargs)
-        def sample_pipeline():  # noqa: ANN202 - DALI graph
+        def sample_pipeline():
             return tuple(fn.external_source(
                 source=self._feed, num_outputs=3, batch=True, device=self.backend.op_device,
                 dtype=[types.UINT8, types.INT64, types.INT32], layout=["HWC", "", ""], ndim=[3, 0, 1],
@@ -191,7 +193,7 @@ class PatchSampler:
         self._finalizer()
         self._pipelines.clear()
 
-    def __enter__(self) -> PatchSampler:
+    def __enter__(self) -> PatchSampler:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

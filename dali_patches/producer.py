@@ -78,6 +78,7 @@ class Producer:
         self.batches_made = 0
         self.distinct_batches = 0
         self.warmup_images = 0
+        self.duplicate_decodes = 0  # decoded while still resident (cache ≳ shard), not inserted
         self._warmup_estimate = warmup_estimate
         self._progress = warmup_estimate >= _PROGRESS_MIN_IMAGES if progress is None else progress
         self._stream = backend.new_stream()
@@ -107,7 +108,7 @@ class Producer:
                 continue
             if isinstance(item, _Failure):
                 self.queue.put(item)  # every later call fails the same way
-                raise RuntimeError(f"dali_patches producer failed: {item.error}") from item.error
+                raise RuntimeError(f"dali_patches producer failed: {item.error}") from item.error  # noqa: TRY004
             return item
 
     def close(self) -> None:
@@ -134,7 +135,7 @@ class Producer:
                 self._warm_up()
                 while not self._stop.is_set():
                     self._put(self._make_batch())
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+        except BaseException as e:
             if not self._stop.is_set():
                 log.exception("producer failed")
                 self._put(_Failure(e))
@@ -148,7 +149,13 @@ class Producer:
                 continue
 
     def _insert_next(self) -> None:
+        """Move the next decoded image into the cache. A source still resident is not inserted twice
+        (same decoder, same pixels): the ring then holds only distinct images, and the decode still
+        counts towards the refill, so patches per decoded image stay ≈ ``reuse``."""
         source, image = self.decoder.next()
+        if self.cache.holds(source):
+            self.duplicate_decodes += 1
+            return
         self.cache.insert(image, source)
         if self.backend.asynchronous:  # keep DALI's buffer alive until the async copy is done
             self._hold.append(image)
@@ -194,10 +201,6 @@ class Producer:
         cache, made = self.cache, self.batches_made
         served = made * self.config.batch_size
         decoded = self.decoder.images_decoded
-        if cache.evicted:
-            mean_reuse = cache.evicted_served / cache.evicted  # completed residences only
-        else:
-            mean_reuse = served / decoded if decoded else 0.0
         return {
             "batches_served": made,
             "patches_served": served,
@@ -205,10 +208,11 @@ class Producer:
             "warmup_images": self.warmup_images,
             "reader_epochs": decoded / self.decoder.shard_size if self.decoder.shard_size else 0.0,
             "resident_images": cache.resident,
-            "alive_images": int(cache.alive[cache.resident_slots()].sum()) if cache.resident else 0,
+            "duplicate_decodes": self.duplicate_decodes,
             "cache_bytes": cache.capacity_bytes,
             "cache_bytes_used": cache.bytes_used,
-            "mean_reuse": float(mean_reuse),
+            "mean_reuse": served / decoded if decoded else 0.0,
+            "patches_per_residence": cache.evicted_served / cache.evicted if cache.evicted else 0.0,
             "distinct_fraction": self.distinct_batches / made if made else 1.0,
             "decode_failed_batches": self.decoder.failed_runs,
             "decode_errors": list(self.decoder.errors),

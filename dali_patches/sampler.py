@@ -1,6 +1,6 @@
 """Sampler: which resident images each batch uses, where its patches sit, and how fast to refill.
 
-Per batch: ``batch_size`` distinct alive images (uniformly), one uniform anchor in each, and
+Per batch: ``batch_size`` distinct resident images (uniformly), one uniform anchor in each, and
 provenance ``(source, y, x)`` for every patch. The refill schedule adds ``batch_size / reuse`` new
 images per batch on average (fractions carried over), so each decoded image serves ``reuse`` patches.
 """
@@ -48,7 +48,7 @@ class Sampler:
     Args:
         batch_size: patches per batch.
         patch_size: ``(patch_h, patch_w)``.
-        allow_repeats: when fewer than ``batch_size`` images are alive, repeat images as evenly as
+        allow_repeats: when fewer than ``batch_size`` images are resident, repeat images as evenly as
             possible instead of failing.
         rng: the only source of randomness (seeded by the caller).
     """
@@ -61,15 +61,15 @@ class Sampler:
         self.rng = rng
 
     def draw(self, cache: RingCache) -> Draw:
-        alive = cache.alive_slots()
+        resident = cache.resident_slots()
         b = self.batch_size
-        if len(alive) >= b:
-            slots = alive[self.rng.choice(len(alive), size=b, replace=False)]
-        elif self.allow_repeats and len(alive):
-            slots = np.resize(self.rng.permutation(alive), b)  # each image ⌊B/n⌋ or ⌈B/n⌉ times
+        if len(resident) >= b:
+            slots = resident[self.rng.choice(len(resident), size=b, replace=False)]
+        elif self.allow_repeats and len(resident):
+            slots = np.resize(self.rng.permutation(resident), b)  # each image ⌊B/n⌋ or ⌈B/n⌉ times
             self.rng.shuffle(slots)
         else:
-            msg = (f"only {len(alive)} images are resident but batch_size={b} distinct images are needed; "
+            msg = (f"only {len(resident)} images are resident but batch_size={b} distinct images are needed; "
                    "raise cache_bytes or pass allow_repeats=True")
             raise RuntimeError(msg)
         h, w = cache.height[slots], cache.width[slots]

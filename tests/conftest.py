@@ -23,7 +23,7 @@ def device(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def backend(device: str):  # noqa: ANN201
+def backend(device: str):
     return resolve_backend(device)
 
 
@@ -86,7 +86,7 @@ def reference_decode(paths: list[str], device: str) -> dict[str, np.ndarray]:
     backend = resolve_backend(device)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=backend.dali_device_id, prefetch_queue_depth=1)
-    def full():  # noqa: ANN202
+    def full():
         jpegs, _ = fn.readers.file(files=list(paths))
         return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
 

@@ -1,14 +1,16 @@
+import itertools
+
 import numpy as np
 import pytest
 
 from dali_patches.cache import RingCache
 
 
-def _image(xp, h: int, w: int, value: int):  # noqa: ANN001, ANN202
+def _image(xp, h: int, w: int, value: int):
     return xp.full((h, w, 3), value, dtype=xp.uint8)
 
 
-def test_insert_copies_pixels_and_fills_slot_table(backend) -> None:  # noqa: ANN001
+def test_insert_copies_pixels_and_fills_slot_table(backend) -> None:
     cache = RingCache(backend, 10_000, max_slots=16)
     xp = backend.xp
     image = xp.arange(20 * 30 * 3, dtype=xp.uint8).reshape(20, 30, 3)
@@ -20,7 +22,7 @@ def test_insert_copies_pixels_and_fills_slot_table(backend) -> None:  # noqa: AN
     assert cache.bytes_used == image.size and cache.resident == 1
 
 
-def test_fifo_eviction_and_fixed_arena(backend) -> None:  # noqa: ANN001
+def test_fifo_eviction_and_fixed_arena(backend) -> None:
     cache = RingCache(backend, capacity_bytes=1000, max_slots=64)
     arena, nbytes = cache.arena, cache.arena.nbytes
     xp = backend.xp
@@ -37,7 +39,7 @@ def test_fifo_eviction_and_fixed_arena(backend) -> None:  # noqa: ANN001
         # residents never overlap, and their pixels are intact
         slots = cache.resident_slots()
         spans = sorted((int(cache.offset[s]), int(cache.offset[s] + cache.height[s] * cache.width[s] * 3)) for s in slots)
-        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
         for s in slots:
             off, n = int(cache.offset[s]), int(cache.height[s] * cache.width[s] * 3)
             assert int(backend.to_host(cache.arena[off: off + n]).min()) == int(cache.source[s]) % 256
@@ -46,7 +48,7 @@ def test_fifo_eviction_and_fixed_arena(backend) -> None:  # noqa: ANN001
     assert cache.arena is arena and cache.arena.nbytes == nbytes
 
 
-def test_would_evict_predicts_insert(backend) -> None:  # noqa: ANN001
+def test_would_evict_predicts_insert(backend) -> None:
     cache = RingCache(backend, capacity_bytes=900, max_slots=16)
     rng = np.random.default_rng(0)
     for i in range(60):
@@ -57,19 +59,21 @@ def test_would_evict_predicts_insert(backend) -> None:  # noqa: ANN001
         assert predicted == (cache.evicted > before)
 
 
-def test_newer_copy_of_a_source_retires_the_older(backend) -> None:  # noqa: ANN001
-    cache = RingCache(backend, capacity_bytes=10_000, max_slots=16)
+def test_a_source_is_resident_at_most_once(backend) -> None:
+    cache = RingCache(backend, capacity_bytes=100, max_slots=16)
     first = cache.insert(_image(backend.xp, 4, 4, 1), source=3)
-    cache.insert(_image(backend.xp, 4, 4, 2), source=5)
+    assert cache.holds(3) and not cache.holds(5)
+    with pytest.raises(ValueError, match="source=3 is already resident"):
+        cache.insert(_image(backend.xp, 4, 4, 2), source=3)
     cache.record_served(np.array([first, first]))
-    second = cache.insert(_image(backend.xp, 4, 4, 3), source=3)
-    alive = cache.alive_slots()
-    assert first not in alive and second in alive
-    assert sorted(cache.source[alive].tolist()) == [3, 5]
+    cache.insert(_image(backend.xp, 4, 4, 2), source=5)
+    cache.insert(_image(backend.xp, 4, 4, 4), source=6)  # 3 × 48 bytes > 100: evicts source 3
+    assert not cache.holds(3) and cache.holds(5) and cache.holds(6)
     assert (cache.evicted, cache.evicted_served) == (1, 2)
+    cache.insert(_image(backend.xp, 4, 4, 3), source=3)  # a later decode of it enters again
 
 
-def test_image_larger_than_cache_is_a_clear_error(backend) -> None:  # noqa: ANN001
+def test_image_larger_than_cache_is_a_clear_error(backend) -> None:
     cache = RingCache(backend, capacity_bytes=100, max_slots=4)
     with pytest.raises(ValueError, match="does not fit in the cache.*raise cache_bytes"):
         cache.insert(_image(backend.xp, 10, 10, 0), source=0)

@@ -6,7 +6,7 @@ from pathlib import Path
 from dali_patches.cli import main
 
 
-def test_bench_runs_on_generated_images_and_writes_json(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_bench_runs_on_generated_images_and_writes_json(tmp_path: Path, capsys) -> None:
     assert main(["synth", str(tmp_path / "data"), "--count", "12", "--size", "120x160"]) == 0
     out = tmp_path / "bench.json"
     code = main(["bench", str(tmp_path / "data"), "--patch", "32", "--batch", "8", "--reuse", "4",
@@ -20,7 +20,7 @@ def test_bench_runs_on_generated_images_and_writes_json(tmp_path: Path, capsys) 
     assert "patches/s" in text and "mean reuse" in text and "peak RSS" in text
 
 
-def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["bench", str(tmp_path / "missing"), "--device", "cpu", "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", str(tmp_path), "--cache", "lots", "--no-progress"]) == 2

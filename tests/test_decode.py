@@ -8,7 +8,7 @@ from dali_patches.decode import DecodeStage
 from .conftest import reference_decode
 
 
-def test_every_file_once_per_epoch_in_a_fresh_order(backend, many_images: Path) -> None:  # noqa: ANN001
+def test_every_file_once_per_epoch_in_a_fresh_order(backend, many_images: Path) -> None:
     files = list(Catalog.scan(many_images).files)
     stage = DecodeStage(files, backend, batch_size=5, num_threads=2, seed=3)
     assert stage.epoch_size == len(files)
@@ -20,7 +20,7 @@ def test_every_file_once_per_epoch_in_a_fresh_order(backend, many_images: Path) 
     stage.close()
 
 
-def test_same_seed_same_order_and_pixels_match_reference(backend, image_dir: Path) -> None:  # noqa: ANN001
+def test_same_seed_same_order_and_pixels_match_reference(backend, image_dir: Path) -> None:
     files = list(Catalog.scan(image_dir).files)
     a = DecodeStage(files, backend, batch_size=4, num_threads=2, seed=11)
     b = DecodeStage(files, backend, batch_size=3, num_threads=1, seed=11)

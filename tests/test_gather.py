@@ -3,7 +3,7 @@ import numpy as np
 from dali_patches.gather import gather_patches, row_starts
 
 
-def test_gather_equals_slicing_every_image(backend) -> None:  # noqa: ANN001
+def test_gather_equals_slicing_every_image(backend) -> None:
     rng = np.random.default_rng(0)
     shapes = [(37, 51), (64, 64), (90, 33), (40, 120)]
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]

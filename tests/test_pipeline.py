@@ -37,6 +37,18 @@ def test_every_batch_has_distinct_sources(device: str, many_images: Path) -> Non
         assert s.stats()["distinct_fraction"] == 1.0
 
 
+def test_batches_stay_distinct_when_the_cache_holds_the_whole_shard(device: str, many_images: Path) -> None:
+    # Reader epochs reshuffle, so a cache this large sees fresh decodes of still-resident images; they
+    # must not crowd distinct images out (the ring would hold ~50 distinct of 64 otherwise).
+    with PatchSampler(many_images, patch_size=32, batch_size=60, reuse=2, cache_images=64, device=device) as s:
+        for batch in _stream(s, 60):  # ≈ 28 reader epochs
+            assert len(set(batch.source.tolist())) == 60
+        stats = s.stats()
+    assert stats["duplicate_decodes"] > 0 and stats["resident_images"] == 64
+    served_per_decode = stats["patches_served"] / (stats["images_decoded"] - stats["warmup_images"])
+    assert served_per_decode == pytest.approx(2, rel=0.10)
+
+
 @pytest.mark.parametrize("reuse", [4, 10.5])
 def test_mean_patches_per_decoded_image_matches_reuse(device: str, many_images: Path, reuse: float) -> None:
     with PatchSampler(many_images, patch_size=32, batch_size=16, reuse=reuse, cache_images=24, device=device) as s:
@@ -54,7 +66,7 @@ def test_every_file_is_decoded_once_per_reader_epoch(many_images: Path) -> None:
         decoded: list[int] = []
         original = decoder.next
 
-        def recording_next():  # noqa: ANN202
+        def recording_next():
             item = original()
             decoded.append(item[0])
             return item

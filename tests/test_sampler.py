@@ -13,14 +13,14 @@ def test_refill_schedule_rate_is_batch_over_reuse(batch: int, reuse: float) -> N
     assert max(counts) - min(counts) <= 1  # smoothed: never a burst
 
 
-def _filled_cache(backend, n: int) -> RingCache:  # noqa: ANN001
+def _filled_cache(backend, n: int) -> RingCache:
     cache = RingCache(backend, 1_000_000, max_slots=n + 1)
     for i in range(n):
         cache.insert(backend.xp.zeros((20 + i % 7, 30 + i % 5, 3), backend.xp.uint8), source=100 + i)
     return cache
 
 
-def test_draw_is_distinct_and_anchors_fit(backend) -> None:  # noqa: ANN001
+def test_draw_is_distinct_and_anchors_fit(backend) -> None:
     cache = _filled_cache(backend, 40)
     sampler = Sampler(32, (16, 24), allow_repeats=False, rng=np.random.default_rng(0))
     for _ in range(50):
@@ -31,7 +31,7 @@ def test_draw_is_distinct_and_anchors_fit(backend) -> None:  # noqa: ANN001
         assert (d.x >= 0).all() and (d.x + 24 <= cache.width[d.slots]).all()
 
 
-def test_anchors_cover_every_valid_position(backend) -> None:  # noqa: ANN001
+def test_anchors_cover_every_valid_position(backend) -> None:
     cache = RingCache(backend, 10_000, 4)
     cache.insert(backend.xp.zeros((10, 12, 3), backend.xp.uint8), source=0)
     sampler = Sampler(1, (8, 8), allow_repeats=False, rng=np.random.default_rng(1))
@@ -39,7 +39,7 @@ def test_anchors_cover_every_valid_position(backend) -> None:  # noqa: ANN001
     assert seen == {(y, x) for y in range(3) for x in range(5)}
 
 
-def test_too_few_images_fails_unless_repeats_allowed(backend) -> None:  # noqa: ANN001
+def test_too_few_images_fails_unless_repeats_allowed(backend) -> None:
     cache = _filled_cache(backend, 5)
     with pytest.raises(RuntimeError, match="only 5 images are resident but batch_size=12.*allow_repeats=True"):
         Sampler(12, (8, 8), allow_repeats=False, rng=np.random.default_rng(0)).draw(cache)

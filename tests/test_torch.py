@@ -4,8 +4,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dali_patches import PatchSampler  # noqa: E402
-from dali_patches.torch import PatchIterator  # noqa: E402
+from dali_patches import PatchSampler
+from dali_patches.torch import PatchIterator
 
 
 def test_iterator_yields_torch_tensors_on_the_sampler_device(device: str, image_dir: Path) -> None:
