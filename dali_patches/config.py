@@ -7,10 +7,12 @@ or any memory is allocated, with a message that names the parameter, its value a
 from __future__ import annotations
 
 import enum
+import os
 import re
+import sys
 from dataclasses import dataclass
 
-__all__ = ["Device", "SamplerConfig", "default_decode_batch", "format_bytes", "parse_bytes"]
+__all__ = ["Device", "SamplerConfig", "default_decode_batch", "distributed_defaults", "format_bytes", "parse_bytes"]
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
@@ -55,6 +57,24 @@ def format_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
+
+
+def distributed_defaults() -> tuple[int, int, int]:
+    """``(shard_id, num_shards, device_id)`` of this process in a data-parallel job.
+
+    From an initialised ``torch.distributed`` process group (rank, world size), else from the
+    ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables that ``torchrun`` and most launchers set,
+    else ``(0, 1, 0)``. ``device_id`` is the local rank, so each rank binds its own GPU. torch is
+    never imported here: only a ``torch.distributed`` the program already uses is asked.
+    """
+    env = os.environ
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank
+    return 0, 1, local_rank
 
 
 def default_decode_batch(backend: object) -> int:
@@ -107,8 +127,12 @@ class SamplerConfig:
             but hold about ``3 × decode_batch`` decoded images in DALI's queue on top of the arena.
         num_threads: DALI worker threads of both pipelines; ``None`` uses every core.
         queue_depth: finished batches the producer thread keeps ready for the trainer.
-        device_id: CUDA device index (GPU mode).
-        shard_id, num_shards: this process's part of the files (DALI reader sharding).
+        device_id: CUDA device index (GPU mode); ``None``: the local rank (``LOCAL_RANK``), else 0.
+        shard_id, num_shards: this process's part of the files (DALI reader sharding); ``None``:
+            rank and world size of ``torch.distributed`` or of ``RANK``/``WORLD_SIZE`` (see
+            :func:`distributed_defaults`), else one shard. Use the same ``seed`` on every rank: the
+            reader's per-epoch shuffle must agree for shards to stay disjoint; the anchor draws
+            differ per rank anyway (they are seeded with ``(seed, shard_id)``).
     """
 
     patch_size: tuple[int, int]
@@ -122,12 +146,22 @@ class SamplerConfig:
     decode_batch: int | None = None
     num_threads: int | None = None
     queue_depth: int = 2
-    device_id: int = 0
-    shard_id: int = 0
-    num_shards: int = 1
+    device_id: int | None = None
+    shard_id: int | None = None
+    num_shards: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise fields of a frozen dataclass once, here
+        if None in (self.shard_id, self.num_shards, self.device_id):
+            rank, world, local_rank = distributed_defaults()
+            if self.shard_id is None and self.num_shards is None:
+                set_(self, "shard_id", rank)
+                set_(self, "num_shards", world)
+            elif self.shard_id is None or self.num_shards is None:
+                msg = f"give both shard_id and num_shards or neither (got {self.shard_id=}, {self.num_shards=})"
+                raise ValueError(msg)
+            if self.device_id is None:
+                set_(self, "device_id", local_rank)
         set_(self, "patch_size", _patch_hw(self.patch_size))
         _positive_int("batch_size", self.batch_size)
         if isinstance(self.reuse, bool) or not isinstance(self.reuse, (int, float)) or not self.reuse >= 1:
@@ -162,7 +196,7 @@ class SamplerConfig:
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
             msg = f"device_id={self.device_id!r} must be a non-negative int"
             raise ValueError(msg)
-        if not isinstance(self.shard_id, int) or not 0 <= self.shard_id < self.num_shards:
+        if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) or not 0 <= self.shard_id < self.num_shards:
             msg = f"{self.shard_id=} must be in [0, {self.num_shards=})"
             raise ValueError(msg)
 

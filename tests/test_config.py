@@ -54,3 +54,23 @@ def test_nonsense_parameters_fail_with_their_name(kwargs: dict, match: str) -> N
     base = {"patch_size": 32, "batch_size": 8, "reuse": 4, "cache_bytes": "1MiB"}
     with pytest.raises(ValueError, match=match):
         SamplerConfig(**{**base, **kwargs})
+
+
+def test_shards_and_device_default_to_the_launchers_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    config = SamplerConfig(patch_size=8, batch_size=4, reuse=2, cache_bytes=10**6)
+    assert (config.shard_id, config.num_shards, config.device_id) == (3, 4, 1)
+    explicit = SamplerConfig(patch_size=8, batch_size=4, reuse=2, cache_bytes=10**6, shard_id=0, num_shards=1,
+                             device_id=0)
+    assert (explicit.shard_id, explicit.num_shards, explicit.device_id) == (0, 1, 0)
+
+
+def test_single_process_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    config = SamplerConfig(patch_size=8, batch_size=4, reuse=2, cache_bytes=10**6)
+    assert (config.shard_id, config.num_shards, config.device_id) == (0, 1, 0)
+    with pytest.raises(ValueError, match="give both shard_id and num_shards"):
+        SamplerConfig(patch_size=8, batch_size=4, reuse=2, cache_bytes=10**6, shard_id=1)

@@ -1,6 +1,8 @@
 """End-to-end behaviour of PatchSampler: the invariants of DESIGN.md on real DALI decodes."""
 
 import gc
+import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +171,33 @@ def test_a_dropped_sampler_stops_its_thread(image_dir: Path) -> None:
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_creating_and_closing_samplers_in_a_loop_does_not_leak(many_images: Path) -> None:
+    arenas = []
+
+    def cycle() -> None:
+        with PatchSampler(many_images, patch_size=32, batch_size=8, reuse=2, cache_bytes="2MiB", device="cpu") as s:
+            s.pipeline().run()
+            for _ in range(20):  # the ring wraps: every page of the arena is touched
+                next(s)
+            arenas.append(weakref.ref(s._producer.cache.arena))
+        gc.collect()
+
+    for _ in range(3):  # allocator pools and DALI's one-time state settle
+        cycle()
+    threads, rss = _os_threads(), _rss_mib()
+    for _ in range(12):
+        cycle()
+    assert all(ref() is None for ref in arenas), "an arena outlived close()"
+    assert _os_threads() <= threads, "DALI or producer threads outlive close()"
+    assert _rss_mib() - rss < 64, f"RSS grew by {_rss_mib() - rss:.0f} MiB over 12 samplers"
