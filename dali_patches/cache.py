@@ -10,6 +10,7 @@ resident image is a distinct image: ``resident ≥ batch_size`` is all that dist
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from .backend import Backend
 from .config import format_bytes
 
 __all__ = ["RingCache"]
+
+_SLOT_FIELDS = ("offset", "height", "width", "source", "served")
 
 
 class RingCache:
@@ -101,6 +104,32 @@ class RingCache:
         self._head += nbytes
         self._used += nbytes
         return slot
+
+    # -- state -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The ring's bookkeeping and the identity of every resident image, oldest first (plain
+        Python values, a few bytes per slot): enough, with the images re-decoded, to rebuild it."""
+        slots = self.resident_slots()
+        return {"first": self._first, "next": self._next, "head": self._head, "used": self._used,
+                "evicted": self.evicted, "evicted_served": self.evicted_served,
+                **{name: getattr(self, name)[slots].tolist() for name in _SLOT_FIELDS}}
+
+    def restore(self, state: dict[str, Any], images: Iterable[Any]) -> None:
+        """Rebuild the ring from :meth:`state`; ``images`` are the resident images, oldest first."""
+        self._first, self._next, self._head = state["first"], state["next"], state["head"]
+        self._used, self.evicted, self.evicted_served = state["used"], state["evicted"], state["evicted_served"]
+        slots = self.resident_slots()
+        for name in _SLOT_FIELDS:
+            getattr(self, name)[slots] = state[name]
+        self._slot_of_source = {int(self.source[s]): int(s) for s in slots}
+        for slot, image in zip(slots, images, strict=True):
+            offset, nbytes = int(self.offset[slot]), int(self.height[slot] * self.width[slot] * 3)
+            if image.size != nbytes:
+                msg = (f"file {int(self.source[slot])} decodes to {tuple(image.shape)}, not the "
+                       f"{int(self.height[slot])}x{int(self.width[slot])} it had when the state was saved; "
+                       "the data set changed since")
+                raise ValueError(msg)
+            self.arena[offset : offset + nbytes] = image.reshape(-1)
 
     def record_served(self, slots: np.ndarray) -> None:
         """Count one served patch per entry of ``slots`` (repeats allowed)."""

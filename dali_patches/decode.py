@@ -4,13 +4,16 @@ DALI's executor decodes ``prefetch`` batches ahead in its own threads, so the pr
 calls :meth:`DecodeStage.next` finds finished images waiting whenever decoding keeps up. Images come
 out in a full per-epoch permutation (``shuffle_after_epoch``) seeded from the sampler's seed: one
 reader epoch decodes every file of the shard exactly once, and epochs follow each other seamlessly.
+The pipeline is built with DALI checkpointing, so :meth:`DecodeStage.position` names the exact image
+a restarted stage continues from (a ~200-byte reader checkpoint plus the images to skip in its batch).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,12 +32,13 @@ class DecodeError(RuntimeError):
     """The decode pipeline failed repeatedly; the message carries DALI's error (it names the file)."""
 
 
-@pipeline_def(enable_conditionals=False)
-def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: int, shard_id: int, num_shards: int):
+@pipeline_def(enable_conditionals=False, enable_checkpointing=True)
+def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: int, shard_id: int, num_shards: int,
+                     shuffle: bool = True):
     jpegs, labels = fn.readers.file(
         files=list(files),
         labels=list(range(len(files))),
-        shuffle_after_epoch=True,
+        shuffle_after_epoch=shuffle,
         shuffle_after_epoch_seed=shuffle_seed,
         shard_id=shard_id,
         num_shards=num_shards,
@@ -54,6 +58,7 @@ class DecodeStage:
         num_threads: DALI worker threads.
         seed: seeds the reader's per-epoch shuffle.
         prefetch: decode batches DALI keeps in flight; each holds ``batch_size`` decoded images.
+        position: a :meth:`position` of an earlier stage over the same files and seed: continue there.
     """
 
     def __init__(
@@ -66,9 +71,13 @@ class DecodeStage:
         shard_id: int = 0,
         num_shards: int = 1,
         prefetch: int = 2,
+        position: dict[str, Any] | None = None,
     ) -> None:
         self._backend = backend
         self._pending: deque[tuple[int, Any]] = deque()
+        self._run_checkpoint: bytes | None = None  # reader state before the run that filled _pending
+        self._taken_from_run = 0
+        self._skip = 0
         self.images_decoded = 0
         self.failed_runs = 0
         self.errors: list[str] = []
@@ -84,8 +93,11 @@ class DecodeStage:
             device_id=backend.dali_device_id,
             prefetch_queue_depth=prefetch,
             seed=seed,
+            checkpoint=base64.b64decode(position["checkpoint"]) if position and position["checkpoint"] else None,
         )
         self._pipe.build()
+        if position:
+            self._skip, self.images_decoded = int(position["skip"]), int(position["images_decoded"])
         self.epoch_size = int(self._pipe.reader_meta("Reader")["epoch_size"])
         self.shard_size = -(-self.epoch_size // num_shards) if num_shards > 1 else self.epoch_size
 
@@ -100,9 +112,18 @@ class DecodeStage:
         item = self.peek()
         self._pending.popleft()
         self.images_decoded += 1
+        self._taken_from_run += 1
         return item
 
+    def position(self) -> dict[str, Any]:
+        """Where the stream of images stands: restoring it into a new stage (``position=``) makes
+        that stage return the same images as this one would from here on."""
+        checkpoint = base64.b64encode(self._run_checkpoint).decode() if self._run_checkpoint else None
+        return {"checkpoint": checkpoint, "skip": self._taken_from_run,
+                "images_decoded": self.images_decoded}
+
     def _run(self) -> None:
+        checkpoint = self._pipe.checkpoint()
         try:
             images, labels = self._pipe.run()
         except RuntimeError as e:  # a corrupt file costs its whole decode batch; DALI keeps working
@@ -115,11 +136,32 @@ class DecodeStage:
                 raise DecodeError(msg) from e
             return
         self._failed_in_a_row = 0
+        self._run_checkpoint, self._taken_from_run = checkpoint, self._skip
         sources = np.asarray(labels.as_tensor()).reshape(-1)
-        for i, source in enumerate(sources.tolist()):
+        for i, source in enumerate(sources.tolist()[self._skip:], start=self._skip):
             self._pending.append((source, self._backend.as_array(images[i])))
+        self._skip = 0
 
     def close(self) -> None:
         """Drop pending images and the DALI pipeline (frees its buffers and threads)."""
         self._pending.clear()
         self._pipe = None
+
+
+def decode_files(files: Sequence[str], backend: Backend, num_threads: int, batch_size: int = 8) -> Iterator[Any]:
+    """Decode ``files`` once, in order, with the same decoder as :class:`DecodeStage`; yields each
+    ``(H, W, 3) uint8`` image (a view valid until the next one is taken). Used to refill a restored
+    cache with the images it held."""
+    if not files:
+        return
+    batch_size = min(batch_size, len(files))
+    pipe = _decode_pipeline(files=files, decoder_device=backend.decoder_device, shuffle_seed=0, shard_id=0,
+                            num_shards=1, shuffle=False, batch_size=batch_size, num_threads=num_threads,
+                            device_id=backend.dali_device_id, prefetch_queue_depth=1)
+    pipe.build()
+    left = len(files)
+    while left:
+        images, _ = pipe.run()
+        for i in range(min(left, batch_size)):
+            yield backend.as_array(images[i])
+        left -= min(left, batch_size)

@@ -8,6 +8,7 @@ the decode pipeline. The producer thread starts on first use. Batches come out e
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import weakref
@@ -27,6 +28,7 @@ __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("patches", "source", "anchor")
+_STATE_FORMAT = 1
 
 
 class PatchSampler:
@@ -159,6 +161,46 @@ class PatchSampler:
                 "device": self.backend.device.value}
 
     # -- DALI --------------------------------------------------------------------------------
+    # -- resumable state ---------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        cfg = self.config
+        paths = hashlib.sha256("\n".join(self.files).encode()).hexdigest()
+        return {"files": len(self.files), "files_sha256": paths, "patch_size": list(cfg.patch_size),
+                "batch_size": cfg.batch_size, "reuse": cfg.reuse, "seed": cfg.seed, "cache_bytes": self.cache_bytes,
+                "device": self.backend.device.value, "shard_id": cfg.shard_id, "num_shards": cfg.num_shards,
+                "decode_batch": cfg.decode_batch or default_decode_batch(self.backend),
+                "allow_repeats": cfg.allow_repeats}
+
+    def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
+        """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):
+        the reader's position (a DALI checkpoint), the sampler's RNG, the refill credit, and which
+        images the cache holds where. A new sampler with the same files and settings continues the
+        same ``(source, anchor)`` stream after :meth:`load_state_dict`.
+
+        The state is taken after the last batch handed out by ``next(sampler)`` or a pipeline's
+        ``external_source``; ``in_flight`` batches handed out but not yet consumed (DALI's
+        prefetch queue) are excluded. :class:`~dali_patches.torch.PatchIterator` counts them for you.
+        """
+        index = self._producer.last_delivered - in_flight
+        return {"format": _STATE_FORMAT, "fingerprint": self._fingerprint(),
+                "stream": self._producer.state_after(index)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a sampler over the same files with the same settings.
+        Call before the first batch; re-decodes the images the cache held (a warm-up's worth)."""
+        if state.get("format") != _STATE_FORMAT:
+            msg = f"state format {state.get('format')!r} is not {_STATE_FORMAT}; was it made by PatchSampler.state_dict()?"
+            raise ValueError(msg)
+        mine = self._fingerprint()
+        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in diff.items())
+            msg = f"this state belongs to a different sampler ({listed}); create the sampler with the saved settings"
+            raise ValueError(msg)
+        if state["stream"] is not None:
+            self._producer.restore(state["stream"])
+
+    # -- DALI --------------------------------------------------------------------------------
     def _feed(self) -> tuple[Any, np.ndarray, np.ndarray]:
         batch = self._producer.get()
         return batch.patches, batch.source, batch.anchor
@@ -173,16 +215,23 @@ class PatchSampler:
         threads for this pipeline: 1 suffices until you add CPU operators to it.
         """
 
+        fed = [0]  # batches this pipeline's external_source has taken (see PatchIterator.state_dict)
+
+        def feed() -> tuple[Any, np.ndarray, np.ndarray]:
+            fed[0] += 1
+            return self._feed()
+
         @pipeline_def(batch_size=self.config.batch_size, num_threads=num_threads,
                       device_id=self.backend.dali_device_id, prefetch_queue_depth=prefetch_queue_depth,
                       seed=self.config.seed, **kwargs)
         def sample_pipeline():
             return tuple(fn.external_source(
-                source=self._feed, num_outputs=3, batch=True, device=self.backend.op_device,
+                source=feed, num_outputs=3, batch=True, device=self.backend.op_device,
                 dtype=[types.UINT8, types.INT64, types.INT32], layout=["HWC", "", ""], ndim=[3, 0, 1],
             ))
 
         pipe = sample_pipeline()
+        pipe.batches_fed = fed
         pipe.build()
         self._pipelines.append(pipe)
         return pipe

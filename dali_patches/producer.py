@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .backend import Backend
 from .cache import RingCache
 from .config import SamplerConfig, default_decode_batch
-from .decode import DecodeStage
+from .decode import DecodeStage, decode_files
 from .gather import gather_patches, row_starts
 from .sampler import RefillSchedule, Sampler
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a blocked thread checks for close()
 _MAX_HELD_IMAGES = 32  # GPU: sync after this many pending copies, so DALI's buffers are not pinned
+_SNAPSHOTS_KEPT = 64  # states of the latest batches, for state_dict() behind a prefetching consumer
 _PROGRESS_MIN_IMAGES = 500  # with progress=None, a warm-up this long gets a progress bar
 
 
@@ -65,11 +66,9 @@ class Producer:
                  max_slots: int, warmup_estimate: int, progress: bool | None = None) -> None:
         self.config = config
         self.backend = backend
-        threads = config.num_threads or os.cpu_count() or 1
-        self.decoder = DecodeStage(
-            files, backend, batch_size=config.decode_batch or default_decode_batch(backend),
-            num_threads=threads, seed=config.seed, shard_id=config.shard_id, num_shards=config.num_shards,
-        )
+        self.files = files
+        self._threads = config.num_threads or os.cpu_count() or 1
+        self.decoder = self._new_decoder()
         self.cache = RingCache(backend, cache_bytes, max_slots)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id]))
         self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng)
@@ -79,6 +78,9 @@ class Producer:
         self.distinct_batches = 0
         self.warmup_images = 0
         self.duplicate_decodes = 0  # decoded while still resident (cache ≳ shard), not inserted
+        self.last_delivered = -1  # index of the last batch handed to a consumer
+        self._snapshots: dict[int, dict[str, Any]] = {}  # batch index → state after it (the latest few)
+        self._restored = False
         self._warmup_estimate = warmup_estimate
         self._progress = warmup_estimate >= _PROGRESS_MIN_IMAGES if progress is None else progress
         self._stream = backend.new_stream()
@@ -109,6 +111,7 @@ class Producer:
             if isinstance(item, _Failure):
                 self.queue.put(item)  # every later call fails the same way
                 raise RuntimeError(f"dali_patches producer failed: {item.error}") from item.error  # noqa: TRY004
+            self.last_delivered = item.index
             return item
 
     def close(self) -> None:
@@ -132,7 +135,8 @@ class Producer:
     def _run(self) -> None:
         try:
             with self.backend.use(self._stream):
-                self._warm_up()
+                if not self._restored:
+                    self._warm_up()
                 while not self._stop.is_set():
                     self._put(self._make_batch())
         except BaseException as e:
@@ -194,7 +198,60 @@ class Producer:
         self.distinct_batches += int(len(np.unique(draw.source)) == len(draw.source))
         batch = PatchBatch(patches, draw.source, anchor, self.batches_made)
         self.batches_made += 1
+        self._snapshot(batch.index)
         return batch
+
+    # -- resumable state ---------------------------------------------------------------------
+    def _new_decoder(self, position: dict[str, Any] | None = None) -> DecodeStage:
+        cfg = self.config
+        return DecodeStage(self.files, self.backend, batch_size=cfg.decode_batch or default_decode_batch(self.backend),
+                           num_threads=self._threads, seed=cfg.seed, shard_id=cfg.shard_id,
+                           num_shards=cfg.num_shards, position=position)
+
+    def _snapshot(self, index: int) -> None:
+        """Record the state after batch ``index`` (a few KiB); keep the latest ``_SNAPSHOTS_KEPT``."""
+        self._snapshots[index] = {
+            "batches_made": self.batches_made, "distinct_batches": self.distinct_batches,
+            "duplicate_decodes": self.duplicate_decodes, "warmup_images": self.warmup_images,
+            "rng": self.sampler.rng.bit_generator.state, "refill_credit": self.schedule.credit,
+            "decoder": self.decoder.position(), "cache": self.cache.state(),
+        }
+        self._snapshots.pop(index - _SNAPSHOTS_KEPT, None)
+
+    def state_after(self, index: int) -> dict[str, Any] | None:
+        """The state after batch ``index``; ``None`` before the first batch."""
+        if index < 0:
+            return None
+        try:
+            return self._snapshots[index]
+        except KeyError:
+            msg = (f"the state after batch {index} is no longer kept (the latest {_SNAPSHOTS_KEPT} are); "
+                   "take state_dict() closer to the batches you consumed")
+            raise RuntimeError(msg) from None
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_after` of an earlier producer over the same files and config.
+        Re-decodes the images that were resident (their number × decode time) before the first batch."""
+        if self._thread.is_alive() or self.batches_made:
+            msg = "load_state_dict() must come before the first batch is drawn"
+            raise RuntimeError(msg)
+        self.decoder.close()
+        self.decoder = self._new_decoder(position=state["decoder"])
+        resident = [self.files[s] for s in state["cache"]["source"]]
+
+        def images() -> Any:
+            for image in decode_files(resident, self.backend, self._threads):
+                yield image
+                self.backend.synchronize(self._stream)  # copied before DALI may reuse the buffer
+
+        with self.backend.use(self._stream):
+            self.cache.restore(state["cache"], images())
+        self.sampler.rng.bit_generator.state = state["rng"]
+        self.schedule.credit = state["refill_credit"]
+        for name in ("batches_made", "distinct_batches", "duplicate_decodes", "warmup_images"):
+            setattr(self, name, state[name])
+        self.last_delivered = self.batches_made - 1
+        self._restored = True
 
     def stats(self) -> dict[str, Any]:
         """Counters of the stream so far (batches made by the producer, possibly not yet consumed)."""

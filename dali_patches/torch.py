@@ -40,6 +40,7 @@ class PatchIterator:
         self.batches_per_epoch = batches_per_epoch
         self.pipeline = sampler.pipeline(prefetch_queue_depth=prefetch_queue_depth)
         self._dali = DALIGenericIterator(self.pipeline, list(OUTPUT_NAMES), size=-1)
+        self._returned = 0
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -50,5 +51,13 @@ class PatchIterator:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         count = 0
         while self.batches_per_epoch is None or count < self.batches_per_epoch:
-            yield next(self._dali)[0]
+            data = next(self._dali)[0]
+            self._returned += 1
+            yield data
             count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's :meth:`~dali_patches.PatchSampler.state_dict` after the last batch this
+        iterator yielded (batches in DALI's prefetch queue are not counted as consumed). Restore
+        with ``sampler.load_state_dict`` on a new sampler, then wrap it in a new iterator."""
+        return self.sampler.state_dict(in_flight=self.pipeline.batches_fed[0] - self._returned)

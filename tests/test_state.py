@@ -1,0 +1,68 @@
+"""Resumable state: a restored sampler continues the uninterrupted ``(source, anchor)`` stream."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dali_patches import PatchSampler
+
+SETTINGS = {"patch_size": 24, "batch_size": 8, "reuse": 2, "cache_bytes": "900KiB", "seed": 3}
+
+
+def _record(batches: list, backend) -> list:
+    return [(b.source.tolist(), b.anchor.tolist(), backend.to_host(b.patches)) for b in batches]
+
+
+def _assert_same(resumed: list, reference: list) -> None:
+    assert len(resumed) == len(reference)
+    for (src, anc, patches), (ref_src, ref_anc, ref_patches) in zip(resumed, reference, strict=True):
+        assert src == ref_src and anc == ref_anc
+        assert np.array_equal(patches, ref_patches)
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 40])
+def test_restored_sampler_continues_the_same_stream(device: str, many_images: Path, stop_after: int) -> None:
+    with PatchSampler(many_images, device=device, **SETTINGS) as original:
+        for _ in range(stop_after):  # 40 batches ≈ 160 decodes: reader epochs and ring wraps behind us
+            next(original)
+        state = json.loads(json.dumps(original.state_dict()))  # plain values: JSON round-trips
+        reference = _record([next(original) for _ in range(25)], original.backend)
+    with PatchSampler(many_images, device=device, **SETTINGS) as resumed:
+        resumed.load_state_dict(state)
+        batches = [next(resumed) for _ in range(25)]
+        assert [b.index for b in batches] == list(range(stop_after, stop_after + 25))
+        _assert_same(_record(batches, resumed.backend), reference)
+
+
+def test_patch_iterator_state_excludes_prefetched_batches(many_images: Path) -> None:
+    pytest.importorskip("torch")
+    from dali_patches.torch import PatchIterator
+
+    def take(iterator: PatchIterator, n: int) -> list:
+        return [(d["source"].tolist(), d["anchor"].tolist()) for _, d in zip(range(n), iterator)]
+
+    with PatchSampler(many_images, device="cpu", **SETTINGS) as original:
+        iterator = PatchIterator(original)
+        take(iterator, 7)
+        state = iterator.state_dict()
+        reference = take(iterator, 6)
+    with PatchSampler(many_images, device="cpu", **SETTINGS) as resumed:
+        resumed.load_state_dict(state)
+        assert take(PatchIterator(resumed), 6) == reference
+
+
+def test_state_of_another_sampler_is_refused(many_images: Path) -> None:
+    with PatchSampler(many_images, device="cpu", **SETTINGS) as original:
+        next(original)
+        state = original.state_dict()
+    with (PatchSampler(many_images, device="cpu", **{**SETTINGS, "seed": 4}) as other,
+          pytest.raises(ValueError, match=r"different sampler \(seed: saved 3, now 4\)")):
+        other.load_state_dict(state)
+    with PatchSampler(many_images, device="cpu", **SETTINGS) as started:
+        next(started)
+        with pytest.raises(RuntimeError, match="before the first batch"):
+            started.load_state_dict(state)
+        with pytest.raises(ValueError, match="state format"):
+            started.load_state_dict({"stream": None})
