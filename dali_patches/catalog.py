@@ -59,8 +59,9 @@ def screen_file(path: str) -> str | None:
     return None
 
 
-def _decoded_shape(path: str) -> tuple[int, int, int] | str:
-    """``(height, width, source channels)`` as DALI will decode it (EXIF applied), or a reason."""
+def _decoded_shape(path: str, exif: bool = True) -> tuple[int, int, int] | str:
+    """``(height, width, source channels)`` as DALI will decode it (EXIF orientation applied when
+    ``exif``), or the reason it is unusable."""
     reason = screen_file(path)
     if reason is not None:
         return reason
@@ -68,8 +69,10 @@ def _decoded_shape(path: str) -> tuple[int, int, int] | str:
         with Image.open(path) as im:
             w, h = im.size
             channels = len(im.getbands())
-            if im.format in ("JPEG", "TIFF", "WEBP") and im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
+            if exif and im.format in ("JPEG", "TIFF", "WEBP") and im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
                 h, w = w, h
+    except PermissionError as e:
+        return f"not readable ({e.strerror}); fix its permissions"
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad headers
         return f"cannot read image header: {e}"
     return h, w, channels
@@ -117,9 +120,12 @@ class Catalog:
 
     Attributes:
         files: paths; ``batch.source`` indexes this list.
-        heights, widths: ``(N,) int64`` decoded size in pixels (EXIF orientation applied).
+        heights, widths: ``(N,) int64`` size in pixels as decoded (EXIF orientation applied unless
+            scanned with ``exif=False``) and, with ``pad=True``, raised to ``min_size``: the size an
+            image takes in the cache.
         channels: ``(N,) int64`` channel count stored in the file (decoding always yields RGB).
         skipped: ``(path, reason)`` of every file left out.
+        padded: how many images are smaller than ``min_size`` and will be zero-padded.
     """
 
     files: tuple[str, ...]
@@ -127,6 +133,7 @@ class Catalog:
     widths: np.ndarray
     channels: np.ndarray
     skipped: tuple[tuple[str, str], ...]
+    padded: int = 0
 
     def __len__(self) -> int:
         return len(self.files)
@@ -143,6 +150,8 @@ class Catalog:
         min_size: tuple[int, int] = (1, 1),
         progress: bool | None = None,
         workers: int = 8,
+        exif: bool = True,
+        pad: bool = False,
     ) -> Catalog:
         """Build a catalog, skipping (and reporting) bad files and images smaller than ``min_size``.
 
@@ -152,6 +161,9 @@ class Catalog:
             min_size: ``(height, width)`` an image must reach, usually the patch size.
             progress: show a progress bar; ``None`` shows one for large data sets only.
             workers: threads reading headers (I/O bound).
+            exif: report sizes with EXIF orientation applied (as the decoder will, by default).
+            pad: keep images smaller than ``min_size`` (they will be zero-padded at the bottom and
+                right up to it) instead of skipping them.
 
         Raises:
             FileNotFoundError: a path does not exist.
@@ -159,13 +171,18 @@ class Catalog:
         """
         paths = _expand(source if isinstance(source, (str, os.PathLike)) else list(source))
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = list(
-                tqdm(pool.map(_decoded_shape, paths, chunksize=64), total=len(paths),
-                     desc="scanning headers", unit="file", disable=not show)
-            )
+        bomb_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # sizes only: a 20k × 20k scan is legitimate data, not a bomb
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                results = list(
+                    tqdm(pool.map(lambda p: _decoded_shape(p, exif), paths, chunksize=64), total=len(paths),
+                         desc="scanning headers", unit="file", disable=not show)
+                )
+        finally:
+            Image.MAX_IMAGE_PIXELS = bomb_limit
         keep, skipped, sizes = [], [], []
-        too_small = 0
+        too_small = padded = 0
         largest = (0, 0)
         for path, result in zip(paths, results):
             if isinstance(result, str):
@@ -173,7 +190,9 @@ class Catalog:
                 continue
             h, w, c = result
             largest = max(largest, (h, w), key=lambda s: s[0] * s[1])
-            if h < min_size[0] or w < min_size[1]:
+            if (h < min_size[0] or w < min_size[1]) and pad:
+                h, w, padded = max(h, min_size[0]), max(w, min_size[1]), padded + 1
+            elif h < min_size[0] or w < min_size[1]:
                 skipped.append((path, f"{h}x{w} is smaller than the patch {min_size[0]}x{min_size[1]}"))
                 too_small += 1
                 continue
@@ -183,7 +202,7 @@ class Catalog:
             if too_small:
                 msg = (
                     f"patch_size={min_size} exceeds every image (largest is {largest[0]}x{largest[1]}); "
-                    "lower patch_size"
+                    "lower patch_size or pass pad=True"
                 )
             else:
                 msg = f"none of the {len(paths)} file(s) is a readable image, e.g. {skipped[0][0]!r}: {skipped[0][1]}"
@@ -191,11 +210,11 @@ class Catalog:
         if skipped:
             examples = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
             warnings.warn(
-                f"skipped {len(skipped)} of {len(paths)} files ({too_small} smaller than the patch), "
-                f"e.g. {examples}. Catalog.skipped lists them all.",
+                f"skipped {len(skipped)} of {len(paths)} files ({too_small} smaller than the patch"
+                f"{'; pad=True keeps those' if too_small else ''}), e.g. {examples}. Catalog.skipped lists them all.",
                 CatalogWarning,
                 stacklevel=2,
             )
         arr = np.asarray(sizes, dtype=np.int64).reshape(-1, 3)
         log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
-        return cls(tuple(keep), arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(), tuple(skipped))
+        return cls(tuple(keep), arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(), tuple(skipped), padded)

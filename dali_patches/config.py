@@ -127,6 +127,10 @@ class SamplerConfig:
             but hold about ``3 × decode_batch`` decoded images in DALI's queue on top of the arena.
         num_threads: DALI worker threads of both pipelines; ``None`` uses every core.
         queue_depth: finished batches the producer thread keeps ready for the trainer.
+        exif_orientation: apply each JPEG's EXIF orientation when decoding (default, as photo viewers
+            do); ``False`` samples the stored pixel grid.
+        pad: keep images smaller than the patch, zero-padded at the bottom and right up to it;
+            ``False`` (default) skips them and lists them in ``Catalog.skipped``.
         device_id: CUDA device index (GPU mode); ``None``: the local rank (``LOCAL_RANK``), else 0.
         shard_id, num_shards: this process's part of the files (DALI reader sharding); ``None``:
             rank and world size of ``torch.distributed`` or of ``RANK``/``WORLD_SIZE`` (see
@@ -146,6 +150,8 @@ class SamplerConfig:
     decode_batch: int | None = None
     num_threads: int | None = None
     queue_depth: int = 2
+    exif_orientation: bool = True
+    pad: bool = False
     device_id: int | None = None
     shard_id: int | None = None
     num_shards: int | None = None
@@ -192,6 +198,10 @@ class SamplerConfig:
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         _positive_int("queue_depth", self.queue_depth)
+        for name in ("allow_repeats", "exif_orientation", "pad"):
+            if not isinstance(getattr(self, name), bool):
+                msg = f"{name}={getattr(self, name)!r} must be True or False"
+                raise TypeError(msg)
         _positive_int("num_shards", self.num_shards)
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
             msg = f"device_id={self.device_id!r} must be a non-negative int"

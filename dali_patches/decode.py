@@ -28,23 +28,33 @@ log = logging.getLogger(__name__)
 _MAX_FAILED_RUNS_IN_A_ROW = 8  # a reader that fails this often is broken, not unlucky
 
 
+def _cause(error: BaseException) -> str:
+    """The line of a DALI error that says what went wrong (after its operator traceback)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
+        return lines[lines.index("encountered:") + 1]
+    return lines[-1] if lines else repr(error)
+
+
 class DecodeError(RuntimeError):
     """The decode pipeline failed repeatedly; the message carries DALI's error (it names the file)."""
 
 
 @pipeline_def(enable_conditionals=False, enable_checkpointing=True)
 def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: int, shard_id: int, num_shards: int,
-                     shuffle: bool = True):
+                     shuffle: bool = True, exif: bool = True, decode: bool = True):
     jpegs, labels = fn.readers.file(
         files=list(files),
         labels=list(range(len(files))),
-        shuffle_after_epoch=shuffle,
-        shuffle_after_epoch_seed=shuffle_seed,
         shard_id=shard_id,
         num_shards=num_shards,
         name="Reader",
+        **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}),
     )
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    if not decode:  # the same reader, for finding out which files a batch held; "Decoder" is a no-op
+        return fn.cast(jpegs, dtype=types.UINT8, name="Decoder"), labels
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=exif,
+                               name="Decoder")
     return images, labels
 
 
@@ -72,8 +82,10 @@ class DecodeStage:
         num_shards: int = 1,
         prefetch: int = 2,
         position: dict[str, Any] | None = None,
+        exif: bool = True,
     ) -> None:
         self._backend = backend
+        self._files = list(files)  # what the reader reads: broken files swapped for a stand-in
         self._pending: deque[tuple[int, Any]] = deque()
         self._run_checkpoint: bytes | None = None  # reader state before the run that filled _pending
         self._taken_from_run = 0
@@ -81,25 +93,26 @@ class DecodeStage:
         self.images_decoded = 0
         self.failed_runs = 0
         self.errors: list[str] = []
+        self.broken: dict[int, str] = {}  # source index → why it cannot be decoded
+        self.skipped_decodes = 0  # reads of broken files (their stand-in's decode is discarded)
         self._failed_in_a_row = 0
-        self._pipe = _decode_pipeline(
-            files=files,
-            decoder_device=backend.decoder_device,
-            shuffle_seed=seed,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            batch_size=batch_size,
-            num_threads=num_threads,
-            device_id=backend.dali_device_id,
-            prefetch_queue_depth=prefetch,
-            seed=seed,
-            checkpoint=base64.b64decode(position["checkpoint"]) if position and position["checkpoint"] else None,
-        )
-        self._pipe.build()
+        self._options = {"decoder_device": backend.decoder_device, "shuffle_seed": seed, "shard_id": shard_id,
+                         "num_shards": num_shards, "exif": exif, "batch_size": batch_size,
+                         "num_threads": num_threads, "device_id": backend.dali_device_id,
+                         "prefetch_queue_depth": prefetch, "seed": seed}
+        checkpoint = None
         if position:
             self._skip, self.images_decoded = int(position["skip"]), int(position["images_decoded"])
+            checkpoint = base64.b64decode(position["checkpoint"]) if position["checkpoint"] else None
+            for source, reason in position.get("broken", {}).items():
+                self._mark_broken(int(source), reason, quiet=True)
+        self._build(checkpoint)
         self.epoch_size = int(self._pipe.reader_meta("Reader")["epoch_size"])
         self.shard_size = -(-self.epoch_size // num_shards) if num_shards > 1 else self.epoch_size
+
+    def _build(self, checkpoint: bytes | None) -> None:
+        self._pipe = _decode_pipeline(files=self._files, checkpoint=checkpoint, **self._options)
+        self._pipe.build()
 
     def peek(self) -> tuple[int, Any]:
         """The next ``(source index, (H, W, 3) uint8 image)`` without consuming it."""
@@ -119,28 +132,87 @@ class DecodeStage:
         """Where the stream of images stands: restoring it into a new stage (``position=``) makes
         that stage return the same images as this one would from here on."""
         checkpoint = base64.b64encode(self._run_checkpoint).decode() if self._run_checkpoint else None
-        return {"checkpoint": checkpoint, "skip": self._taken_from_run,
-                "images_decoded": self.images_decoded}
+        return {"checkpoint": checkpoint, "skip": self._taken_from_run, "images_decoded": self.images_decoded,
+                "broken": {str(k): v for k, v in self.broken.items()}}
 
     def _run(self) -> None:
         checkpoint = self._pipe.checkpoint()
         try:
             images, labels = self._pipe.run()
-        except RuntimeError as e:  # a corrupt file costs its whole decode batch; DALI keeps working
-            self.failed_runs += 1
-            self._failed_in_a_row += 1
-            self.errors.append(str(e).splitlines()[0] if str(e) else repr(e))
-            log.warning("decode batch failed and was skipped: %s", self.errors[-1])
-            if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
-                msg = f"{self._failed_in_a_row} decode batches failed in a row; last error: {e}"
-                raise DecodeError(msg) from e
+        except RuntimeError as e:
+            self._recover(e, checkpoint)
             return
         self._failed_in_a_row = 0
         self._run_checkpoint, self._taken_from_run = checkpoint, self._skip
         sources = np.asarray(labels.as_tensor()).reshape(-1)
         for i, source in enumerate(sources.tolist()[self._skip:], start=self._skip):
+            if source in self.broken:
+                self.skipped_decodes += 1  # the stand-in's pixels: never served
+                continue
             self._pending.append((source, self._backend.as_array(images[i])))
         self._skip = 0
+
+    def _recover(self, error: RuntimeError, checkpoint: bytes) -> None:
+        """A decode batch failed. If DALI's message names a file (corrupt, unreadable, deleted during
+        the run), swap a stand-in for it and redo the batch from ``checkpoint``: the batch's good
+        images are not lost, and the file is reported once and skipped from then on. Otherwise the
+        batch is lost (counted); ``_MAX_FAILED_RUNS_IN_A_ROW`` such failures in a row end the run."""
+        text = str(error)
+        self.failed_runs += 1
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
+            msg = f"{self._failed_in_a_row} decode batches failed in a row; last error: {text}"
+            raise DecodeError(msg) from error
+        culprit = next((i for i, path in enumerate(self._files) if path in text and i not in self.broken), None)
+        if culprit is not None:  # the reader names the file (missing, unreadable)
+                self._mark_broken(culprit, _cause(error))
+        elif not self._find_undecodable(checkpoint):
+            self.errors.append(text.splitlines()[0] if text else repr(error))
+            log.warning("decode batch failed and was skipped (no file could be blamed): %s", text)
+            self._build(self._read_batch_at(checkpoint)[1])  # a failed pipeline may be dead for good: go on after the batch
+            return
+        self._build(checkpoint)  # the same batch again, stand-ins in the broken files' places
+
+    def _read_batch_at(self, checkpoint: bytes) -> tuple[np.ndarray, bytes]:
+        """Source indices of the batch the reader yields at ``checkpoint`` (read, not decoded), and
+        the reader's checkpoint after it."""
+        reader = _decode_pipeline(files=self._files, checkpoint=checkpoint, decode=False,
+                                  **{**self._options, "prefetch_queue_depth": 1})
+        reader.build()
+        _, labels = reader.run()
+        return np.asarray(labels.as_tensor()).reshape(-1), reader.checkpoint()
+
+    def _find_undecodable(self, checkpoint: bytes) -> bool:
+        """Which files of the failed batch does the decoder reject? (The decoder's error does not
+        name them.) Reads the batch again without decoding, then decodes its files one by one."""
+        labels, _ = self._read_batch_at(checkpoint)
+        found = False
+        for source in labels.tolist():
+            if source in self.broken:
+                continue
+            try:
+                for _ in decode_files([self._files[source]], self._backend, num_threads=1,
+                                      exif=self._options["exif"]):
+                    pass
+            except RuntimeError as e:
+                self._mark_broken(source, f"the decoder rejects it ({_cause(e)})")
+                found = True
+        return found
+
+    def _mark_broken(self, source: int, reason: str, quiet: bool = False) -> None:
+        path = self._files[source]
+        self.broken[source] = reason
+        good = [i for i in range(len(self._files)) if i not in self.broken and self._files[i] != path]
+        if not good:
+            msg = f"every file failed to decode; the last one, {path!r}: {reason}"
+            raise DecodeError(msg)
+        stand_in = self._files[good[0]]
+        for i, current in enumerate(self._files):  # also slots that used ``path`` as their stand-in
+            if current == path:
+                self._files[i] = stand_in
+        if not quiet:
+            self.errors.append(f"{path}: {reason}")
+            log.warning("skipping %s from now on: %s", path, reason)
 
     def close(self) -> None:
         """Drop pending images and the DALI pipeline (frees its buffers and threads)."""
@@ -148,7 +220,8 @@ class DecodeStage:
         self._pipe = None
 
 
-def decode_files(files: Sequence[str], backend: Backend, num_threads: int, batch_size: int = 8) -> Iterator[Any]:
+def decode_files(files: Sequence[str], backend: Backend, num_threads: int, batch_size: int = 8,
+                 exif: bool = True) -> Iterator[Any]:
     """Decode ``files`` once, in order, with the same decoder as :class:`DecodeStage`; yields each
     ``(H, W, 3) uint8`` image (a view valid until the next one is taken). Used to refill a restored
     cache with the images it held."""
@@ -156,7 +229,7 @@ def decode_files(files: Sequence[str], backend: Backend, num_threads: int, batch
         return
     batch_size = min(batch_size, len(files))
     pipe = _decode_pipeline(files=files, decoder_device=backend.decoder_device, shuffle_seed=0, shard_id=0,
-                            num_shards=1, shuffle=False, batch_size=batch_size, num_threads=num_threads,
+                            num_shards=1, shuffle=False, exif=exif, batch_size=batch_size, num_threads=num_threads,
                             device_id=backend.dali_device_id, prefetch_queue_depth=1)
     pipe.build()
     left = len(files)

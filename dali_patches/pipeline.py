@@ -82,7 +82,8 @@ class PatchSampler:
                                     cache_bytes=cache_bytes, cache_images=cache_images, device=device,
                                     seed=seed, **options)
         self.backend = resolve_backend(self.config.device, self.config.device_id)
-        self.catalog = Catalog.scan(source, min_size=self.config.patch_size, progress=progress)
+        self.catalog = Catalog.scan(source, min_size=self.config.patch_size, progress=progress,
+                                    exif=self.config.exif_orientation, pad=self.config.pad)
         self.cache_bytes, max_slots, warmup_estimate = self._plan_cache()
         self._producer = Producer(list(self.catalog.files), self.config, self.backend, self.cache_bytes,
                                   max_slots, warmup_estimate, progress=progress)
@@ -169,7 +170,7 @@ class PatchSampler:
                 "batch_size": cfg.batch_size, "reuse": cfg.reuse, "seed": cfg.seed, "cache_bytes": self.cache_bytes,
                 "device": self.backend.device.value, "shard_id": cfg.shard_id, "num_shards": cfg.num_shards,
                 "decode_batch": cfg.decode_batch or default_decode_batch(self.backend),
-                "allow_repeats": cfg.allow_repeats}
+                "allow_repeats": cfg.allow_repeats, "exif_orientation": cfg.exif_orientation, "pad": cfg.pad}
 
     def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
         """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):

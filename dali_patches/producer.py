@@ -160,11 +160,18 @@ class Producer:
         if self.cache.holds(source):
             self.duplicate_decodes += 1
             return
-        self.cache.insert(image, source)
+        self.cache.insert(self._padded(image), source)
         if self.backend.asynchronous:  # keep DALI's buffer alive until the async copy is done
             self._hold.append(image)
             if len(self._hold) >= _MAX_HELD_IMAGES:
                 self._release_holds()
+
+    def _padded(self, image: Any) -> Any:
+        """``image`` zero-padded at the bottom and right to at least the patch size (``pad=True``)."""
+        (h, w, _), (ph, pw) = image.shape, self.config.patch_size
+        if h >= ph and w >= pw:
+            return image
+        return self.backend.xp.pad(image, ((0, max(0, ph - h)), (0, max(0, pw - w)), (0, 0)))
 
     def _release_holds(self) -> None:
         self.backend.synchronize(self._stream)
@@ -206,7 +213,7 @@ class Producer:
         cfg = self.config
         return DecodeStage(self.files, self.backend, batch_size=cfg.decode_batch or default_decode_batch(self.backend),
                            num_threads=self._threads, seed=cfg.seed, shard_id=cfg.shard_id,
-                           num_shards=cfg.num_shards, position=position)
+                           num_shards=cfg.num_shards, position=position, exif=cfg.exif_orientation)
 
     def _snapshot(self, index: int) -> None:
         """Record the state after batch ``index`` (a few KiB); keep the latest ``_SNAPSHOTS_KEPT``."""
@@ -240,8 +247,8 @@ class Producer:
         resident = [self.files[s] for s in state["cache"]["source"]]
 
         def images() -> Any:
-            for image in decode_files(resident, self.backend, self._threads):
-                yield image
+            for image in decode_files(resident, self.backend, self._threads, exif=self.config.exif_orientation):
+                yield self._padded(image)
                 self.backend.synchronize(self._stream)  # copied before DALI may reuse the buffer
 
         with self.backend.use(self._stream):
@@ -272,5 +279,6 @@ class Producer:
             "patches_per_residence": cache.evicted_served / cache.evicted if cache.evicted else 0.0,
             "distinct_fraction": self.distinct_batches / made if made else 1.0,
             "decode_failed_batches": self.decoder.failed_runs,
+            "broken_files": [(self.files[i], why) for i, why in sorted(self.decoder.broken.items())],
             "decode_errors": list(self.decoder.errors),
         }

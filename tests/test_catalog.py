@@ -48,7 +48,7 @@ def test_empty_folder_and_empty_glob(tmp_path: Path) -> None:
 
 
 def test_too_small_images_are_skipped_and_reported(image_dir: Path) -> None:
-    with pytest.warns(CatalogWarning, match=r"skipped \d+ of 24 files \(\d+ smaller than the patch\)"):
+    with pytest.warns(CatalogWarning, match=r"skipped \d+ of 24 files \(\d+ smaller than the patch; pad=True keeps those\)"):
         cat = Catalog.scan(image_dir, min_size=(128, 128))
     assert len(cat) + len(cat.skipped) == 24
     assert all(h >= 128 and w >= 128 for h, w in zip(cat.heights, cat.widths))
@@ -98,3 +98,28 @@ def test_exif_rotation_swaps_reported_size(tmp_path: Path) -> None:
 def test_screen_file_accepts_other_formats(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "x.bmp")
     assert screen_file(os.fspath(tmp_path / "x.bmp")) is None
+
+
+def test_pad_keeps_small_images_at_their_padded_size(image_dir: Path) -> None:
+    cat = Catalog.scan(image_dir, min_size=(128, 128), pad=True)
+    assert len(cat) == 24 and not cat.skipped and cat.padded == 13
+    assert cat.heights.min() >= 128 and cat.widths.min() >= 128
+
+
+def test_huge_images_are_measured_not_refused(image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow refuses to open images above 2 × MAX_IMAGE_PIXELS (a 20k × 20k scan by default);
+    # the catalog only reads sizes, so such images are kept, and the user's limit is restored.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    cat = Catalog.scan(image_dir)
+    assert len(cat) == 24 and not cat.skipped
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_exif_orientation_swaps_the_size_unless_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    Image.new("RGB", (200, 100)).save(path, exif=exif)  # stored 100 high, 200 wide
+    assert (Catalog.scan(path).heights[0], Catalog.scan(path).widths[0]) == (200, 100)
+    ignored = Catalog.scan(path, exif=False)
+    assert (ignored.heights[0], ignored.widths[0]) == (100, 200)

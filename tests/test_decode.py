@@ -1,3 +1,5 @@
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +31,27 @@ def test_same_seed_same_order_and_pixels_match_reference(backend, image_dir: Pat
         (sa, ia), (sb, _) = a.next(), b.next()
         assert sa == sb
         assert np.array_equal(backend.to_host(ia), reference[files[sa]])
+
+
+def test_files_broken_during_the_run_are_skipped_reported_once_and_lose_nothing(backend, many_images: Path,
+                                                                              tmp_path: Path) -> None:
+    for path in many_images.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    files = list(Catalog.scan(tmp_path).files)
+    stage = DecodeStage(files, backend, batch_size=8, num_threads=2, seed=1)  # 8 divides the 64 files
+    first = [stage.next()[0] for _ in range(10)]
+    deleted, corrupted = files[first[-1]], files[(first[-1] + 1) % len(files)]
+    os.remove(deleted)  # gone while the run goes on: DALI's reader fails on it for good
+    Path(corrupted).write_text("not an image any more " * 40)  # the decoder rejects it
+    later = [stage.next()[0] for _ in range(4 * len(files))]
+    broken = {files.index(deleted), files.index(corrupted)}
+    assert set(stage.broken) == broken
+    assert sorted(e.split(":")[0] for e in stage.errors) == sorted([deleted, corrupted])  # once each
+    assert not broken & set(later[len(files):])  # skipped from the next epoch on at the latest
+    # Nothing else lost: each later reader epoch holds every good file exactly once.
+    while stage._pending or (stage.images_decoded + stage.skipped_decodes) % len(files):
+        stage.next()  # up to an epoch boundary
+    good = sorted(set(range(len(files))) - broken)
+    for _ in range(2):
+        assert sorted(stage.next()[0] for _ in good) == good
+    stage.close()
