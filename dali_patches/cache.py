@@ -30,13 +30,15 @@ class RingCache:
         backend: where the arena lives (CuPy on GPU, NumPy on CPU).
         capacity_bytes: arena size; allocated here, once.
         max_slots: upper bound on resident images (``capacity_bytes // smallest image bytes + 1``).
+        pixel_bytes: bytes per pixel of the images (3 for RGB ``uint8``); the arena holds raw bytes.
 
     Each resident slot records its byte ``offset``, ``height``, ``width``, the ``source`` index of its
     file and how many patches it has ``served``.
     """
 
-    def __init__(self, backend: Backend, capacity_bytes: int, max_slots: int) -> None:
+    def __init__(self, backend: Backend, capacity_bytes: int, max_slots: int, pixel_bytes: int = 3) -> None:
         self.capacity_bytes = int(capacity_bytes)
+        self.pixel_bytes = int(pixel_bytes)
         self.arena = backend.empty(self.capacity_bytes)
         self.max_slots = int(max_slots)
         self.offset = np.zeros(self.max_slots, np.int64)
@@ -80,7 +82,8 @@ class RingCache:
 
     # -- updates -----------------------------------------------------------------------------
     def insert(self, image: Any, source: int) -> int:
-        """Copy an ``(H, W, 3) uint8`` image into the arena, evicting the oldest in its way.
+        """Copy an ``(H, W, C)`` image (``pixel_bytes`` per pixel) into the arena, evicting the oldest
+        in its way.
 
         Returns the ring index of its slot. ``source`` must not be resident (see :meth:`holds`).
         """
@@ -88,7 +91,7 @@ class RingCache:
             msg = f"{source=} is already resident; check cache.holds(source) before inserting"
             raise ValueError(msg)
         h, w = int(image.shape[0]), int(image.shape[1])
-        nbytes = h * w * 3
+        nbytes = h * w * self.pixel_bytes
         if nbytes > self.capacity_bytes:
             msg = (f"image {h}x{w} ({format_bytes(nbytes)}) does not fit in the cache "
                    f"({format_bytes(self.capacity_bytes)}); raise cache_bytes")
@@ -96,7 +99,7 @@ class RingCache:
         self._make_room(nbytes)
         slot = self._next % self.max_slots
         offset = self._head
-        self.arena[offset : offset + nbytes] = image.reshape(-1)
+        self.arena[offset : offset + nbytes] = image.reshape(-1).view(self.arena.dtype)
         self.offset[slot], self.height[slot], self.width[slot] = offset, h, w
         self.source[slot], self.served[slot] = source, 0
         self._slot_of_source[source] = slot
@@ -123,13 +126,13 @@ class RingCache:
             getattr(self, name)[slots] = state[name]
         self._slot_of_source = {int(self.source[s]): int(s) for s in slots}
         for slot, image in zip(slots, images, strict=True):
-            offset, nbytes = int(self.offset[slot]), int(self.height[slot] * self.width[slot] * 3)
-            if image.size != nbytes:
+            offset, nbytes = int(self.offset[slot]), int(self.height[slot] * self.width[slot] * self.pixel_bytes)
+            if image.nbytes != nbytes:
                 msg = (f"file {int(self.source[slot])} decodes to {tuple(image.shape)}, not the "
                        f"{int(self.height[slot])}x{int(self.width[slot])} it had when the state was saved; "
                        "the data set changed since")
                 raise ValueError(msg)
-            self.arena[offset : offset + nbytes] = image.reshape(-1)
+            self.arena[offset : offset + nbytes] = image.reshape(-1).view(self.arena.dtype)
 
     def record_served(self, slots: np.ndarray) -> None:
         """Count one served patch per entry of ``slots`` (repeats allowed)."""
@@ -152,5 +155,5 @@ class RingCache:
         self.evicted += 1
         self.evicted_served += int(self.served[slot])
         del self._slot_of_source[int(self.source[slot])]
-        self._used -= int(self.height[slot] * self.width[slot] * 3)
+        self._used -= int(self.height[slot] * self.width[slot] * self.pixel_bytes)
         self._first += 1

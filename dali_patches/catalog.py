@@ -123,7 +123,8 @@ class Catalog:
         heights, widths: ``(N,) int64`` size in pixels as decoded (EXIF orientation applied unless
             scanned with ``exif=False``) and, with ``pad=True``, raised to ``min_size``: the size an
             image takes in the cache.
-        channels: ``(N,) int64`` channel count stored in the file (decoding always yields RGB).
+        channels: ``(N,) int64`` channel count stored in the file (the decoder converts to the
+            sampler's ``channels``).
         skipped: ``(path, reason)`` of every file left out.
         padded: how many images are smaller than ``min_size`` and will be zero-padded.
     """
@@ -138,10 +139,9 @@ class Catalog:
     def __len__(self) -> int:
         return len(self.files)
 
-    @property
-    def image_bytes(self) -> np.ndarray:
-        """``(N,) int64`` bytes of each image decoded to RGB uint8."""
-        return self.heights * self.widths * 3
+    def image_bytes(self, pixel_bytes: int = 3) -> np.ndarray:
+        """``(N,) int64`` bytes of each image decoded at ``pixel_bytes`` per pixel (3: RGB uint8)."""
+        return self.heights * self.widths * pixel_bytes
 
     @classmethod
     def scan(

@@ -17,6 +17,7 @@ __all__ = ["Device", "SamplerConfig", "default_decode_batch", "distributed_defau
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_DTYPES = {"uint8": 1, "uint16": 2}  # output dtypes → bytes per channel
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
@@ -105,7 +106,7 @@ class SamplerConfig:
 
     Args:
         patch_size: patch height and width in pixels; an int means square. Output patches are
-            ``(batch_size, patch_h, patch_w, 3) uint8``.
+            ``(batch_size, patch_h, patch_w, channels)`` of ``dtype`` (default RGB ``uint8``).
         batch_size: patches per batch. With ``allow_repeats=False`` every batch comes from
             ``batch_size`` *distinct* images, so the cache must hold at least that many.
         reuse: mean number of patches served per decoded image. Throughput is about
@@ -127,6 +128,10 @@ class SamplerConfig:
             but hold about ``3 × decode_batch`` decoded images in DALI's queue on top of the arena.
         num_threads: DALI worker threads of both pipelines; ``None`` uses every core.
         queue_depth: finished batches the producer thread keeps ready for the trainer.
+        channels: 3 (RGB, default) or 1 (grayscale); every file is converted to it by the decoder
+            (CMYK, palette and grayscale sources included; alpha is dropped).
+        dtype: ``"uint8"`` (default; 16-bit files are scaled down) or ``"uint16"`` (16-bit PNG/TIFF
+            keep their precision, 8-bit files are scaled up); the cache holds pixels in this type.
         exif_orientation: apply each JPEG's EXIF orientation when decoding (default, as photo viewers
             do); ``False`` samples the stored pixel grid.
         pad: keep images smaller than the patch, zero-padded at the bottom and right up to it;
@@ -150,6 +155,8 @@ class SamplerConfig:
     decode_batch: int | None = None
     num_threads: int | None = None
     queue_depth: int = 2
+    channels: int = 3
+    dtype: str = "uint8"
     exif_orientation: bool = True
     pad: bool = False
     device_id: int | None = None
@@ -198,6 +205,12 @@ class SamplerConfig:
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         _positive_int("queue_depth", self.queue_depth)
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            msg = f"channels={self.channels!r} must be 3 (RGB) or 1 (grayscale)"
+            raise ValueError(msg)
+        if self.dtype not in _DTYPES:
+            msg = f"dtype={self.dtype!r} must be one of {sorted(_DTYPES)}"
+            raise ValueError(msg)
         for name in ("allow_repeats", "exif_orientation", "pad"):
             if not isinstance(getattr(self, name), bool):
                 msg = f"{name}={getattr(self, name)!r} must be True or False"
@@ -211,6 +224,11 @@ class SamplerConfig:
             raise ValueError(msg)
 
     @property
+    def pixel_bytes(self) -> int:
+        """Bytes of one decoded pixel: ``channels × dtype`` size."""
+        return self.channels * _DTYPES[self.dtype]
+
+    @property
     def patch_bytes(self) -> int:
-        """Bytes of one RGB uint8 patch."""
-        return self.patch_size[0] * self.patch_size[1] * 3
+        """Bytes of one patch."""
+        return self.patch_size[0] * self.patch_size[1] * self.pixel_bytes

@@ -42,7 +42,8 @@ class DecodeError(RuntimeError):
 
 @pipeline_def(enable_conditionals=False, enable_checkpointing=True)
 def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: int, shard_id: int, num_shards: int,
-                     shuffle: bool = True, exif: bool = True, decode: bool = True):
+                     shuffle: bool = True, exif: bool = True, channels: int = 3, dtype: str = "uint8",
+                     decode: bool = True):
     jpegs, labels = fn.readers.file(
         files=list(files),
         labels=list(range(len(files))),
@@ -53,7 +54,8 @@ def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: in
     )
     if not decode:  # the same reader, for finding out which files a batch held; "Decoder" is a no-op
         return fn.cast(jpegs, dtype=types.UINT8, name="Decoder"), labels
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, adjust_orientation=exif,
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB if channels == 3 else types.GRAY,
+                               dtype=types.UINT16 if dtype == "uint16" else types.UINT8, adjust_orientation=exif,
                                name="Decoder")
     return images, labels
 
@@ -69,6 +71,8 @@ class DecodeStage:
         seed: seeds the reader's per-epoch shuffle.
         prefetch: decode batches DALI keeps in flight; each holds ``batch_size`` decoded images.
         position: a :meth:`position` of an earlier stage over the same files and seed: continue there.
+        exif, channels, dtype: apply EXIF orientation; decode to 3 (RGB) or 1 (gray) channels of
+            ``"uint8"`` or ``"uint16"``.
     """
 
     def __init__(
@@ -83,6 +87,8 @@ class DecodeStage:
         prefetch: int = 2,
         position: dict[str, Any] | None = None,
         exif: bool = True,
+        channels: int = 3,
+        dtype: str = "uint8",
     ) -> None:
         self._backend = backend
         self._files = list(files)  # what the reader reads: broken files swapped for a stand-in
@@ -96,8 +102,9 @@ class DecodeStage:
         self.broken: dict[int, str] = {}  # source index → why it cannot be decoded
         self.skipped_decodes = 0  # reads of broken files (their stand-in's decode is discarded)
         self._failed_in_a_row = 0
+        self._output = {"exif": exif, "channels": channels, "dtype": dtype}
         self._options = {"decoder_device": backend.decoder_device, "shuffle_seed": seed, "shard_id": shard_id,
-                         "num_shards": num_shards, "exif": exif, "batch_size": batch_size,
+                         "num_shards": num_shards, **self._output, "batch_size": batch_size,
                          "num_threads": num_threads, "device_id": backend.dali_device_id,
                          "prefetch_queue_depth": prefetch, "seed": seed}
         checkpoint = None
@@ -115,7 +122,7 @@ class DecodeStage:
         self._pipe.build()
 
     def peek(self) -> tuple[int, Any]:
-        """The next ``(source index, (H, W, 3) uint8 image)`` without consuming it."""
+        """The next ``(source index, (H, W, C) image)`` without consuming it."""
         while not self._pending:
             self._run()
         return self._pending[0]
@@ -191,8 +198,7 @@ class DecodeStage:
             if source in self.broken:
                 continue
             try:
-                for _ in decode_files([self._files[source]], self._backend, num_threads=1,
-                                      exif=self._options["exif"]):
+                for _ in decode_files([self._files[source]], self._backend, num_threads=1, **self._output):
                     pass
             except RuntimeError as e:
                 self._mark_broken(source, f"the decoder rejects it ({_cause(e)})")
@@ -221,15 +227,16 @@ class DecodeStage:
 
 
 def decode_files(files: Sequence[str], backend: Backend, num_threads: int, batch_size: int = 8,
-                 exif: bool = True) -> Iterator[Any]:
+                 exif: bool = True, channels: int = 3, dtype: str = "uint8") -> Iterator[Any]:
     """Decode ``files`` once, in order, with the same decoder as :class:`DecodeStage`; yields each
-    ``(H, W, 3) uint8`` image (a view valid until the next one is taken). Used to refill a restored
+    ``(H, W, channels)`` image (a view valid until the next one is taken). Used to refill a restored
     cache with the images it held."""
     if not files:
         return
     batch_size = min(batch_size, len(files))
     pipe = _decode_pipeline(files=files, decoder_device=backend.decoder_device, shuffle_seed=0, shard_id=0,
-                            num_shards=1, shuffle=False, exif=exif, batch_size=batch_size, num_threads=num_threads,
+                            num_shards=1, shuffle=False, exif=exif, channels=channels, dtype=dtype,
+                            batch_size=batch_size, num_threads=num_threads,
                             device_id=backend.dali_device_id, prefetch_queue_depth=1)
     pipe.build()
     left = len(files)

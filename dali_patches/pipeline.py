@@ -95,7 +95,7 @@ class PatchSampler:
     def _plan_cache(self) -> tuple[int, int, int]:
         """Arena bytes, slot-table size and expected warm-up images; fails early if too small."""
         cfg = self.config
-        sizes = np.sort(self.catalog.image_bytes)[::-1]  # largest first
+        sizes = np.sort(self.catalog.image_bytes(cfg.pixel_bytes))[::-1]  # largest first
         largest = int(sizes[0])
         shard_images = len(sizes) // cfg.num_shards
         # A ring holds n images for sure when it fits the n largest, plus one largest image of slack
@@ -141,7 +141,7 @@ class PatchSampler:
         """Bytes this sampler will hold on its device: the arena plus DALI's decode queue
         (``decode_batch × 3`` of the largest images), plus ``queue_depth + 2`` output batches."""
         decode_batch = self.config.decode_batch or default_decode_batch(self.backend)
-        largest = int(self.catalog.image_bytes.max())
+        largest = int(self.catalog.image_bytes(self.config.pixel_bytes).max())
         batches = (self.config.queue_depth + 2) * self.config.batch_size * self.config.patch_bytes
         return self.cache_bytes + 3 * decode_batch * largest + batches
 
@@ -170,7 +170,7 @@ class PatchSampler:
                 "batch_size": cfg.batch_size, "reuse": cfg.reuse, "seed": cfg.seed, "cache_bytes": self.cache_bytes,
                 "device": self.backend.device.value, "shard_id": cfg.shard_id, "num_shards": cfg.num_shards,
                 "decode_batch": cfg.decode_batch or default_decode_batch(self.backend),
-                "allow_repeats": cfg.allow_repeats, "exif_orientation": cfg.exif_orientation, "pad": cfg.pad}
+                "allow_repeats": cfg.allow_repeats, "channels": cfg.channels, "dtype": cfg.dtype, "exif_orientation": cfg.exif_orientation, "pad": cfg.pad}
 
     def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
         """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):
@@ -207,7 +207,7 @@ class PatchSampler:
         return batch.patches, batch.source, batch.anchor
 
     def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int = 1, **kwargs: Any) -> Any:
-        """A built DALI pipeline with outputs ``patches`` (``HWC`` uint8), ``source`` (int64 scalar)
+        """A built DALI pipeline with outputs ``patches`` (``HWC``, the sampler's ``dtype``), ``source`` (int64 scalar)
         and ``anchor`` (``(2,)`` int32) per sample, on this sampler's device, for
         ``DALIGenericIterator(pipe, ["patches", "source", "anchor"], size=-1)`` and friends.
 
@@ -228,7 +228,7 @@ class PatchSampler:
         def sample_pipeline():
             return tuple(fn.external_source(
                 source=feed, num_outputs=3, batch=True, device=self.backend.op_device,
-                dtype=[types.UINT8, types.INT64, types.INT32], layout=["HWC", "", ""], ndim=[3, 0, 1],
+                dtype=[types.UINT16 if self.config.dtype == "uint16" else types.UINT8, types.INT64, types.INT32], layout=["HWC", "", ""], ndim=[3, 0, 1],
             ))
 
         pipe = sample_pipeline()

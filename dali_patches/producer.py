@@ -42,7 +42,7 @@ class PatchBatch:
     """One batch of patches with its provenance.
 
     Attributes:
-        patches: ``(B, P_h, P_w, 3) uint8``; CuPy on GPU, NumPy on CPU.
+        patches: ``(B, P_h, P_w, C)`` (default RGB ``uint8``); CuPy on GPU, NumPy on CPU.
         source: ``(B,) int64`` host array, index of each patch's image in ``sampler.files``.
         anchor: ``(B, 2) int32`` host array, ``(y, x)`` of each patch's top-left pixel in its image.
         index: position of this batch in the stream (0, 1, 2, ...).
@@ -68,8 +68,9 @@ class Producer:
         self.backend = backend
         self.files = files
         self._threads = config.num_threads or os.cpu_count() or 1
+        self._output = {"exif": config.exif_orientation, "channels": config.channels, "dtype": config.dtype}
         self.decoder = self._new_decoder()
-        self.cache = RingCache(backend, cache_bytes, max_slots)
+        self.cache = RingCache(backend, cache_bytes, max_slots, config.pixel_bytes)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id]))
         self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng)
         self.schedule = RefillSchedule(config.batch_size, config.reuse)
@@ -166,6 +167,10 @@ class Producer:
             if len(self._hold) >= _MAX_HELD_IMAGES:
                 self._release_holds()
 
+    def _cached_bytes(self, image: Any) -> int:
+        (h, w, _), (ph, pw) = image.shape, self.config.patch_size
+        return max(h, ph) * max(w, pw) * self.config.pixel_bytes
+
     def _padded(self, image: Any) -> Any:
         """``image`` zero-padded at the bottom and right to at least the patch size (``pad=True``)."""
         (h, w, _), (ph, pw) = image.shape, self.config.patch_size
@@ -184,7 +189,7 @@ class Producer:
                   disable=not self._progress, leave=False) as bar:
             while not self._stop.is_set() and self.decoder.images_decoded < shard:
                 _, image = self.decoder.peek()
-                if self.cache.would_evict(int(np.prod(image.shape))):
+                if self.cache.would_evict(self._cached_bytes(image)):
                     break
                 self._insert_next()
                 bar.update()
@@ -197,9 +202,10 @@ class Producer:
             self._insert_next()
         draw = self.sampler.draw(self.cache)
         self.cache.record_served(draw.slots)
+        cfg = self.config
         starts = row_starts(self.cache.offset[draw.slots], self.cache.width[draw.slots], draw.y, draw.x,
-                            self.config.patch_size[0])
-        patches = gather_patches(self.backend.xp, self.cache.arena, starts, self.config.patch_size)
+                            cfg.patch_size[0], cfg.pixel_bytes)
+        patches = gather_patches(self.backend.xp, self.cache.arena, starts, cfg.patch_size, cfg.channels, cfg.dtype)
         self._release_holds()  # the gather (and the inserts before it) are done: safe to hand over
         anchor = np.stack([draw.y, draw.x], axis=1).astype(np.int32)
         self.distinct_batches += int(len(np.unique(draw.source)) == len(draw.source))
@@ -213,7 +219,7 @@ class Producer:
         cfg = self.config
         return DecodeStage(self.files, self.backend, batch_size=cfg.decode_batch or default_decode_batch(self.backend),
                            num_threads=self._threads, seed=cfg.seed, shard_id=cfg.shard_id,
-                           num_shards=cfg.num_shards, position=position, exif=cfg.exif_orientation)
+                           num_shards=cfg.num_shards, position=position, **self._output)
 
     def _snapshot(self, index: int) -> None:
         """Record the state after batch ``index`` (a few KiB); keep the latest ``_SNAPSHOTS_KEPT``."""
@@ -247,7 +253,7 @@ class Producer:
         resident = [self.files[s] for s in state["cache"]["source"]]
 
         def images() -> Any:
-            for image in decode_files(resident, self.backend, self._threads, exif=self.config.exif_orientation):
+            for image in decode_files(resident, self.backend, self._threads, **self._output):
                 yield self._padded(image)
                 self.backend.synchronize(self._stream)  # copied before DALI may reuse the buffer
 

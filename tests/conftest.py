@@ -79,7 +79,8 @@ def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def reference_decode(paths: list[str], device: str, exif: bool = True) -> dict[str, np.ndarray]:
+def reference_decode(paths: list[str], device: str, exif: bool = True, channels: int = 3,
+                     dtype: str = "uint8") -> dict[str, np.ndarray]:
     """Full decode of each file by the same DALI decoder the sampler uses (host arrays)."""
     from nvidia.dali import fn, pipeline_def, types
 
@@ -88,7 +89,9 @@ def reference_decode(paths: list[str], device: str, exif: bool = True) -> dict[s
     @pipeline_def(batch_size=1, num_threads=1, device_id=backend.dali_device_id, prefetch_queue_depth=1)
     def full():
         jpegs, _ = fn.readers.file(files=list(paths))
-        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB, adjust_orientation=exif)
+        return fn.decoders.image(jpegs, device=backend.decoder_device, adjust_orientation=exif,
+                                 output_type=types.RGB if channels == 3 else types.GRAY,
+                                 dtype=types.UINT16 if dtype == "uint16" else types.UINT8)
 
     pipe = full()
     pipe.build()

@@ -18,7 +18,8 @@ def test_folder_is_searched_recursively_and_sizes_are_read(image_dir: Path) -> N
         with Image.open(path) as im:
             assert (w, h) == im.size
     assert set(cat.channels.tolist()) == {1, 3, 4}
-    assert np.array_equal(cat.image_bytes, cat.heights * cat.widths * 3)
+    assert np.array_equal(cat.image_bytes(), cat.heights * cat.widths * 3)
+    assert np.array_equal(cat.image_bytes(2), cat.heights * cat.widths * 2)
     assert cat.skipped == ()
 
 

@@ -74,3 +74,12 @@ def test_single_process_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (config.shard_id, config.num_shards, config.device_id) == (0, 1, 0)
     with pytest.raises(ValueError, match="give both shard_id and num_shards"):
         SamplerConfig(patch_size=8, batch_size=4, reuse=2, cache_bytes=10**6, shard_id=1)
+
+
+@pytest.mark.parametrize(("options", "message"), [({"channels": 4}, "channels=4 must be 3"),
+                                                  ({"dtype": "float32"}, "dtype='float32' must be one of")])
+def test_output_format_is_validated(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplerConfig(patch_size=8, batch_size=4, reuse=2, cache_bytes=10**6, **options)
+    assert SamplerConfig(patch_size=8, batch_size=4, reuse=2, cache_bytes=10**6, channels=1,
+                         dtype="uint16").patch_bytes == 8 * 8 * 2

@@ -1,5 +1,6 @@
 """Odd but valid input end to end: CMYK JPEG, 16-bit / palette / RGBA / grayscale PNG, EXIF-rotated
-photos and images smaller than the patch all come out as exact RGB uint8 patches."""
+photos and images smaller than the patch all come out as exact patches of the requested channels
+(RGB or gray) and dtype (uint8 or uint16)."""
 
 from pathlib import Path
 
@@ -34,19 +35,21 @@ def odd_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("exif", [True, False])
-def test_odd_formats_give_exact_rgb_patches(device: str, odd_images: Path, exif: bool) -> None:
+@pytest.mark.parametrize(("exif", "channels", "dtype"), [(True, 3, "uint8"), (False, 3, "uint8"),
+                                                         (True, 1, "uint8"), (True, 3, "uint16")])
+def test_odd_formats_give_exact_patches(device: str, odd_images: Path, exif: bool, channels: int, dtype: str) -> None:
     with PatchSampler(odd_images, patch_size=P, batch_size=4, reuse=3, cache_images=7, device=device, pad=True,
-                      exif_orientation=exif) as sampler:
+                      exif_orientation=exif, channels=channels, dtype=dtype) as sampler:
         assert len(sampler.files) == 7 and sampler.catalog.padded == 1
-        reference = reference_decode(list(sampler.files), device, exif=exif)
+        reference = reference_decode(list(sampler.files), device, exif=exif, channels=channels, dtype=dtype)
         seen = set()
         for _ in range(40):
             batch = next(sampler)
             patches = sampler.backend.to_host(batch.patches)
+            assert patches.shape == (4, P, P, channels) and patches.dtype == np.dtype(dtype)
             for patch, src, (y, x) in zip(patches, batch.source, batch.anchor, strict=True):
                 full = reference[sampler.files[src]]
-                padded = np.zeros((max(P, full.shape[0]), max(P, full.shape[1]), 3), np.uint8)
+                padded = np.zeros((max(P, full.shape[0]), max(P, full.shape[1]), channels), full.dtype)
                 padded[: full.shape[0], : full.shape[1]] = full
                 assert np.array_equal(patch, padded[y: y + P, x: x + P]), (sampler.files[src], y, x)
                 seen.add(Path(sampler.files[src]).name)
