@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -108,6 +109,21 @@ def timed(step: Callable[[], Any], seconds: float, warmup_steps: int = 3,
         timing.steps.append(t1 - t0)
         timing.total_s = t1 - start
     return timing
+
+
+@contextmanager
+def image_source(args: Any):
+    """The folder to benchmark: ``args.source``, or ``args.count`` synthetic JPEGs of about
+    ``args.size`` (``"HxW"``) written to a temporary folder that is removed afterwards."""
+    if args.source is not None:
+        yield args.source
+        return
+    from dali_patches.synth import write_synthetic_images
+
+    h, w = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synthetic_images(tmp, args.count, (h, w), seed=0, progress=True)
+        yield tmp
 
 
 def versions() -> dict[str, str]:

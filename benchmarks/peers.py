@@ -30,7 +30,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,12 +37,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss, timed, versions, write_json
+from common import image_source, peak_rss, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
 from dali_patches.backend import resolve_backend
 from dali_patches.config import default_decode_batch
-from dali_patches.synth import write_synthetic_images
 
 WARM = "warm"  # dali_patches@warm: reuse so high that the cache is never refilled
 _WARM_REUSE = 1e12
@@ -382,12 +380,7 @@ def main(argv: list[str] | None = None, **defaults: Any) -> int:
         except Skip as e:
             print(f"SKIP {json.dumps(str(e))}")
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        source = args.source
-        if source is None:
-            h, w = (int(v) for v in args.size.split("x"))
-            source = tmp
-            write_synthetic_images(tmp, args.count, (h, w), seed=0, progress=True)
+    with image_source(args) as source:
         catalog = Catalog.scan(source, min_size=(args.patch, args.patch))
         mp = float(np.mean(catalog.heights * catalog.widths)) / 1e6
         title = (f"{len(catalog.files)} images, mean {mp:.2f} MP, device {args.device}, "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_mb, versions, write_json
+from common import current_rss_mb, image_source, versions, write_json
 
 from dali_patches import PatchSampler
-from dali_patches.synth import write_synthetic_images
 
 
 def _gpu_used_mb(sampler: PatchSampler) -> float | None:
@@ -102,12 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     p.add_argument("--plot")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        source = args.source
-        if source is None:
-            h, w = (int(v) for v in args.size.split("x"))
-            source = tmp
-            write_synthetic_images(tmp, args.count, (h, w), seed=0, progress=True)
+    with image_source(args) as source:
         result = soak(source, args)
     title = f"soak: {args.patches:,} patches, reuse {args.reuse:g}, batch {args.batch}, {args.device}"
     print(f"{title}: {result['seconds']:.0f} s, {result['patches_per_s']:,.0f} patches/s, "

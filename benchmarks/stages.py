@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed, versions, write_json
+from common import image_source, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
 from dali_patches.backend import resolve_backend
 from dali_patches.decode import DecodeStage
 from dali_patches.gather import gather_patches, row_starts
-from dali_patches.synth import write_synthetic_images
 
 
 def _rate(timing: Any, per_step: int) -> float:
@@ -101,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1536x2048")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        source = args.source
-        if source is None:
-            h, w = (int(v) for v in args.size.split("x"))
-            source = tmp
-            write_synthetic_images(tmp, args.count, (h, w), progress=True)
+    with image_source(args) as source:
         files = list(Catalog.scan(source, min_size=(args.patch, args.patch)).files)
         results: dict[str, Any] = {}
         for b in args.decode_batch:
