@@ -124,3 +124,19 @@ def test_exif_orientation_swaps_the_size_unless_ignored(tmp_path: Path) -> None:
     assert (Catalog.scan(path).heights[0], Catalog.scan(path).widths[0]) == (200, 100)
     ignored = Catalog.scan(path, exif=False)
     assert (ignored.heights[0], ignored.widths[0]) == (100, 200)
+
+
+def test_unreadable_files_are_listed_with_the_fix(image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests run as root here, where chmod cannot deny reading: simulate what Pillow raises.
+    real_open = Image.open
+
+    def open_or_deny(path, *args, **kwargs):
+        if str(path).endswith("base_1.jpg"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_or_deny)
+    with pytest.warns(CatalogWarning, match="skipped 1 of 24"):
+        cat = Catalog.scan(image_dir)
+    (path, reason), = cat.skipped
+    assert path.endswith("base_1.jpg") and reason == "not readable (Permission denied); fix its permissions"

@@ -141,6 +141,9 @@ def test_bad_parameters_fail_before_any_work(image_dir: Path) -> None:
         PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_size="64MiB")
     with pytest.raises(ValueError, match="exceeds every image"):
         PatchSampler(image_dir, patch_size=4096, batch_size=8, reuse=2, cache_bytes="64MiB", device="cpu")
+    with pytest.raises(ValueError, match=r"cannot hold even the largest image .*raise cache_bytes to at least"):
+        PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="100KiB", device="cpu",
+                     allow_repeats=True)
     with pytest.raises(ValueError, match="exceeds the free cpu memory"):
         PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="64TiB", device="cpu")
 
