@@ -60,7 +60,7 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
         backend = sampler.backend
         sync = backend.xp.cuda.runtime.deviceSynchronize if backend.is_gpu else (lambda: None)
         next(sampler)  # warm: the producer now idles on a full queue (no refill at this reuse)
-        producer = sampler._producer
+        producer = sampler._producer  # a benchmark may look inside
         cache, draw, stream = producer.cache, producer.sampler.draw, backend.new_stream()
 
         def gather_once() -> None:

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def _import_cupy() -> types.ModuleType | None:
     try:
-        import cupy
+        import cupy  # optional: GPU mode only
     except ImportError:
         return None
     return cupy

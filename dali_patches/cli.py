@@ -44,7 +44,7 @@ def _consumer(sampler: Any, via: str) -> Any:
     if via == "dali":
         pipe = sampler.pipeline()
         return pipe.run
-    from .torch import PatchIterator
+    from .torch import PatchIterator  # needs torch: imported only for --via torch
 
     iterator = iter(PatchIterator(sampler))
     return lambda: next(iterator)
@@ -53,7 +53,7 @@ def _consumer(sampler: Any, via: str) -> Any:
 def run_bench(source: Any, patch: int, batch: int, reuse: float, cache: str | int, device: str = "auto",
               seconds: float = 30.0, via: str = "dali", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Stream patches for ``seconds`` after the cache is warm; return throughput and quality metrics."""
-    from .pipeline import PatchSampler
+    from .pipeline import PatchSampler  # imported here: keeps `--help` fast
 
     t0 = time.perf_counter()
     with PatchSampler(source, patch_size=patch, batch_size=batch, reuse=reuse, cache_bytes=cache,

@@ -21,10 +21,11 @@ from nvidia.dali import fn, pipeline_def, types
 
 from .backend import Backend
 
-__all__ = ["DecodeError", "DecodeStage"]
+__all__ = ["DALI_DTYPES", "DecodeError", "DecodeStage", "decode_files"]
 
 log = logging.getLogger(__name__)
 
+DALI_DTYPES = {"uint8": types.UINT8, "uint16": types.UINT16}  # the sampler's dtype names → DALI types
 _MAX_FAILED_RUNS_IN_A_ROW = 8  # a reader that fails this often is broken, not unlucky
 
 
@@ -55,7 +56,7 @@ def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: in
     if not decode:  # the same reader, for finding out which files a batch held; "Decoder" is a no-op
         return fn.cast(jpegs, dtype=types.UINT8, name="Decoder"), labels
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB if channels == 3 else types.GRAY,
-                               dtype=types.UINT16 if dtype == "uint16" else types.UINT8, adjust_orientation=exif,
+                               dtype=DALI_DTYPES[dtype], adjust_orientation=exif,
                                name="Decoder")
     return images, labels
 
@@ -93,7 +94,7 @@ class DecodeStage:
         self._backend = backend
         self._files = list(files)  # what the reader reads: broken files swapped for a stand-in
         self._pending: deque[tuple[int, Any]] = deque()
-        self._run_checkpoint: bytes | None = None  # reader state before the run that filled _pending
+        self._run_checkpoint: str | None = None  # reader state before the run that filled _pending (base64)
         self._taken_from_run = 0
         self._skip = 0
         self.images_decoded = 0
@@ -138,8 +139,7 @@ class DecodeStage:
     def position(self) -> dict[str, Any]:
         """Where the stream of images stands: restoring it into a new stage (``position=``) makes
         that stage return the same images as this one would from here on."""
-        checkpoint = base64.b64encode(self._run_checkpoint).decode() if self._run_checkpoint else None
-        return {"checkpoint": checkpoint, "skip": self._taken_from_run, "images_decoded": self.images_decoded,
+        return {"checkpoint": self._run_checkpoint, "skip": self._taken_from_run, "images_decoded": self.images_decoded,
                 "broken": {str(k): v for k, v in self.broken.items()}}
 
     def _run(self) -> None:
@@ -150,7 +150,8 @@ class DecodeStage:
             self._recover(e, checkpoint)
             return
         self._failed_in_a_row = 0
-        self._run_checkpoint, self._taken_from_run = checkpoint, self._skip
+        self._run_checkpoint = base64.b64encode(checkpoint).decode()  # once per decode batch, JSON-able
+        self._taken_from_run = self._skip
         sources = np.asarray(labels.as_tensor()).reshape(-1)
         for i, source in enumerate(sources.tolist()[self._skip:], start=self._skip):
             if source in self.broken:
@@ -170,13 +171,14 @@ class DecodeStage:
         if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
             msg = f"{self._failed_in_a_row} decode batches failed in a row; last error: {text}"
             raise DecodeError(msg) from error
-        culprit = next((i for i, path in enumerate(self._files) if path in text and i not in self.broken), None)
-        if culprit is not None:  # the reader names the file (missing, unreadable)
-                self._mark_broken(culprit, _cause(error))
+        named = [i for i, path in enumerate(self._files) if path in text and i not in self.broken]
+        if named:  # the reader names the file (missing, unreadable); the longest match is the full path
+            self._mark_broken(max(named, key=lambda i: len(self._files[i])), _cause(error))
         elif not self._find_undecodable(checkpoint):
             self.errors.append(text.splitlines()[0] if text else repr(error))
             log.warning("decode batch failed and was skipped (no file could be blamed): %s", text)
-            self._build(self._read_batch_at(checkpoint)[1])  # a failed pipeline may be dead for good: go on after the batch
+            # A failed pipeline may be dead for good: rebuild it just past the lost batch.
+            self._build(self._read_batch_at(checkpoint)[1])
             return
         self._build(checkpoint)  # the same batch again, stand-ins in the broken files' places
 

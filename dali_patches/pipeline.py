@@ -21,6 +21,7 @@ from nvidia.dali import fn, pipeline_def, types
 from .backend import resolve_backend
 from .catalog import Catalog
 from .config import Device, SamplerConfig, default_decode_batch, format_bytes
+from .decode import DALI_DTYPES
 from .producer import PatchBatch, Producer
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
@@ -161,7 +162,6 @@ class PatchSampler:
         return {**self._producer.stats(), "files": len(self.files), "skipped_files": len(self.catalog.skipped),
                 "device": self.backend.device.value}
 
-    # -- DALI --------------------------------------------------------------------------------
     # -- resumable state ---------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
         cfg = self.config
@@ -170,7 +170,8 @@ class PatchSampler:
                 "batch_size": cfg.batch_size, "reuse": cfg.reuse, "seed": cfg.seed, "cache_bytes": self.cache_bytes,
                 "device": self.backend.device.value, "shard_id": cfg.shard_id, "num_shards": cfg.num_shards,
                 "decode_batch": cfg.decode_batch or default_decode_batch(self.backend),
-                "allow_repeats": cfg.allow_repeats, "channels": cfg.channels, "dtype": cfg.dtype, "exif_orientation": cfg.exif_orientation, "pad": cfg.pad}
+                "allow_repeats": cfg.allow_repeats, "channels": cfg.channels, "dtype": cfg.dtype,
+                "exif_orientation": cfg.exif_orientation, "pad": cfg.pad}
 
     def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
         """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):
@@ -190,7 +191,8 @@ class PatchSampler:
         """Continue from :meth:`state_dict` of a sampler over the same files with the same settings.
         Call before the first batch; re-decodes the images the cache held (a warm-up's worth)."""
         if state.get("format") != _STATE_FORMAT:
-            msg = f"state format {state.get('format')!r} is not {_STATE_FORMAT}; was it made by PatchSampler.state_dict()?"
+            msg = (f"state format {state.get('format')!r} is not {_STATE_FORMAT}; "
+                   "was it made by PatchSampler.state_dict()?")
             raise ValueError(msg)
         mine = self._fingerprint()
         diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
@@ -207,8 +209,8 @@ class PatchSampler:
         return batch.patches, batch.source, batch.anchor
 
     def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int = 1, **kwargs: Any) -> Any:
-        """A built DALI pipeline with outputs ``patches`` (``HWC``, the sampler's ``dtype``), ``source`` (int64 scalar)
-        and ``anchor`` (``(2,)`` int32) per sample, on this sampler's device, for
+        """A built DALI pipeline with outputs ``patches`` (``HWC``, the sampler's ``dtype``), ``source``
+        (int64 scalar) and ``anchor`` (``(2,)`` int32) per sample, on this sampler's device, for
         ``DALIGenericIterator(pipe, ["patches", "source", "anchor"], size=-1)`` and friends.
 
         Its ``external_source`` only takes finished batches from the producer thread. Every pipeline
@@ -225,10 +227,11 @@ class PatchSampler:
         @pipeline_def(batch_size=self.config.batch_size, num_threads=num_threads,
                       device_id=self.backend.dali_device_id, prefetch_queue_depth=prefetch_queue_depth,
                       seed=self.config.seed, **kwargs)
-        def sample_pipeline():
+        def sample_pipeline():  # a DALI graph
             return tuple(fn.external_source(
                 source=feed, num_outputs=3, batch=True, device=self.backend.op_device,
-                dtype=[types.UINT16 if self.config.dtype == "uint16" else types.UINT8, types.INT64, types.INT32], layout=["HWC", "", ""], ndim=[3, 0, 1],
+                dtype=[DALI_DTYPES[self.config.dtype], types.INT64, types.INT32], layout=["HWC", "", ""],
+                ndim=[3, 0, 1],
             ))
 
         pipe = sample_pipeline()

@@ -37,6 +37,13 @@ _SNAPSHOTS_KEPT = 64  # states of the latest batches, for state_dict() behind a 
 _PROGRESS_MIN_IMAGES = 500  # with progress=None, a warm-up this long gets a progress bar
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy arrays turned into lists, recursively (JSON- and ``torch.save``-able)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
 @dataclass(frozen=True)
 class PatchBatch:
     """One batch of patches with its provenance.
@@ -140,7 +147,7 @@ class Producer:
                     self._warm_up()
                 while not self._stop.is_set():
                     self._put(self._make_batch())
-        except BaseException as e:
+        except BaseException as e:  # handed to the consumer, which re-raises it
             if not self._stop.is_set():
                 log.exception("producer failed")
                 self._put(_Failure(e))
@@ -232,11 +239,11 @@ class Producer:
         self._snapshots.pop(index - _SNAPSHOTS_KEPT, None)
 
     def state_after(self, index: int) -> dict[str, Any] | None:
-        """The state after batch ``index``; ``None`` before the first batch."""
+        """The state after batch ``index`` as plain Python values; ``None`` before the first batch."""
         if index < 0:
             return None
         try:
-            return self._snapshots[index]
+            return _plain(self._snapshots[index])
         except KeyError:
             msg = (f"the state after batch {index} is no longer kept (the latest {_SNAPSHOTS_KEPT} are); "
                    "take state_dict() closer to the batches you consumed")

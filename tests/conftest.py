@@ -84,6 +84,8 @@ def reference_decode(paths: list[str], device: str, exif: bool = True, channels:
     """Full decode of each file by the same DALI decoder the sampler uses (host arrays)."""
     from nvidia.dali import fn, pipeline_def, types
 
+    from dali_patches.decode import DALI_DTYPES
+
     backend = resolve_backend(device)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=backend.dali_device_id, prefetch_queue_depth=1)
@@ -91,7 +93,7 @@ def reference_decode(paths: list[str], device: str, exif: bool = True, channels:
         jpegs, _ = fn.readers.file(files=list(paths))
         return fn.decoders.image(jpegs, device=backend.decoder_device, adjust_orientation=exif,
                                  output_type=types.RGB if channels == 3 else types.GRAY,
-                                 dtype=types.UINT16 if dtype == "uint16" else types.UINT8)
+                                 dtype=DALI_DTYPES[dtype])
 
     pipe = full()
     pipe.build()
