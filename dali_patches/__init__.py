@@ -6,13 +6,20 @@ patches on average, so throughput is ``reuse × decode rate`` while batches stay
 
 from .catalog import Catalog, CatalogWarning
 from .config import Device, SamplerConfig, format_bytes, parse_bytes
+from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, Layout
 from .pipeline import OUTPUT_NAMES, PatchSampler
 from .producer import PatchBatch
 
 __all__ = [
+    "AnchorMode",
+    "Augment",
     "Catalog",
     "CatalogWarning",
+    "Companion",
+    "CompanionKind",
     "Device",
+    "ImageChoice",
+    "Layout",
     "OUTPUT_NAMES",
     "PatchBatch",
     "PatchSampler",

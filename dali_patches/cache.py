@@ -10,7 +10,8 @@ resident image is a distinct image: ``resident ≥ batch_size`` is all that dist
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -24,21 +25,25 @@ _SLOT_FIELDS = ("offset", "height", "width", "source", "served")
 
 
 class RingCache:
-    """A byte ring of decoded RGB images plus their slot table.
+    """A byte ring of decoded images (each with its companions) plus their slot table.
 
     Args:
         backend: where the arena lives (CuPy on GPU, NumPy on CPU).
         capacity_bytes: arena size; allocated here, once.
         max_slots: upper bound on resident images (``capacity_bytes // smallest image bytes + 1``).
         pixel_bytes: bytes per pixel of the images (3 for RGB ``uint8``); the arena holds raw bytes.
+        parts: ``(scale, pixel_bytes)`` of the main image and of each companion, stored back to back
+            in one slot (so a companion is evicted with its image); default: the main image only.
 
-    Each resident slot records its byte ``offset``, ``height``, ``width``, the ``source`` index of its
-    file and how many patches it has ``served``.
+    Each resident slot records its byte ``offset``, the main image's ``height`` and ``width``, the
+    ``source`` index of its file and how many patches it has ``served``.
     """
 
-    def __init__(self, backend: Backend, capacity_bytes: int, max_slots: int, pixel_bytes: int = 3) -> None:
+    def __init__(self, backend: Backend, capacity_bytes: int, max_slots: int, pixel_bytes: int = 3,
+                 parts: Sequence[tuple[Fraction | int, int]] | None = None) -> None:
         self.capacity_bytes = int(capacity_bytes)
-        self.pixel_bytes = int(pixel_bytes)
+        self.parts = [(Fraction(s), int(b)) for s, b in (parts or [(1, pixel_bytes)])]
+        self.pixel_bytes = self.parts[0][1]
         self.arena = backend.empty(self.capacity_bytes)
         self.max_slots = int(max_slots)
         self.offset = np.zeros(self.max_slots, np.int64)
@@ -67,6 +72,19 @@ class RingCache:
         """Ring indices of resident slots, oldest first."""
         return np.arange(self._first, self._next) % self.max_slots
 
+    def part_bytes(self, h: Any, w: Any) -> list[Any]:
+        """Bytes of each part of an image whose main part is ``h × w`` (ints or arrays)."""
+        return [(h * s.numerator // s.denominator) * (w * s.numerator // s.denominator) * b for s, b in self.parts]
+
+    def part_layout(self, slots: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(byte offsets, widths in pixels)`` of every part of the images in ``slots``."""
+        offset, h, w = self.offset[slots], self.height[slots], self.width[slots]
+        out = []
+        for (scale, _), nbytes in zip(self.parts, self.part_bytes(h, w)):
+            out.append((offset, w * scale.numerator // scale.denominator))
+            offset = offset + nbytes
+        return out
+
     def holds(self, source: int) -> bool:
         """Whether an image of ``source`` is resident."""
         return source in self._slot_of_source
@@ -81,25 +99,33 @@ class RingCache:
         return self._head <= oldest < self._head + nbytes
 
     # -- updates -----------------------------------------------------------------------------
-    def insert(self, image: Any, source: int) -> int:
-        """Copy an ``(H, W, C)`` image (``pixel_bytes`` per pixel) into the arena, evicting the oldest
-        in its way.
+    def insert(self, images: Any, source: int) -> int:
+        """Copy an ``(H, W, C)`` image, or a list of it and its companions (in ``parts`` order), into
+        the arena, evicting the oldest in its way.
 
         Returns the ring index of its slot. ``source`` must not be resident (see :meth:`holds`).
         """
         if source in self._slot_of_source:
             msg = f"{source=} is already resident; check cache.holds(source) before inserting"
             raise ValueError(msg)
-        h, w = int(image.shape[0]), int(image.shape[1])
-        nbytes = h * w * self.pixel_bytes
+        images = images if isinstance(images, (list, tuple)) else [images]
+        h, w = int(images[0].shape[0]), int(images[0].shape[1])
+        sizes = self.part_bytes(h, w)
+        bad = [i for i, (image, n) in enumerate(zip(images, sizes)) if image.nbytes != n]
+        if bad or len(images) != len(sizes):
+            shapes = [tuple(image.shape) for image in images]
+            msg = (f"file {source}: decoded parts {shapes} do not fit the layout {self.parts} for a {h}x{w} image; "
+                   "a companion decodes to another size than its header says (EXIF orientation?)")
+            raise ValueError(msg)
+        nbytes = sum(sizes)
         if nbytes > self.capacity_bytes:
-            msg = (f"image {h}x{w} ({format_bytes(nbytes)}) does not fit in the cache "
+            msg = (f"image {h}x{w} ({format_bytes(nbytes)} with companions) does not fit in the cache "
                    f"({format_bytes(self.capacity_bytes)}); raise cache_bytes")
             raise ValueError(msg)
         self._make_room(nbytes)
         slot = self._next % self.max_slots
         offset = self._head
-        self.arena[offset : offset + nbytes] = image.reshape(-1).view(self.arena.dtype)
+        self._write(offset, images)
         self.offset[slot], self.height[slot], self.width[slot] = offset, h, w
         self.source[slot], self.served[slot] = source, 0
         self._slot_of_source[source] = slot
@@ -126,14 +152,20 @@ class RingCache:
         for name in _SLOT_FIELDS:
             getattr(self, name)[slots] = state[name]
         self._slot_of_source = {int(self.source[s]): int(s) for s in slots}
-        for slot, image in zip(slots, images, strict=True):
-            offset, nbytes = int(self.offset[slot]), int(self.height[slot] * self.width[slot] * self.pixel_bytes)
-            if image.nbytes != nbytes:
-                msg = (f"file {int(self.source[slot])} decodes to {tuple(image.shape)}, not the "
+        for slot, parts in zip(slots, images, strict=True):
+            parts = parts if isinstance(parts, (list, tuple)) else [parts]
+            expected = self.part_bytes(int(self.height[slot]), int(self.width[slot]))
+            if [p.nbytes for p in parts] != expected:
+                msg = (f"file {int(self.source[slot])} decodes to {[tuple(p.shape) for p in parts]}, not the "
                        f"{int(self.height[slot])}x{int(self.width[slot])} it had when the state was saved; "
                        "the data set changed since")
                 raise ValueError(msg)
-            self.arena[offset : offset + nbytes] = image.reshape(-1).view(self.arena.dtype)
+            self._write(int(self.offset[slot]), parts)
+
+    def _write(self, offset: int, parts: Sequence[Any]) -> None:
+        for part in parts:
+            self.arena[offset : offset + part.nbytes] = part.reshape(-1).view(self.arena.dtype)
+            offset += part.nbytes
 
     def record_served(self, slots: np.ndarray) -> None:
         """Count one served patch per entry of ``slots`` (repeats allowed)."""
@@ -156,5 +188,5 @@ class RingCache:
         self.evicted += 1
         self.evicted_served += int(self.served[slot])
         del self._slot_of_source[int(self.source[slot])]
-        self._used -= int(self.height[slot] * self.width[slot] * self.pixel_bytes)
+        self._used -= sum(self.part_bytes(int(self.height[slot]), int(self.width[slot])))
         self._first += 1

@@ -7,24 +7,26 @@ smaller than the patch are screened out here and reported, before any training s
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .options import Companion, CompanionKind
+from .sources import IMAGE_SUFFIXES, pair_sources
+
 __all__ = ["IMAGE_SUFFIXES", "Catalog", "CatalogWarning", "screen_file"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap height and width (DALI applies them)
 _PROGRESS_MIN_FILES = 2000  # below this a header scan takes well under a second: no bar
@@ -59,59 +61,39 @@ def screen_file(path: str) -> str | None:
     return None
 
 
-def _decoded_shape(path: str, exif: bool = True) -> tuple[int, int, int] | str:
-    """``(height, width, source channels)`` as DALI will decode it (EXIF orientation applied when
-    ``exif``), or the reason it is unusable."""
+def _decoded_shape(path: str, exif: bool = True) -> tuple[int, int, int, str] | str:
+    """``(height, width, source channels, Pillow mode)`` as DALI will decode it (EXIF orientation
+    applied when ``exif``), or the reason it is unusable."""
     reason = screen_file(path)
     if reason is not None:
         return reason
     try:
         with Image.open(path) as im:
             w, h = im.size
-            channels = len(im.getbands())
+            channels, mode = len(im.getbands()), im.mode
             if exif and im.format in ("JPEG", "TIFF", "WEBP") and im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
                 h, w = w, h
     except PermissionError as e:
         return f"not readable ({e.strerror}); fix its permissions"
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad headers
         return f"cannot read image header: {e}"
-    return h, w, channels
+    return h, w, channels, mode
 
 
-def _expand(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Folder (recursive), glob pattern or explicit list → sorted list of candidate paths."""
-    if isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if os.path.isdir(text):
-            found = [
-                os.path.join(root, name)
-                for root, _, names in os.walk(text, followlinks=True)
-                for name in names
-                if name.lower().endswith(IMAGE_SUFFIXES)
-            ]
-            if not found:
-                msg = f"no images in folder {text!r} (searched recursively for {', '.join(IMAGE_SUFFIXES)})"
-                raise ValueError(msg)
-            return sorted(found)
-        if glob.has_magic(text):
-            found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
-            if not found:
-                msg = f"glob {text!r} matched no files; check the pattern (use '**' with recursive folders)"
-                raise ValueError(msg)
-            return found
-        if os.path.isfile(text):
-            return [text]
-        msg = f"{text!r} does not exist; pass an existing folder, a glob such as 'data/**/*.jpg', or a list of files"
-        raise FileNotFoundError(msg)
-    paths = [os.fspath(p) for p in source]
-    if not paths:
-        msg = "the file list is empty; pass at least one image path"
-        raise ValueError(msg)
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        msg = f"{len(missing)} listed file(s) do not exist, e.g. {missing[:3]}; fix the list or remove them"
-        raise FileNotFoundError(msg)
-    return paths
+def _companion_problem(part: Companion, shape: tuple[int, int, int, str] | str, main: tuple[int, int]) -> str | None:
+    """Why a companion file cannot go with an image of decoded size ``main``, or ``None``."""
+    if isinstance(shape, str):
+        return shape
+    h, w, _, mode = shape
+    want = (main[0] * part.scale, main[1] * part.scale)
+    if (h, w) != want:
+        exact = "" if all(v.denominator == 1 for v in want) else f" (the image's size is not divisible by {part.scale.denominator})"
+        return (f"{part.name!r} is {h}x{w} but must be {part.scale}× its image's {main[0]}x{main[1]}"
+                f" = {float(want[0]):g}x{float(want[1]):g}{exact}")
+    if part.kind is CompanionKind.MASK and mode == "P":
+        return (f"{part.name!r} is a palette PNG: the decoder would turn its colour indices into grey levels; "
+                "save the label values as a single-channel ('L') PNG")
+    return None
 
 
 @dataclass(frozen=True)
@@ -125,8 +107,9 @@ class Catalog:
             image takes in the cache.
         channels: ``(N,) int64`` channel count stored in the file (the decoder converts to the
             sampler's ``channels``).
-        skipped: ``(path, reason)`` of every file left out.
+        skipped: ``(path, reason)`` of every file left out, companions and unpaired files included.
         padded: how many images are smaller than ``min_size`` and will be zero-padded.
+        companions: companion name → ``(N,)`` paths aligned with ``files``.
     """
 
     files: tuple[str, ...]
@@ -135,6 +118,7 @@ class Catalog:
     channels: np.ndarray
     skipped: tuple[tuple[str, str], ...]
     padded: int = 0
+    companions: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -143,52 +127,76 @@ class Catalog:
         """``(N,) int64`` bytes of each image decoded at ``pixel_bytes`` per pixel (3: RGB uint8)."""
         return self.heights * self.widths * pixel_bytes
 
+    def subset(self, indices: Sequence[int]) -> Catalog:
+        """A catalog of the images at ``indices`` (in that order), with their companions."""
+        idx = np.asarray(indices, dtype=np.int64)
+        pick = [self.files[i] for i in idx.tolist()]
+        named = {name: tuple(paths[i] for i in idx.tolist()) for name, paths in self.companions.items()}
+        return Catalog(tuple(pick), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
+                       self.padded, named)
+
+    def sample_bytes(self, parts: Sequence[Companion]) -> np.ndarray:
+        """``(N,) int64`` cache bytes of each image with its companions (``SamplerConfig.parts``)."""
+        num, den = zip(*((p.scale.numerator, p.scale.denominator) for p in parts))
+        return sum(self.heights * n // d * (self.widths * n // d) * p.pixel_bytes for p, n, d in zip(parts, num, den))
+
     @classmethod
     def scan(
         cls,
-        source: str | os.PathLike | Iterable[str | os.PathLike],
+        source: Any,
         min_size: tuple[int, int] = (1, 1),
         progress: bool | None = None,
         workers: int = 8,
         exif: bool = True,
         pad: bool = False,
+        companions: Sequence[Companion] = (),
     ) -> Catalog:
-        """Build a catalog, skipping (and reporting) bad files and images smaller than ``min_size``.
+        """Build a catalog, skipping (and reporting) bad files, unpaired or misfit companions, and
+        images smaller than ``min_size``.
 
         Args:
             source: a folder (searched recursively for JPEG, PNG, TIFF, WebP, BMP), a glob, one file,
-                or a list of files.
+                a list of files, or, with ``companions``, a dict or list naming them
+                (see :mod:`dali_patches.sources`).
             min_size: ``(height, width)`` an image must reach, usually the patch size.
             progress: show a progress bar; ``None`` shows one for large data sets only.
             workers: threads reading headers (I/O bound).
             exif: report sizes with EXIF orientation applied (as the decoder will, by default).
             pad: keep images smaller than ``min_size`` (they will be zero-padded at the bottom and
                 right up to it) instead of skipping them.
+            companions: resolved :class:`Companion` of each partner (``SamplerConfig.companions``);
+                each partner must be exactly ``scale`` × its image's size.
 
         Raises:
             FileNotFoundError: a path does not exist.
             ValueError: nothing usable is left; the message says why and what to change.
         """
-        paths = _expand(source if isinstance(source, (str, os.PathLike)) else list(source))
+        rows, skipped = pair_sources(source, [c.name for c in companions])
+        paths = [p for row in rows for p in row]
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
         bomb_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # sizes only: a 20k × 20k scan is legitimate data, not a bomb
         try:
             with ThreadPoolExecutor(max(1, workers)) as pool:
-                results = list(
-                    tqdm(pool.map(lambda p: _decoded_shape(p, exif), paths, chunksize=64), total=len(paths),
-                         desc="scanning headers", unit="file", disable=not show)
-                )
+                shapes = dict(zip(paths, tqdm(pool.map(lambda p: _decoded_shape(p, exif), paths, chunksize=64),
+                                              total=len(paths), desc="scanning headers", unit="file",
+                                              disable=not show)))
         finally:
             Image.MAX_IMAGE_PIXELS = bomb_limit
-        keep, skipped, sizes = [], [], []
+        keep, sizes = [], []
         too_small = padded = 0
         largest = (0, 0)
-        for path, result in zip(paths, results):
+        for row in rows:
+            path, result = row[0], shapes[row[0]]
             if isinstance(result, str):
                 skipped.append((path, result))
                 continue
-            h, w, c = result
+            h, w, c, _ = result
+            problems = [(p, f"{why} (image {path!r})") for part, p in zip(companions, row[1:])
+                        if (why := _companion_problem(part, shapes[p], (h, w)))]
+            if problems:
+                skipped += problems
+                continue
             largest = max(largest, (h, w), key=lambda s: s[0] * s[1])
             if (h < min_size[0] or w < min_size[1]) and pad:
                 h, w, padded = max(h, min_size[0]), max(w, min_size[1]), padded + 1
@@ -196,7 +204,7 @@ class Catalog:
                 skipped.append((path, f"{h}x{w} is smaller than the patch {min_size[0]}x{min_size[1]}"))
                 too_small += 1
                 continue
-            keep.append(path)
+            keep.append(row)
             sizes.append((h, w, c))
         if not keep:
             if too_small:
@@ -205,7 +213,8 @@ class Catalog:
                     "lower patch_size or pass pad=True"
                 )
             else:
-                msg = f"none of the {len(paths)} file(s) is a readable image, e.g. {skipped[0][0]!r}: {skipped[0][1]}"
+                with_them = " with its companions" if companions else ""
+                msg = f"none of the {len(rows)} file(s) is a usable image{with_them}, e.g. {skipped[0][0]!r}: {skipped[0][1]}"
             raise ValueError(msg)
         if skipped:
             examples = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
@@ -217,4 +226,6 @@ class Catalog:
             )
         arr = np.asarray(sizes, dtype=np.int64).reshape(-1, 3)
         log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
-        return cls(tuple(keep), arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(), tuple(skipped), padded)
+        named = {c.name: tuple(row[i + 1] for row in keep) for i, c in enumerate(companions)}
+        return cls(tuple(row[0] for row in keep), arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(),
+                   tuple(skipped), padded, named)

@@ -7,17 +7,21 @@ or any memory is allocated, with a message that names the parameter, its value a
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from .options import DTYPES as _DTYPES
+from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, enum_value
 
 __all__ = ["Device", "SamplerConfig", "default_decode_batch", "distributed_defaults", "format_bytes", "parse_bytes"]
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-_DTYPES = {"uint8": 1, "uint16": 2}  # output dtypes → bytes per channel
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
@@ -142,6 +146,13 @@ class SamplerConfig:
             :func:`distributed_defaults`), else one shard. Use the same ``seed`` on every rank: the
             reader's per-epoch shuffle must agree for shards to stay disjoint; the anchor draws
             differ per rank anyway (they are seeded with ``(seed, shard_id)``).
+        companions: :class:`Companion` of each aligned partner (target, mask, twin); each costs its
+            own bytes in the cache (a 2× twin: 4× the main image's) and one output.
+        augment: :class:`Augment`, DALI ops on the sample pipeline's outputs (default: none).
+        anchors: :class:`AnchorMode`; ``WEIGHTS`` and ``POS_NEG`` read the companion named
+            ``anchor_mask`` (scale 1), ``POINTS`` needs ``points`` given to the sampler.
+        pos_fraction: ``POS_NEG``: share of patches centred on mask > 0 (0.5 = as many as on 0).
+        image_choice: :class:`ImageChoice`, uniform per image (default) or weighted by area.
     """
 
     patch_size: tuple[int, int]
@@ -162,6 +173,12 @@ class SamplerConfig:
     device_id: int | None = None
     shard_id: int | None = None
     num_shards: int | None = None
+    companions: tuple[Companion, ...] = ()
+    augment: Augment = field(default_factory=Augment)
+    anchors: AnchorMode = AnchorMode.UNIFORM
+    anchor_mask: str | None = None
+    pos_fraction: float = 0.5
+    image_choice: ImageChoice = ImageChoice.UNIFORM
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise fields of a frozen dataclass once, here
@@ -222,6 +239,73 @@ class SamplerConfig:
         if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) or not 0 <= self.shard_id < self.num_shards:
             msg = f"{self.shard_id=} must be in [0, {self.num_shards=})"
             raise ValueError(msg)
+        self._check_companions()
+        self._check_sampling()
+
+    def _check_companions(self) -> None:
+        companions = tuple(c if isinstance(c, Companion) else Companion(**c) for c in self.companions)
+        companions = tuple(c.resolved(self.channels, self.dtype) for c in companions)
+        object.__setattr__(self, "companions", companions)
+        names = [c.name for c in companions]
+        if len(set(names)) != len(names):
+            msg = f"companion names must be unique, got {names}"
+            raise ValueError(msg)
+        step = self.anchor_step
+        if any(p % step for p in self.patch_size):
+            msg = (f"patch_size={self.patch_size} must be divisible by {step}: a companion at scale 1/{step} "
+                   f"needs whole pixels; use e.g. patch_size={tuple(p - p % step or step for p in self.patch_size)}")
+            raise ValueError(msg)
+        if isinstance(self.augment, dict):
+            object.__setattr__(self, "augment", Augment(**self.augment))
+        if not isinstance(self.augment, Augment):
+            msg = f"augment={self.augment!r} must be an Augment(...)"
+            raise TypeError(msg)
+        if self.augment.rot90 and self.patch_size[0] != self.patch_size[1]:
+            msg = f"Augment(rot90=True) needs square patches, got {self.patch_size=}; use hflip/vflip instead"
+            raise ValueError(msg)
+        for name in ("mean", "std"):
+            values = getattr(self.augment, name)
+            for part in self.parts:
+                if values is not None and part.kind is CompanionKind.IMAGE and len(values) not in (1, part.channels):
+                    msg = (f"Augment {name}={values} needs 1 or {part.channels} values for {part.name!r} "
+                           f"(channels={part.channels})")
+                    raise ValueError(msg)
+
+    def _check_sampling(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "anchors", enum_value(AnchorMode, self.anchors, "anchors"))
+        set_(self, "image_choice", enum_value(ImageChoice, self.image_choice, "image_choice"))
+        if isinstance(self.pos_fraction, bool) or not isinstance(self.pos_fraction, (int, float)) \
+                or not 0 <= self.pos_fraction <= 1:
+            msg = f"pos_fraction={self.pos_fraction!r} must be a number in [0, 1]"
+            raise ValueError(msg)
+        if self.anchors in (AnchorMode.WEIGHTS, AnchorMode.POS_NEG):
+            named = {c.name: c for c in self.companions}
+            if self.anchor_mask not in named:
+                msg = (f"anchors={self.anchors.value!r} reads a mask companion: set anchor_mask to one of "
+                       f"{sorted(named) or 'your companions (none declared)'}, got {self.anchor_mask=}")
+                raise ValueError(msg)
+            if named[self.anchor_mask].scale != 1:
+                msg = f"anchor_mask={self.anchor_mask!r} must have scale 1 (it has {named[self.anchor_mask].scale})"
+                raise ValueError(msg)
+        elif self.anchor_mask is not None:
+            msg = f"anchor_mask={self.anchor_mask!r} is only read with anchors='weights' or 'pos_neg'"
+            raise ValueError(msg)
+
+    @property
+    def anchor_step(self) -> int:
+        """Anchors are multiples of this (1 unless a companion is smaller than the main image)."""
+        return math.lcm(1, *(c.scale.denominator for c in self.companions))
+
+    @property
+    def parts(self) -> tuple[Companion, ...]:
+        """The main image (as a scale-1 companion named ``patches``) followed by the companions:
+        everything cached per image, in arena order."""
+        main = Companion.__new__(Companion)
+        for name, value in (("name", "patches"), ("scale", Fraction(1)), ("kind", CompanionKind.IMAGE),
+                            ("channels", self.channels), ("dtype", self.dtype)):
+            object.__setattr__(main, name, value)
+        return (main, *self.companions)
 
     @property
     def pixel_bytes(self) -> int:
@@ -230,5 +314,6 @@ class SamplerConfig:
 
     @property
     def patch_bytes(self) -> int:
-        """Bytes of one patch."""
-        return self.patch_size[0] * self.patch_size[1] * self.pixel_bytes
+        """Bytes of one patch with all its companions, as gathered."""
+        return sum(int(self.patch_size[0] * c.scale * self.patch_size[1] * c.scale) * c.pixel_bytes
+                   for c in self.parts)

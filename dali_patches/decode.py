@@ -42,43 +42,52 @@ class DecodeError(RuntimeError):
 
 
 @pipeline_def(enable_conditionals=False, enable_checkpointing=True)
-def _decode_pipeline(files: Sequence[str], decoder_device: str, shuffle_seed: int, shard_id: int, num_shards: int,
-                     shuffle: bool = True, exif: bool = True, channels: int = 3, dtype: str = "uint8",
-                     decode: bool = True):
-    jpegs, labels = fn.readers.file(
-        files=list(files),
-        labels=list(range(len(files))),
-        shard_id=shard_id,
-        num_shards=num_shards,
-        name="Reader",
-        **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}),
-    )
-    if not decode:  # the same reader, for finding out which files a batch held; "Decoder" is a no-op
-        return fn.cast(jpegs, dtype=types.UINT8, name="Decoder"), labels
-    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB if channels == 3 else types.GRAY,
-                               dtype=DALI_DTYPES[dtype], adjust_orientation=exif,
-                               name="Decoder")
-    return images, labels
+def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuffle_seed: int, shard_id: int,
+                     num_shards: int, shuffle: bool = True, exif: bool = True,
+                     parts: Sequence[tuple[int, str]] = ((3, "uint8"),), decode: bool = True):
+    """One reader per column (the main images, then each companion), all with the same files count,
+    shard and shuffle seed, so they yield the same rows in the same order; each with its own decoder
+    settings ``(channels, dtype)``. Returns ``(*images, *labels)``; the labels (row indices) of
+    every reader are returned so that :class:`DecodeStage` can check that the rows stay aligned."""
+    outputs, labels = [], []
+    for column, (channels, dtype) in zip(columns, parts):
+        encoded, label = fn.readers.file(
+            files=list(column),
+            labels=list(range(len(column))),
+            shard_id=shard_id,
+            num_shards=num_shards,
+            name=f"Reader{len(labels) or ''}",
+            **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}),
+        )
+        labels.append(label)
+        if not decode:  # the same reader, for finding out which files a batch held; "Decoder" is a no-op
+            return fn.cast(encoded, dtype=types.UINT8, name="Decoder"), label
+        outputs.append(fn.decoders.image(encoded, device=decoder_device,
+                                         output_type=types.RGB if channels == 3 else types.GRAY,
+                                         dtype=DALI_DTYPES[dtype], adjust_orientation=exif,
+                                         name=f"Decoder{len(outputs) or ''}"))
+    return (*outputs, *labels)
 
 
 class DecodeStage:
     """Decoded images of a shard, in the reader's seeded order, as device arrays.
 
     Args:
-        files: paths; the index of a path is the ``source`` reported for its image.
+        columns: the main images' paths, then each companion's, aligned; the index of a row is the
+            ``source`` reported for its image. A plain list of paths is one column.
         backend: device mode (decoder ``"mixed"`` on GPU, ``"cpu"`` otherwise).
         batch_size: images per DALI decode batch.
         num_threads: DALI worker threads.
         seed: seeds the reader's per-epoch shuffle.
         prefetch: decode batches DALI keeps in flight; each holds ``batch_size`` decoded images.
         position: a :meth:`position` of an earlier stage over the same files and seed: continue there.
-        exif, channels, dtype: apply EXIF orientation; decode to 3 (RGB) or 1 (gray) channels of
-            ``"uint8"`` or ``"uint16"``.
+        exif: apply EXIF orientation.
+        parts: ``(channels, dtype)`` of each column: 3 (RGB) or 1 (gray), ``"uint8"``/``"uint16"``.
     """
 
     def __init__(
         self,
-        files: Sequence[str],
+        columns: Sequence[Sequence[str]] | Sequence[str],
         backend: Backend,
         batch_size: int,
         num_threads: int,
@@ -88,12 +97,12 @@ class DecodeStage:
         prefetch: int = 2,
         position: dict[str, Any] | None = None,
         exif: bool = True,
-        channels: int = 3,
-        dtype: str = "uint8",
+        parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
     ) -> None:
         self._backend = backend
-        self._files = list(files)  # what the reader reads: broken files swapped for a stand-in
-        self._pending: deque[tuple[int, Any]] = deque()
+        # What the readers read, per column: broken rows swapped for a stand-in row.
+        self._columns = [list(c) for c in columns] if columns and not isinstance(columns[0], str) else [list(columns)]
+        self._pending: deque[tuple[int, list[Any]]] = deque()
         self._run_checkpoint: str | None = None  # reader state before the run that filled _pending (base64)
         self._taken_from_run = 0
         self._skip = 0
@@ -103,7 +112,7 @@ class DecodeStage:
         self.broken: dict[int, str] = {}  # source index → why it cannot be decoded
         self.skipped_decodes = 0  # reads of broken files (their stand-in's decode is discarded)
         self._failed_in_a_row = 0
-        self._output = {"exif": exif, "channels": channels, "dtype": dtype}
+        self._output = {"exif": exif, "parts": tuple(parts)}
         self._options = {"decoder_device": backend.decoder_device, "shuffle_seed": seed, "shard_id": shard_id,
                          "num_shards": num_shards, **self._output, "batch_size": batch_size,
                          "num_threads": num_threads, "device_id": backend.dali_device_id,
@@ -119,17 +128,17 @@ class DecodeStage:
         self.shard_size = -(-self.epoch_size // num_shards) if num_shards > 1 else self.epoch_size
 
     def _build(self, checkpoint: bytes | None) -> None:
-        self._pipe = _decode_pipeline(files=self._files, checkpoint=checkpoint, **self._options)
+        self._pipe = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, **self._options)
         self._pipe.build()
 
-    def peek(self) -> tuple[int, Any]:
-        """The next ``(source index, (H, W, C) image)`` without consuming it."""
+    def peek(self) -> tuple[int, list[Any]]:
+        """The next ``(source index, [(H, W, C) image, *its companions]])`` without consuming it."""
         while not self._pending:
             self._run()
         return self._pending[0]
 
-    def next(self) -> tuple[int, Any]:
-        """Consume the next decoded image. The array is a view into DALI's output, valid while held."""
+    def next(self) -> tuple[int, list[Any]]:
+        """Consume the next decoded row. The arrays are views into DALI's output, valid while held."""
         item = self.peek()
         self._pending.popleft()
         self.images_decoded += 1
@@ -145,24 +154,29 @@ class DecodeStage:
     def _run(self) -> None:
         checkpoint = self._pipe.checkpoint()
         try:
-            images, labels = self._pipe.run()
+            outputs = self._pipe.run()
         except RuntimeError as e:
             self._recover(e, checkpoint)
             return
+        n = len(self._columns)
+        sources = np.asarray(outputs[n].as_tensor()).reshape(-1)
+        for labels in outputs[n + 1:]:
+            if not np.array_equal(np.asarray(labels.as_tensor()).reshape(-1), sources):
+                msg = "the companion readers fell out of step with the image reader; please report this"
+                raise DecodeError(msg)
         self._failed_in_a_row = 0
         self._run_checkpoint = base64.b64encode(checkpoint).decode()  # once per decode batch, JSON-able
         self._taken_from_run = self._skip
-        sources = np.asarray(labels.as_tensor()).reshape(-1)
         for i, source in enumerate(sources.tolist()[self._skip:], start=self._skip):
             if source in self.broken:
                 self.skipped_decodes += 1  # the stand-in's pixels: never served
                 continue
-            self._pending.append((source, self._backend.as_array(images[i])))
+            self._pending.append((source, [self._backend.as_array(images[i]) for images in outputs[:n]]))
         self._skip = 0
 
     def _recover(self, error: RuntimeError, checkpoint: bytes) -> None:
         """A decode batch failed. If DALI's message names a file (corrupt, unreadable, deleted during
-        the run), swap a stand-in for it and redo the batch from ``checkpoint``: the batch's good
+        the run), swap a stand-in for its row and redo the batch from ``checkpoint``: the batch's good
         images are not lost, and the file is reported once and skipped from then on. Otherwise the
         batch is lost (counted); ``_MAX_FAILED_RUNS_IN_A_ROW`` such failures in a row end the run."""
         text = str(error)
@@ -171,9 +185,10 @@ class DecodeStage:
         if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
             msg = f"{self._failed_in_a_row} decode batches failed in a row; last error: {text}"
             raise DecodeError(msg) from error
-        named = [i for i, path in enumerate(self._files) if path in text and i not in self.broken]
+        named = [(len(path), i) for column in self._columns for i, path in enumerate(column)
+                 if path in text and i not in self.broken]
         if named:  # the reader names the file (missing, unreadable); the longest match is the full path
-            self._mark_broken(max(named, key=lambda i: len(self._files[i])), _cause(error))
+            self._mark_broken(max(named)[1], _cause(error))
         elif not self._find_undecodable(checkpoint):
             self.errors.append(text.splitlines()[0] if text else repr(error))
             log.warning("decode batch failed and was skipped (no file could be blamed): %s", text)
@@ -185,22 +200,23 @@ class DecodeStage:
     def _read_batch_at(self, checkpoint: bytes) -> tuple[np.ndarray, bytes]:
         """Source indices of the batch the reader yields at ``checkpoint`` (read, not decoded), and
         the reader's checkpoint after it."""
-        reader = _decode_pipeline(files=self._files, checkpoint=checkpoint, decode=False,
+        reader = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, decode=False,
                                   **{**self._options, "prefetch_queue_depth": 1})
         reader.build()
         _, labels = reader.run()
         return np.asarray(labels.as_tensor()).reshape(-1), reader.checkpoint()
 
     def _find_undecodable(self, checkpoint: bytes) -> bool:
-        """Which files of the failed batch does the decoder reject? (The decoder's error does not
-        name them.) Reads the batch again without decoding, then decodes its files one by one."""
+        """Which rows of the failed batch does the decoder reject? (The decoder's error does not
+        name the file.) Reads the batch again without decoding, then decodes its rows one by one."""
         labels, _ = self._read_batch_at(checkpoint)
         found = False
         for source in labels.tolist():
             if source in self.broken:
                 continue
             try:
-                for _ in decode_files([self._files[source]], self._backend, num_threads=1, **self._output):
+                for _ in decode_files([[c[source]] for c in self._columns], self._backend, num_threads=1,
+                                      **self._output):
                     pass
             except RuntimeError as e:
                 self._mark_broken(source, f"the decoder rejects it ({_cause(e)})")
@@ -208,16 +224,17 @@ class DecodeStage:
         return found
 
     def _mark_broken(self, source: int, reason: str, quiet: bool = False) -> None:
-        path = self._files[source]
+        path = self._columns[0][source]
         self.broken[source] = reason
-        good = [i for i in range(len(self._files)) if i not in self.broken and self._files[i] != path]
+        good = [i for i in range(len(self._columns[0])) if i not in self.broken and self._columns[0][i] != path]
         if not good:
             msg = f"every file failed to decode; the last one, {path!r}: {reason}"
             raise DecodeError(msg)
-        stand_in = self._files[good[0]]
-        for i, current in enumerate(self._files):  # also slots that used ``path`` as their stand-in
+        stand_in = good[0]
+        for i, current in enumerate(list(self._columns[0])):  # also rows that used ``path`` as their stand-in
             if current == path:
-                self._files[i] = stand_in
+                for column in self._columns:
+                    column[i] = column[stand_in]
         if not quiet:
             self.errors.append(f"{path}: {reason}")
             log.warning("skipping %s from now on: %s", path, reason)
@@ -228,22 +245,21 @@ class DecodeStage:
         self._pipe = None
 
 
-def decode_files(files: Sequence[str], backend: Backend, num_threads: int, batch_size: int = 8,
-                 exif: bool = True, channels: int = 3, dtype: str = "uint8") -> Iterator[Any]:
-    """Decode ``files`` once, in order, with the same decoder as :class:`DecodeStage`; yields each
-    ``(H, W, channels)`` image (a view valid until the next one is taken). Used to refill a restored
-    cache with the images it held."""
-    if not files:
+def decode_files(columns: Sequence[Sequence[str]], backend: Backend, num_threads: int, batch_size: int = 8,
+                 exif: bool = True, parts: Sequence[tuple[int, str]] = ((3, "uint8"),)) -> Iterator[list[Any]]:
+    """Decode the rows of ``columns`` (main images, then each companion's files) once, in order, with
+    the same decoders as :class:`DecodeStage`; yields ``[image, *companions]`` of each row (views
+    valid until the next row is taken). Used to refill a restored cache with the images it held."""
+    if not columns or not columns[0]:
         return
-    batch_size = min(batch_size, len(files))
-    pipe = _decode_pipeline(files=files, decoder_device=backend.decoder_device, shuffle_seed=0, shard_id=0,
-                            num_shards=1, shuffle=False, exif=exif, channels=channels, dtype=dtype,
-                            batch_size=batch_size, num_threads=num_threads,
-                            device_id=backend.dali_device_id, prefetch_queue_depth=1)
+    batch_size = min(batch_size, len(columns[0]))
+    pipe = _decode_pipeline(columns=columns, decoder_device=backend.decoder_device, shuffle_seed=0, shard_id=0,
+                            num_shards=1, shuffle=False, exif=exif, parts=parts, batch_size=batch_size,
+                            num_threads=num_threads, device_id=backend.dali_device_id, prefetch_queue_depth=1)
     pipe.build()
-    left = len(files)
+    left, n = len(columns[0]), len(columns)
     while left:
-        images, _ = pipe.run()
+        outputs = pipe.run()
         for i in range(min(left, batch_size)):
-            yield backend.as_array(images[i])
+            yield [backend.as_array(images[i]) for images in outputs[:n]]
         left -= min(left, batch_size)

@@ -12,24 +12,69 @@ import hashlib
 import logging
 import os
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
+from .augment import augment_outputs, output_dtype
 from .backend import resolve_backend
 from .catalog import Catalog
 from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .decode import DALI_DTYPES
+from .options import AnchorMode, Companion, Layout
 from .producer import PatchBatch, Producer
+from .sources import MAIN
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAMES = ("patches", "source", "anchor")
+OUTPUT_NAMES = ("patches", "source", "anchor")  # without companions; see PatchSampler.output_names
 _STATE_FORMAT = 1
+
+
+def _companions(source: Any, companions: Mapping[str, Any] | Sequence[Companion] | None) -> tuple[Companion, ...]:
+    """Companions named by a dict source's keys (or a list of dicts), with options from ``companions``
+    (name → :class:`Companion`, dict of its options, or ``None`` for defaults)."""
+    given = {c.name: c for c in companions} if isinstance(companions, Sequence) else dict(companions or {})
+    if isinstance(source, Mapping):
+        names = [k for k in source if k != MAIN]
+    elif isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Mapping):
+        names = [k for k in source[0] if k != MAIN]
+    else:  # plain paths, or tuples in the order of ``companions``
+        names = list(given)
+    unknown = set(given) - set(names)
+    if unknown:
+        msg = f"companions {sorted(unknown)} are not in the source (it names {names}); add them to the source"
+        raise ValueError(msg)
+    out = []
+    for name in names:
+        spec = given.get(name)
+        out.append(spec if isinstance(spec, Companion) else Companion(name, **(spec or {})))
+    return tuple(out)
+
+
+def _points_by_source(points: Iterable[tuple[Any, int, int]], files: Sequence[str], heights: Any,
+                      widths: Any) -> dict[int, np.ndarray]:
+    """``(file, y, x)`` centres → source index → ``(K, 2)`` array; every point checked."""
+    index = {os.path.abspath(f): i for i, f in enumerate(files)}
+    found: dict[int, list[tuple[int, int]]] = {}
+    for n, (file, y, x) in enumerate(points):
+        source = index.get(os.path.abspath(os.fspath(file)))
+        if source is None:
+            msg = f"points[{n}]: {os.fspath(file)!r} is not among the sampler's images (skipped, or not in the source)"
+            raise ValueError(msg)
+        if not (0 <= y < heights[source] and 0 <= x < widths[source]):
+            msg = (f"points[{n}]: ({y}, {x}) lies outside {os.fspath(file)!r} "
+                   f"({heights[source]}x{widths[source]}); points are (row, column) patch centres")
+            raise ValueError(msg)
+        found.setdefault(source, []).append((int(y), int(x)))
+    if not found:
+        msg = "points is empty; give (file, y, x) patch centres, or leave points=None for uniform anchors"
+        raise ValueError(msg)
+    return {s: np.asarray(v, dtype=np.int64) for s, v in found.items()}
 
 
 class PatchSampler:
@@ -46,8 +91,14 @@ class PatchSampler:
         seed: seeds everything random; same seed + files + device + shard → same stream.
         progress: show progress bars for the header scan and the cache warm-up; ``None`` shows them
             only for long work (≥ 2000 files to scan, ≥ 500 images to warm up).
-        **options: the rest of :class:`SamplerConfig` (``allow_repeats``, ``decode_batch``,
-            ``num_threads``, ``queue_depth``, ``device_id``, ``shard_id``, ``num_shards``).
+        companions: options of the companions a dict ``source`` names (name → :class:`Companion`,
+            or a dict such as ``{"scale": 2}`` / ``{"kind": "mask"}``); for tuple rows, their names
+            in order. Each is cut at the same anchor and is its own output.
+        points: ``(file, y, x)`` patch centres; patches are centred on them (uniformly among an
+            image's points), and only images with points are sampled.
+        **options: the rest of :class:`SamplerConfig` (``augment``, ``anchors``, ``anchor_mask``,
+            ``pos_fraction``, ``image_choice``, ``allow_repeats``, ``decode_batch``, ``num_threads``,
+            ``queue_depth``, ``channels``, ``dtype``, ``pad``, ``device_id``, ``shard_id``, ``num_shards``).
 
     Raises:
         ValueError: bad parameters, no usable images, or a cache too small for ``batch_size``
@@ -73,21 +124,37 @@ class PatchSampler:
         device: Device | str = Device.AUTO,
         seed: int = 0,
         progress: bool | None = None,
+        companions: Mapping[str, Any] | Sequence[Companion] | None = None,
+        points: Iterable[tuple[Any, int, int]] | None = None,
         **options: Any,
     ) -> None:
-        unknown = set(options) - set(SamplerConfig.__dataclass_fields__)
+        unknown = set(options) - set(SamplerConfig.__dataclass_fields__) | ({"companions"} & set(options))
         if unknown:
             msg = f"unknown option(s) {sorted(unknown)}; valid: {sorted(SamplerConfig.__dataclass_fields__)}"
             raise TypeError(msg)
+        if points is not None:
+            options["anchors"] = AnchorMode.POINTS
         self.config = SamplerConfig(patch_size=patch_size, batch_size=batch_size, reuse=reuse,
                                     cache_bytes=cache_bytes, cache_images=cache_images, device=device,
-                                    seed=seed, **options)
+                                    seed=seed, companions=_companions(source, companions), **options)
+        if self.config.anchors is AnchorMode.POINTS and points is None:
+            msg = "anchors='points' needs points=[(file, y, x), ...]"
+            raise ValueError(msg)
         self.backend = resolve_backend(self.config.device, self.config.device_id)
         self.catalog = Catalog.scan(source, min_size=self.config.patch_size, progress=progress,
-                                    exif=self.config.exif_orientation, pad=self.config.pad)
+                                    exif=self.config.exif_orientation, pad=self.config.pad,
+                                    companions=self.config.companions)
+        self._points = None
+        if points is not None:
+            points = list(points)
+            self._points = _points_by_source(points, self.catalog.files, self.catalog.heights, self.catalog.widths)
+            self.catalog = self.catalog.subset(sorted(self._points))
+            self._points = dict(enumerate(self._points[s] for s in sorted(self._points)))
+            self._points_sha = hashlib.sha256(repr(sorted(map(repr, points))).encode()).hexdigest()
         self.cache_bytes, max_slots, warmup_estimate = self._plan_cache()
-        self._producer = Producer(list(self.catalog.files), self.config, self.backend, self.cache_bytes,
-                                  max_slots, warmup_estimate, progress=progress)
+        columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in self.config.companions)]
+        self._producer = Producer(columns, self.config, self.backend, self.cache_bytes, max_slots, warmup_estimate,
+                                  progress=progress, points=self._points)
         self._pipelines: list[Any] = []
         # A sampler dropped without close() still stops its thread (the producer does not refer back).
         self._finalizer = weakref.finalize(self, self._producer.close)
@@ -96,7 +163,7 @@ class PatchSampler:
     def _plan_cache(self) -> tuple[int, int, int]:
         """Arena bytes, slot-table size and expected warm-up images; fails early if too small."""
         cfg = self.config
-        sizes = np.sort(self.catalog.image_bytes(cfg.pixel_bytes))[::-1]  # largest first
+        sizes = np.sort(self.catalog.sample_bytes(cfg.parts))[::-1]  # largest first, companions included
         largest = int(sizes[0])
         shard_images = len(sizes) // cfg.num_shards
         # A ring holds n images for sure when it fits the n largest, plus one largest image of slack
@@ -138,11 +205,18 @@ class PatchSampler:
         return self.catalog.files
 
     @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the batch outputs, in the pipeline's order: ``patches``, each companion,
+        ``source``, ``anchor``."""
+        return ("patches", *(c.name for c in self.config.companions), "source", "anchor")
+
+    @property
     def max_memory(self) -> int:
         """Bytes this sampler will hold on its device: the arena plus DALI's decode queue
-        (``decode_batch × 3`` of the largest images), plus ``queue_depth + 2`` output batches."""
+        (``decode_batch × 3`` of the largest images with companions), plus ``queue_depth + 2``
+        output batches."""
         decode_batch = self.config.decode_batch or default_decode_batch(self.backend)
-        largest = int(self.catalog.image_bytes(self.config.pixel_bytes).max())
+        largest = int(self.catalog.sample_bytes(self.config.parts).max())
         batches = (self.config.queue_depth + 2) * self.config.batch_size * self.config.patch_bytes
         return self.cache_bytes + 3 * decode_batch * largest + batches
 
@@ -171,7 +245,11 @@ class PatchSampler:
                 "device": self.backend.device.value, "shard_id": cfg.shard_id, "num_shards": cfg.num_shards,
                 "decode_batch": cfg.decode_batch or default_decode_batch(self.backend),
                 "allow_repeats": cfg.allow_repeats, "channels": cfg.channels, "dtype": cfg.dtype,
-                "exif_orientation": cfg.exif_orientation, "pad": cfg.pad}
+                "exif_orientation": cfg.exif_orientation, "pad": cfg.pad,
+                "companions": [[c.name, str(c.scale), c.kind.value, c.channels, c.dtype] for c in cfg.companions],
+                "companion_files_sha256": hashlib.sha256(repr(self.catalog.companions).encode()).hexdigest(),
+                "anchors": cfg.anchors.value, "anchor_mask": cfg.anchor_mask, "pos_fraction": cfg.pos_fraction,
+                "image_choice": cfg.image_choice.value, "points_sha256": getattr(self, "_points_sha", None)}
 
     def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
         """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):
@@ -204,23 +282,49 @@ class PatchSampler:
             self._producer.restore(state["stream"])
 
     # -- DALI --------------------------------------------------------------------------------
-    def _feed(self) -> tuple[Any, np.ndarray, np.ndarray]:
+    def _feed(self) -> tuple[Any, ...]:
         batch = self._producer.get()
-        return batch.patches, batch.source, batch.anchor
+        return (batch.patches, *(batch.companions[c.name] for c in self.config.companions), batch.source,
+                batch.anchor)
+
+    def _graph(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """Augment the patch nodes among ``inputs`` (ordered as :attr:`output_names`)."""
+        parts = self.config.parts
+        return (*augment_outputs(inputs[:len(parts)], parts, self.config.augment), *inputs[len(parts):])
+
+    def output_dtypes(self) -> tuple[str, ...]:
+        """NumPy dtype names of the pipeline outputs, ordered as :attr:`output_names`."""
+        return (*(output_dtype(p, self.config.augment) for p in self.config.parts), "int64", "int32")
+
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-sample shapes of the pipeline outputs, ordered as :attr:`output_names`."""
+        shapes = []
+        for part in self.config.parts:
+            h, w = (int(p * part.scale) for p in self.config.patch_size)
+            chw = self.config.augment.layout is Layout.CHW
+            shapes.append((part.channels, h, w) if chw else (h, w, part.channels))
+        return (*shapes, (), (2,))
+
+    def _external_args(self) -> dict[str, list[Any]]:
+        parts = self.config.parts
+        return {"dtype": [*(DALI_DTYPES[p.dtype] for p in parts), types.INT64, types.INT32],
+                "layout": [*("HWC" for _ in parts), "", ""], "ndim": [*(3 for _ in parts), 0, 1]}
 
     def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int = 1, **kwargs: Any) -> Any:
-        """A built DALI pipeline with outputs ``patches`` (``HWC``, the sampler's ``dtype``), ``source``
-        (int64 scalar) and ``anchor`` (``(2,)`` int32) per sample, on this sampler's device, for
-        ``DALIGenericIterator(pipe, ["patches", "source", "anchor"], size=-1)`` and friends.
+        """A built DALI pipeline with one output per :attr:`output_names` entry: ``patches``
+        (``HWC`` of the sampler's ``dtype``, or as ``augment`` makes them), each companion's patches,
+        ``source`` (int64 scalar) and ``anchor`` (``(2,)`` int32) per sample, on this sampler's
+        device, for ``DALIGenericIterator(pipe, list(sampler.output_names), size=-1)`` and friends.
 
-        Its ``external_source`` only takes finished batches from the producer thread. Every pipeline
-        and ``next(sampler)`` draw from the same stream. ``num_threads`` are DALI's CPU worker
-        threads for this pipeline: 1 suffices until you add CPU operators to it.
+        Its ``external_source`` only takes finished batches from the producer thread; ``augment``
+        runs as DALI ops after it. Every pipeline and ``next(sampler)`` draw from the same stream.
+        ``num_threads`` are DALI's CPU worker threads for this pipeline: 1 suffices on the GPU; on
+        the CPU, raise it when augmenting.
         """
 
         fed = [0]  # batches this pipeline's external_source has taken (see PatchIterator.state_dict)
 
-        def feed() -> tuple[Any, np.ndarray, np.ndarray]:
+        def feed() -> tuple[Any, ...]:
             fed[0] += 1
             return self._feed()
 
@@ -228,11 +332,9 @@ class PatchSampler:
                       device_id=self.backend.dali_device_id, prefetch_queue_depth=prefetch_queue_depth,
                       seed=self.config.seed, **kwargs)
         def sample_pipeline():  # a DALI graph
-            return tuple(fn.external_source(
-                source=feed, num_outputs=3, batch=True, device=self.backend.op_device,
-                dtype=[DALI_DTYPES[self.config.dtype], types.INT64, types.INT32], layout=["HWC", "", ""],
-                ndim=[3, 0, 1],
-            ))
+            inputs = fn.external_source(source=feed, num_outputs=len(self.output_names), batch=True,
+                                        device=self.backend.op_device, **self._external_args())
+            return self._graph(inputs)
 
         pipe = sample_pipeline()
         pipe.batches_fed = fed

@@ -14,17 +14,19 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from .anchors import MaskAnchors, PointAnchors, UniformAnchors
 from .backend import Backend
 from .cache import RingCache
 from .config import SamplerConfig, default_decode_batch
 from .decode import DecodeStage, decode_files
 from .gather import gather_patches, row_starts
+from .options import AnchorMode
 from .sampler import RefillSchedule, Sampler
 
 __all__ = ["PatchBatch", "Producer"]
@@ -53,12 +55,15 @@ class PatchBatch:
         source: ``(B,) int64`` host array, index of each patch's image in ``sampler.files``.
         anchor: ``(B, 2) int32`` host array, ``(y, x)`` of each patch's top-left pixel in its image.
         index: position of this batch in the stream (0, 1, 2, ...).
+        companions: name → ``(B, P_h·s, P_w·s, C_c)`` patches of each companion, cut at the anchors
+            scaled by its ``s``.
     """
 
     patches: Any
     source: np.ndarray
     anchor: np.ndarray
     index: int
+    companions: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,17 +74,20 @@ class _Failure:
 class Producer:
     """Owns the decode stage, the cache and the sampler; runs them in one daemon thread."""
 
-    def __init__(self, files: list[str], config: SamplerConfig, backend: Backend, cache_bytes: int,
-                 max_slots: int, warmup_estimate: int, progress: bool | None = None) -> None:
+    def __init__(self, columns: list[list[str]], config: SamplerConfig, backend: Backend, cache_bytes: int,
+                 max_slots: int, warmup_estimate: int, progress: bool | None = None,
+                 points: dict[int, np.ndarray] | None = None) -> None:
         self.config = config
         self.backend = backend
-        self.files = files
+        self.columns = columns  # the main images' paths, then each companion's
+        self.files = columns[0]
         self._threads = config.num_threads or os.cpu_count() or 1
-        self._output = {"exif": config.exif_orientation, "channels": config.channels, "dtype": config.dtype}
+        self._output = {"exif": config.exif_orientation, "parts": [(c.channels, c.dtype) for c in config.parts]}
         self.decoder = self._new_decoder()
-        self.cache = RingCache(backend, cache_bytes, max_slots, config.pixel_bytes)
+        self.cache = RingCache(backend, cache_bytes, max_slots, parts=[(c.scale, c.pixel_bytes) for c in config.parts])
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id]))
-        self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng)
+        self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng, config.image_choice,
+                               self._anchor_policy(rng, points))
         self.schedule = RefillSchedule(config.batch_size, config.reuse)
         self.queue: queue.Queue = queue.Queue(maxsize=config.queue_depth)
         self.batches_made = 0
@@ -96,6 +104,17 @@ class Producer:
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dali-patches-producer", daemon=True)
+
+    def _anchor_policy(self, rng: np.random.Generator, points: dict[int, np.ndarray] | None) -> UniformAnchors:
+        cfg = self.config
+        if cfg.anchors is AnchorMode.POINTS:
+            return PointAnchors(cfg.patch_size, cfg.anchor_step, rng, points or {})
+        if cfg.anchors in (AnchorMode.WEIGHTS, AnchorMode.POS_NEG):
+            part = next(i for i, c in enumerate(cfg.parts) if c.name == cfg.anchor_mask)
+            mask = cfg.parts[part]
+            return MaskAnchors(cfg.patch_size, cfg.anchor_step, rng, self.backend.xp, part, mask.channels,
+                               mask.dtype, cfg.pos_fraction if cfg.anchors is AnchorMode.POS_NEG else None)
+        return UniformAnchors(cfg.patch_size, cfg.anchor_step, rng)
 
     # -- consumer side -----------------------------------------------------------------------
     def start(self) -> None:
@@ -164,26 +183,33 @@ class Producer:
         """Move the next decoded image into the cache. A source still resident is not inserted twice
         (same decoder, same pixels): the ring then holds only distinct images, and the decode still
         counts towards the refill, so patches per decoded image stay ≈ ``reuse``."""
-        source, image = self.decoder.next()
+        source, images = self.decoder.next()
         if self.cache.holds(source):
             self.duplicate_decodes += 1
             return
-        self.cache.insert(self._padded(image), source)
-        if self.backend.asynchronous:  # keep DALI's buffer alive until the async copy is done
-            self._hold.append(image)
+        slot = self.cache.insert(self._padded(images), source)
+        self.sampler.anchors.on_insert(self.cache, slot)
+        if self.backend.asynchronous:  # keep DALI's buffers alive until the async copies are done
+            self._hold += images
             if len(self._hold) >= _MAX_HELD_IMAGES:
                 self._release_holds()
 
-    def _cached_bytes(self, image: Any) -> int:
-        (h, w, _), (ph, pw) = image.shape, self.config.patch_size
-        return max(h, ph) * max(w, pw) * self.config.pixel_bytes
+    def _cached_bytes(self, images: list[Any]) -> int:
+        (h, w, _), (ph, pw) = images[0].shape, self.config.patch_size
+        return sum(self.cache.part_bytes(max(h, ph), max(w, pw)))
 
-    def _padded(self, image: Any) -> Any:
-        """``image`` zero-padded at the bottom and right to at least the patch size (``pad=True``)."""
-        (h, w, _), (ph, pw) = image.shape, self.config.patch_size
+    def _padded(self, images: list[Any]) -> list[Any]:
+        """``images`` (an image and its companions) zero-padded at the bottom and right to at least
+        the patch size, scaled per part (``pad=True``)."""
+        (h, w, _), (ph, pw) = images[0].shape, self.config.patch_size
         if h >= ph and w >= pw:
-            return image
-        return self.backend.xp.pad(image, ((0, max(0, ph - h)), (0, max(0, pw - w)), (0, 0)))
+            return images
+        out = []
+        for image, part in zip(images, self.config.parts):
+            th, tw = int(max(h, ph) * part.scale), int(max(w, pw) * part.scale)
+            pad = ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0))
+            out.append(self.backend.xp.pad(image, pad))
+        return out
 
     def _release_holds(self) -> None:
         self.backend.synchronize(self._stream)
@@ -209,14 +235,18 @@ class Producer:
             self._insert_next()
         draw = self.sampler.draw(self.cache)
         self.cache.record_served(draw.slots)
-        cfg = self.config
-        starts = row_starts(self.cache.offset[draw.slots], self.cache.width[draw.slots], draw.y, draw.x,
-                            cfg.patch_size[0], cfg.pixel_bytes)
-        patches = gather_patches(self.backend.xp, self.cache.arena, starts, cfg.patch_size, cfg.channels, cfg.dtype)
+        cut = {}
+        for part, (offsets, widths) in zip(self.config.parts, self.cache.part_layout(draw.slots)):
+            s = part.scale
+            size = (int(self.config.patch_size[0] * s), int(self.config.patch_size[1] * s))
+            starts = row_starts(offsets, widths, draw.y * s.numerator // s.denominator,
+                                draw.x * s.numerator // s.denominator, size[0], part.pixel_bytes)
+            cut[part.name] = gather_patches(self.backend.xp, self.cache.arena, starts, size, part.channels, part.dtype)
         self._release_holds()  # the gather (and the inserts before it) are done: safe to hand over
         anchor = np.stack([draw.y, draw.x], axis=1).astype(np.int32)
         self.distinct_batches += int(len(np.unique(draw.source)) == len(draw.source))
-        batch = PatchBatch(patches, draw.source, anchor, self.batches_made)
+        patches = cut.pop("patches")
+        batch = PatchBatch(patches, draw.source, anchor, self.batches_made, cut)
         self.batches_made += 1
         self._snapshot(batch.index)
         return batch
@@ -224,7 +254,7 @@ class Producer:
     # -- resumable state ---------------------------------------------------------------------
     def _new_decoder(self, position: dict[str, Any] | None = None) -> DecodeStage:
         cfg = self.config
-        return DecodeStage(self.files, self.backend, batch_size=cfg.decode_batch or default_decode_batch(self.backend),
+        return DecodeStage(self.columns, self.backend, batch_size=cfg.decode_batch or default_decode_batch(self.backend),
                            num_threads=self._threads, seed=cfg.seed, shard_id=cfg.shard_id,
                            num_shards=cfg.num_shards, position=position, **self._output)
 
@@ -257,15 +287,17 @@ class Producer:
             raise RuntimeError(msg)
         self.decoder.close()
         self.decoder = self._new_decoder(position=state["decoder"])
-        resident = [self.files[s] for s in state["cache"]["source"]]
+        resident = [[column[s] for s in state["cache"]["source"]] for column in self.columns]
 
         def images() -> Any:
-            for image in decode_files(resident, self.backend, self._threads, **self._output):
-                yield self._padded(image)
+            for parts in decode_files(resident, self.backend, self._threads, **self._output):
+                yield self._padded(parts)
                 self.backend.synchronize(self._stream)  # copied before DALI may reuse the buffer
 
         with self.backend.use(self._stream):
             self.cache.restore(state["cache"], images())
+            for slot in self.cache.resident_slots():
+                self.sampler.anchors.on_insert(self.cache, slot)
         self.sampler.rng.bit_generator.state = state["rng"]
         self.schedule.credit = state["refill_credit"]
         for name in ("batches_made", "distinct_batches", "duplicate_decodes", "warmup_images"):
@@ -292,6 +324,7 @@ class Producer:
             "patches_per_residence": cache.evicted_served / cache.evicted if cache.evicted else 0.0,
             "distinct_fraction": self.distinct_batches / made if made else 1.0,
             "decode_failed_batches": self.decoder.failed_runs,
+            "anchor_fallbacks": self.sampler.anchors.fallbacks,
             "broken_files": [(self.files[i], why) for i, why in sorted(self.decoder.broken.items())],
             "decode_errors": list(self.decoder.errors),
         }

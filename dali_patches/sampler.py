@@ -1,7 +1,8 @@
 """Sampler: which resident images each batch uses, where its patches sit, and how fast to refill.
 
-Per batch: ``batch_size`` distinct resident images (uniformly), one uniform anchor in each, and
-provenance ``(source, y, x)`` for every patch. The refill schedule adds ``batch_size / reuse`` new
+Per batch: ``batch_size`` distinct resident images (uniformly, or with inclusion probability in
+proportion to their area), one anchor in each (see :mod:`dali_patches.anchors`), and provenance
+``(source, y, x)`` for every patch. The refill schedule adds ``batch_size / reuse`` new
 images per batch on average (fractions carried over), so each decoded image serves ``reuse`` patches.
 """
 
@@ -11,9 +12,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .anchors import UniformAnchors
 from .cache import RingCache
+from .options import ImageChoice
 
-__all__ = ["Draw", "RefillSchedule", "Sampler"]
+__all__ = ["Draw", "RefillSchedule", "Sampler", "inclusion_probabilities"]
+
+
+def inclusion_probabilities(weights: np.ndarray, k: int) -> np.ndarray:
+    """``(n,)`` probabilities ``π`` with ``Σπ = k``, ``π ≤ 1``, and ``π ∝ weights`` except where
+    capped at 1 (an image bigger than ``1/k`` of the resident area is in every batch)."""
+    pi = np.zeros(len(weights))
+    free = np.ones(len(weights), bool)
+    while True:
+        pi[free] = (k - (~free).sum()) * weights[free] / weights[free].sum()
+        over = free & (pi >= 1)
+        if not over.any():
+            return pi
+        pi[over], free[over] = 1.0, False
 
 
 class RefillSchedule:
@@ -51,19 +67,35 @@ class Sampler:
         allow_repeats: when fewer than ``batch_size`` images are resident, repeat images as evenly as
             possible instead of failing.
         rng: the only source of randomness (seeded by the caller).
+        image_choice: :class:`ImageChoice`; ``AREA`` includes each resident image with probability
+            ∝ its area (systematic sampling over a random order: exactly ``batch_size`` distinct).
+        anchors: where to cut in each image; default uniform.
     """
 
     def __init__(self, batch_size: int, patch_size: tuple[int, int], allow_repeats: bool,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, image_choice: ImageChoice = ImageChoice.UNIFORM,
+                 anchors: UniformAnchors | None = None) -> None:
         self.batch_size = batch_size
         self.patch_size = patch_size
         self.allow_repeats = allow_repeats
         self.rng = rng
+        self.image_choice = ImageChoice(image_choice)
+        self.anchors = anchors or UniformAnchors(patch_size, 1, rng)
+
+    def _by_area(self, cache: RingCache, resident: np.ndarray) -> np.ndarray:
+        area = (cache.height[resident] * cache.width[resident]).astype(np.float64)
+        order = self.rng.permutation(len(resident))
+        cumulative = np.cumsum(inclusion_probabilities(area, self.batch_size)[order])
+        points = self.rng.random() + np.arange(self.batch_size)
+        picks = np.searchsorted(cumulative, np.minimum(points, cumulative[-1] - 1e-9), side="right")
+        return resident[order[picks]]
 
     def draw(self, cache: RingCache) -> Draw:
         resident = cache.resident_slots()
         b = self.batch_size
-        if len(resident) >= b:
+        if len(resident) >= b and self.image_choice is ImageChoice.AREA:
+            slots = self._by_area(cache, resident)
+        elif len(resident) >= b:
             slots = resident[self.rng.choice(len(resident), size=b, replace=False)]
         elif self.allow_repeats and len(resident):
             slots = np.resize(self.rng.permutation(resident), b)  # each image ⌊B/n⌋ or ⌈B/n⌉ times
@@ -72,7 +104,5 @@ class Sampler:
             msg = (f"only {len(resident)} images are resident but batch_size={b} distinct images are needed; "
                    "raise cache_bytes or pass allow_repeats=True")
             raise RuntimeError(msg)
-        h, w = cache.height[slots], cache.width[slots]
-        y = self.rng.integers(0, h - self.patch_size[0] + 1)
-        x = self.rng.integers(0, w - self.patch_size[1] + 1)
+        y, x = self.anchors.draw(cache, slots)
         return Draw(slots, cache.source[slots].copy(), y, x)

@@ -1,7 +1,8 @@
 """PyTorch export: DALI's ``DALIGenericIterator`` over the sampler's sample pipeline.
 
 Each step yields ``{"patches": (B, P_h, P_w, 3) uint8, "source": (B,) int64, "anchor": (B, 2) int32}``
-as torch tensors on the sampler's device (CUDA in GPU mode, CPU otherwise). Import this module only
+plus one entry per companion (``"target"``, ``"mask"``, …), as torch tensors on the sampler's device
+(CUDA in GPU mode, CPU otherwise); ``augment`` may change dtypes and layout (see ``output_dtypes()``). Import this module only
 when torch is installed; the core package does not need it.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .pipeline import OUTPUT_NAMES, PatchSampler
+from .pipeline import PatchSampler
 
 __all__ = ["PatchIterator"]
 
@@ -39,7 +40,7 @@ class PatchIterator:
         self.sampler = sampler
         self.batches_per_epoch = batches_per_epoch
         self.pipeline = sampler.pipeline(prefetch_queue_depth=prefetch_queue_depth)
-        self._dali = DALIGenericIterator(self.pipeline, list(OUTPUT_NAMES), size=-1)
+        self._dali = DALIGenericIterator(self.pipeline, list(sampler.output_names), size=-1)
         self._returned = 0
 
     def __len__(self) -> int:

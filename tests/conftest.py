@@ -104,3 +104,35 @@ def reference_decode(paths: list[str], device: str, exif: bool = True, channels:
             images = images.as_cpu()
         out[path] = np.array(images[0])
     return out
+
+
+def coordinate_image(h: int, w: int) -> np.ndarray:
+    """``(h, w, 3) uint8`` whose pixel ``(y, x)`` is ``(y % 256, x % 256, 16·(y // 256) + x // 256)``:
+    every pixel names its own position (images up to 4096 px), so a patch shows where it came from."""
+    yy, xx = np.mgrid[:h, :w]
+    return np.stack([yy % 256, xx % 256, (yy // 256) * 16 + xx // 256], -1).astype(np.uint8)
+
+
+def label_mask(h: int, w: int) -> np.ndarray:
+    """``(h, w, 1) uint8`` mask that differs under every flip/rotation: ``(7y + 3x) % 251``."""
+    yy, xx = np.mgrid[:h, :w]
+    return ((7 * yy + 3 * xx) % 251).astype(np.uint8)[..., None]
+
+
+@pytest.fixture(scope="session")
+def sr_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Super-resolution pairs: ``hr/<sub>/NNNN.png`` coordinate images (even sizes) and
+    ``lr_x2/<sub>/NNNNx2.png``, their exact 2× decimation, lossless; plus ``mask/<sub>/NNNN.png``
+    single-channel masks of the HR size."""
+    root = tmp_path_factory.mktemp("sr")
+    rng = np.random.default_rng(5)
+    for i in range(16):
+        sub = f"s{i % 2}"
+        for folder in ("hr", "lr_x2", "mask"):
+            (root / folder / sub).mkdir(parents=True, exist_ok=True)
+        h, w = int(rng.integers(40, 90)) * 2, int(rng.integers(40, 90)) * 2
+        hr = coordinate_image(h, w)
+        _save(root / "hr" / sub / f"{i:04d}.png", hr)
+        _save(root / "lr_x2" / sub / f"{i:04d}x2.png", np.ascontiguousarray(hr[::2, ::2]))
+        _save(root / "mask" / sub / f"{i:04d}.png", label_mask(h, w))
+    return root

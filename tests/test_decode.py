@@ -28,7 +28,7 @@ def test_same_seed_same_order_and_pixels_match_reference(backend, image_dir: Pat
     b = DecodeStage(files, backend, batch_size=3, num_threads=1, seed=11)
     reference = reference_decode(files, backend.device.value)
     for _ in range(len(files)):
-        (sa, ia), (sb, _) = a.next(), b.next()
+        (sa, (ia,)), (sb, _) = a.next(), b.next()
         assert sa == sb
         assert np.array_equal(backend.to_host(ia), reference[files[sa]])
 

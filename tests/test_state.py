@@ -66,3 +66,24 @@ def test_state_of_another_sampler_is_refused(many_images: Path) -> None:
             started.load_state_dict(state)
         with pytest.raises(ValueError, match="state format"):
             started.load_state_dict({"stream": None})
+
+
+def test_restore_with_companions_and_mask_anchors(device: str, sr_pairs: Path) -> None:
+    settings = {"patch_size": 16, "batch_size": 6, "reuse": 2, "cache_images": 8, "seed": 5,
+                "companions": {"mask": {"kind": "mask"}}, "anchors": "pos_neg", "anchor_mask": "mask"}
+    source = {"image": sr_pairs / "hr", "mask": sr_pairs / "mask"}
+
+    def record(batches: list, backend) -> list:
+        return [(b.source.tolist(), b.anchor.tolist(), backend.to_host(b.companions["mask"])) for b in batches]
+
+    with PatchSampler(source, device=device, **settings) as original:
+        for _ in range(12):
+            next(original)
+        state = json.loads(json.dumps(original.state_dict()))
+        reference = record([next(original) for _ in range(10)], original.backend)
+    with PatchSampler(source, device=device, **settings) as resumed:
+        resumed.load_state_dict(state)  # the cell sums of the mask anchors are rebuilt from the re-decoded masks
+        _assert_same(record([next(resumed) for _ in range(10)], resumed.backend), reference)
+    with PatchSampler(source, device=device, **{**settings, "pos_fraction": 0.9}) as other, \
+            pytest.raises(ValueError, match="pos_fraction: saved 0.5, now 0.9"):
+        other.load_state_dict(state)

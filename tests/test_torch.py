@@ -31,3 +31,16 @@ def test_endless_iterator_has_no_length(image_dir: Path) -> None:
             len(iterator)
         with pytest.raises(ValueError, match="batches_per_epoch=0"):
             PatchIterator(s, batches_per_epoch=0)
+
+
+def test_super_resolution_pairs_as_float_chw_tensors(device: str, sr_pairs: Path) -> None:
+    from dali_patches import Augment
+
+    source = {"image": str(sr_pairs / "lr_x2/**/*x2.png"), "target": str(sr_pairs / "hr/**/*.png")}
+    with PatchSampler(source, patch_size=12, batch_size=8, reuse=4, cache_images=12, device=device,
+                      companions={"target": {"scale": 2}},
+                      augment=Augment(mean=0, std=255, layout="CHW")) as s:
+        data = next(iter(PatchIterator(s)))
+        lr, hr = data["patches"], data["target"]
+        assert lr.shape == (8, 3, 12, 12) and hr.shape == (8, 3, 24, 24) and lr.dtype == torch.float32
+        assert torch.equal(hr[:, :, ::2, ::2], lr)

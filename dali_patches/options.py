@@ -1,0 +1,191 @@
+"""The parts of a :class:`~dali_patches.config.SamplerConfig` that describe *what* is sampled beyond
+plain images: aligned companions, augmentation, and where patches are cut (modes as Enums).
+
+Each is a frozen dataclass validated at construction, so a bad value fails before any file is read.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from fractions import Fraction
+
+__all__ = ["DTYPES", "RESERVED_NAMES", "AnchorMode", "Augment", "Companion", "CompanionKind", "ImageChoice", "Layout",
+           "enum_value"]
+
+DTYPES = {"uint8": 1, "uint16": 2}  # cached dtypes → bytes per channel
+_OUT_DTYPES = ("float32", "float16", "uint8", "uint16", "int32")  # what Augment.dtype may cast to
+RESERVED_NAMES = ("image", "patches", "source", "anchor")  # not usable as companion names
+
+
+class CompanionKind(str, enum.Enum):
+    """What a companion holds. ``IMAGE``: pixels, decoded like the main image (its ``channels`` and
+    ``dtype`` by default) and normalised with it. ``MASK``: labels or weights, decoded as stored
+    grey values (1 channel, ``uint8`` by default), only flipped/rotated, never normalised."""
+
+    IMAGE = "image"
+    MASK = "mask"
+
+
+class Layout(str, enum.Enum):
+    """Axis order of the patch outputs: ``HWC`` (as cached) or ``CHW`` (PyTorch convention)."""
+
+    HWC = "HWC"
+    CHW = "CHW"
+
+
+class AnchorMode(str, enum.Enum):
+    """Where in a chosen image a patch is cut.
+
+    ``UNIFORM``: every position equally likely. ``WEIGHTS``: patch centres drawn in proportion to the
+    pixel values of a mask companion (``anchor_mask``). ``POS_NEG``: a ``pos_fraction`` of the
+    patches is centred on a pixel where the mask is > 0, the rest where it is 0 (as MONAI's
+    ``RandCropByPosNegLabel``). ``POINTS``: centred on user-given ``(file, y, x)`` points.
+    """
+
+    UNIFORM = "uniform"
+    WEIGHTS = "weights"
+    POS_NEG = "pos_neg"
+    POINTS = "points"
+
+
+class ImageChoice(str, enum.Enum):
+    """How each batch picks its ``batch_size`` distinct resident images. ``UNIFORM``: every resident
+    image equally likely (each decoded image serves ≈ ``reuse`` patches). ``AREA``: in proportion to
+    the image's area, so every pixel of the data set is about equally likely to be in a patch (large
+    images serve more patches per decode, small ones fewer; the mean stays ``reuse``)."""
+
+    UNIFORM = "uniform"
+    AREA = "area"
+
+
+def _scale(value: object, name: str) -> Fraction:
+    try:
+        scale = Fraction(value).limit_denominator(1000) if not isinstance(value, bool) else None
+    except (TypeError, ValueError, ZeroDivisionError):
+        scale = None
+    if scale is None or scale <= 0 or (scale.numerator != 1 and scale.denominator != 1):
+        msg = (f"companion {name!r}: scale={value!r} must be a whole number n or 1/n (its size over the main "
+               "image's, e.g. 2 for a high-resolution twin of a low-resolution image, '1/2' for the reverse)")
+        raise ValueError(msg)
+    return scale
+
+
+def enum_value(kind: type[enum.Enum], value: object, name: str) -> enum.Enum:
+    try:
+        return kind(value)
+    except ValueError:
+        msg = f"{name}={value!r} is not one of {[k.value for k in kind]}"
+        raise ValueError(msg) from None
+
+
+@dataclass(frozen=True)
+class Companion:
+    """An aligned partner of every image: a target, a mask or a twin at another resolution.
+
+    It is decoded, cached (evicted with its image) and cut at the same anchor, scaled:
+    the companion patch of a main patch ``(y, x, P_h, P_w)`` is ``(y·s, x·s, P_h·s, P_w·s)``.
+
+    Args:
+        name: its output name (``"target"``, ``"mask"``, …) and its key in a dict ``source``.
+        scale: the companion's size over the main image's, ``n`` or ``1/n`` (``"1/2"``, ``0.5``).
+            Each companion file must be exactly that size; with ``1/n`` anchors fall on multiples of
+            ``n`` and ``patch_size`` must be divisible by ``n``.
+        kind: :class:`CompanionKind` (``"image"`` or ``"mask"``).
+        channels: decoded channels, 3 or 1; ``None``: the sampler's for images, 1 for masks.
+        dtype: cached dtype, ``"uint8"`` or ``"uint16"``; ``None``: the sampler's for images,
+            ``"uint8"`` for masks (label values kept as stored).
+    """
+
+    name: str
+    scale: Fraction = Fraction(1)
+    kind: CompanionKind = CompanionKind.IMAGE
+    channels: int | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier() or self.name in RESERVED_NAMES:
+            msg = f"companion name {self.name!r} must be a Python identifier other than {RESERVED_NAMES}, e.g. 'target'"
+            raise ValueError(msg)
+        object.__setattr__(self, "scale", _scale(self.scale, self.name))
+        object.__setattr__(self, "kind", enum_value(CompanionKind, self.kind, f"companion {self.name!r} kind"))
+        if self.channels not in (None, 1, 3) or isinstance(self.channels, bool):
+            msg = f"companion {self.name!r}: channels={self.channels!r} must be 3, 1 or None"
+            raise ValueError(msg)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            msg = f"companion {self.name!r}: dtype={self.dtype!r} must be one of {sorted(DTYPES)} or None"
+            raise ValueError(msg)
+
+    def resolved(self, channels: int, dtype: str) -> Companion:
+        """This companion with ``channels``/``dtype`` filled in from the main image's."""
+        mask = self.kind is CompanionKind.MASK
+        return Companion(self.name, self.scale, self.kind, self.channels or (1 if mask else channels),
+                         self.dtype or ("uint8" if mask else dtype))
+
+    @property
+    def pixel_bytes(self) -> int:
+        return (self.channels or 3) * DTYPES[self.dtype or "uint8"]
+
+
+def _per_channel(value: object, name: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, (int, float)) else tuple(value)  # type: ignore[arg-type]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        msg = f"{name}={value!r} must be a number or one number per channel, e.g. (123.7, 116.3, 103.5)"
+        raise ValueError(msg)
+    return tuple(float(v) for v in values)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Augmentation applied by DALI ops in the sample pipeline, on the cache's device. Every
+    geometric draw is shared by all outputs of a patch (image, target, mask stay aligned). All off
+    by default.
+
+    Args:
+        hflip, vflip: mirror left-right / top-bottom with probability 1/2 each.
+        rot90: rotate by a random multiple of 90° (square patches only); with both flips on, the
+            eight symmetries of the square are equally likely.
+        mean, std: normalise image outputs to ``(x - mean) / std`` per channel, in stored pixel
+            units (0–255 for ``uint8``); gives ``float32`` unless ``dtype`` says otherwise. Masks
+            are never normalised.
+        dtype: cast image outputs to ``"float32"``, ``"float16"``, ``"uint8"``, ``"uint16"`` or
+            ``"int32"``; ``None`` keeps the cached dtype (``float32`` when normalising).
+        layout: :class:`Layout` of every patch output (``"HWC"`` or ``"CHW"``).
+    """
+
+    hflip: bool = False
+    vflip: bool = False
+    rot90: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    dtype: str | None = None
+    layout: Layout = Layout.HWC
+
+    def __post_init__(self) -> None:
+        for name in ("hflip", "vflip", "rot90"):
+            if not isinstance(getattr(self, name), bool):
+                msg = f"Augment {name}={getattr(self, name)!r} must be True or False"
+                raise TypeError(msg)
+        object.__setattr__(self, "mean", _per_channel(self.mean, "mean"))
+        object.__setattr__(self, "std", _per_channel(self.std, "std"))
+        if (self.mean is None) != (self.std is None):
+            msg = f"give both mean and std or neither (got mean={self.mean}, std={self.std})"
+            raise ValueError(msg)
+        if self.std is not None and min(self.std) <= 0:
+            msg = f"std={self.std} must be positive"
+            raise ValueError(msg)
+        if self.dtype is not None and self.dtype not in _OUT_DTYPES:
+            msg = f"Augment dtype={self.dtype!r} must be one of {list(_OUT_DTYPES)} or None"
+            raise ValueError(msg)
+        object.__setattr__(self, "layout", enum_value(Layout, self.layout, "layout"))
+
+    @property
+    def normalize(self) -> bool:
+        return self.mean is not None
+
+    @property
+    def active(self) -> bool:
+        """Whether any DALI op is needed at all."""
+        return self != Augment()
