@@ -95,17 +95,23 @@ class MaskAnchors(UniformAnchors):
         return cache.arena[offset: offset + nbytes].view(self.dtype).reshape(h, w, self.channels)[..., 0]
 
     def on_insert(self, cache: RingCache, slot: int) -> None:
-        (ph, pw), c = self.patch_size, self.cell
+        (ph, pw), c, xp = self.patch_size, self.cell, self.xp
         mask = self._mask(cache, slot)
         region = mask[ph // 2: mask.shape[0] - ph + ph // 2 + 1, pw // 2: mask.shape[1] - pw + pw // 2 + 1]
-        classes = [region] if self.pos_fraction is None else [region > 0, region == 0]
         rows, cols = -(-region.shape[0] // c), -(-region.shape[1] // c)
-        cdfs = []
-        for values in classes:
-            padded = self.xp.pad(values, ((0, rows * c - values.shape[0]), (0, cols * c - values.shape[1])))
-            sums = padded.reshape(rows, c, cols, c).sum(axis=(1, 3), dtype=np.float64)
-            cdfs.append(np.cumsum(_host(sums)).reshape(-1))
-        self._cdfs[int(slot)] = (cols, cdfs)
+        # Cell sums: rows of c first (contiguous adds), then columns; uint32 holds 256 × 65535.
+        padded = xp.zeros((rows * c, cols * c), xp.uint32)
+        if self.pos_fraction is None:
+            padded[: region.shape[0], : region.shape[1]] = region
+        else:
+            xp.greater(region, 0, out=padded[: region.shape[0], : region.shape[1]])
+        sums = _host(padded.reshape(rows, c, cols * c).sum(axis=1).reshape(rows, cols, c).sum(axis=2))
+        cdfs = [np.cumsum(sums, dtype=np.float64)]
+        if self.pos_fraction is not None:  # negatives: valid positions of the cell minus positives
+            valid = np.outer(np.minimum(c, region.shape[0] - c * np.arange(rows)),
+                             np.minimum(c, region.shape[1] - c * np.arange(cols)))
+            cdfs.append(np.cumsum(valid - sums, dtype=np.float64))
+        self._cdfs[int(slot)] = (cols, [cdf.reshape(-1) for cdf in cdfs])
 
     def draw(self, cache: RingCache, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         h, w = cache.height[slots], cache.width[slots]

@@ -89,6 +89,10 @@ class Producer:
         self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng, config.image_choice,
                                self._anchor_policy(rng, points))
         self.schedule = RefillSchedule(config.batch_size, config.reuse)
+        # What each part's gather needs, worked out once: name, patch size, scale as num/den, layout.
+        self._cuts = [(p.name, (int(config.patch_size[0] * p.scale), int(config.patch_size[1] * p.scale)),
+                       p.scale.numerator, p.scale.denominator, p.pixel_bytes, p.channels, p.dtype)
+                      for p in config.parts]
         self.queue: queue.Queue = queue.Queue(maxsize=config.queue_depth)
         self.batches_made = 0
         self.distinct_batches = 0
@@ -236,12 +240,12 @@ class Producer:
         draw = self.sampler.draw(self.cache)
         self.cache.record_served(draw.slots)
         cut = {}
-        for part, (offsets, widths) in zip(self.config.parts, self.cache.part_layout(draw.slots)):
-            s = part.scale
-            size = (int(self.config.patch_size[0] * s), int(self.config.patch_size[1] * s))
-            starts = row_starts(offsets, widths, draw.y * s.numerator // s.denominator,
-                                draw.x * s.numerator // s.denominator, size[0], part.pixel_bytes)
-            cut[part.name] = gather_patches(self.backend.xp, self.cache.arena, starts, size, part.channels, part.dtype)
+        layouts = self.cache.part_layout(draw.slots) if len(self._cuts) > 1 else [
+            (self.cache.offset[draw.slots], self.cache.width[draw.slots])]
+        for (name, size, num, den, pixel_bytes, channels, dtype), (offsets, widths) in zip(self._cuts, layouts):
+            y, x = (draw.y, draw.x) if num == den else (draw.y * num // den, draw.x * num // den)
+            starts = row_starts(offsets, widths, y, x, size[0], pixel_bytes)
+            cut[name] = gather_patches(self.backend.xp, self.cache.arena, starts, size, channels, dtype)
         self._release_holds()  # the gather (and the inserts before it) are done: safe to hand over
         anchor = np.stack([draw.y, draw.x], axis=1).astype(np.int32)
         self.distinct_batches += int(len(np.unique(draw.source)) == len(draw.source))
