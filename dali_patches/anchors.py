@@ -92,7 +92,10 @@ class MaskAnchors(UniformAnchors):
         h, w = int(cache.height[slot]), int(cache.width[slot])
         offset = int(cache.part_layout(np.array([slot]))[self.part][0][0])
         nbytes = h * w * self.channels * self.dtype.itemsize
-        return cache.arena[offset: offset + nbytes].view(self.dtype).reshape(h, w, self.channels)[..., 0]
+        raw = cache.arena[offset: offset + nbytes]
+        if self.dtype.itemsize > 1 and offset % self.dtype.itemsize:
+            raw = raw.copy()  # parts are packed byte to byte: a 16-bit mask may start at an odd offset
+        return raw.view(self.dtype).reshape(h, w, self.channels)[..., 0]
 
     def on_insert(self, cache: RingCache, slot: int) -> None:
         (ph, pw), c, xp = self.patch_size, self.cell, self.xp

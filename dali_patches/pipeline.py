@@ -232,7 +232,8 @@ class PatchSampler:
         included), ``patches_per_residence`` (patches per cached copy over completed residences),
         ``duplicate_decodes`` (fresh decodes of still-resident images, not inserted twice),
         ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
-        ``skipped_files``, decode failures."""
+        ``skipped_files``, decode failures, ``anchor_fallbacks`` (weighted draws that fell back: see
+        :mod:`dali_patches.anchors`)."""
         return {**self._producer.stats(), "files": len(self.files), "skipped_files": len(self.catalog.skipped),
                 "device": self.backend.device.value}
 

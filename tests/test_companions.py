@@ -82,7 +82,9 @@ def test_unpaired_and_misfit_companions_are_reported_per_file_before_training(tm
     _save(tmp_path / "lr" / "b.png", np.ascontiguousarray(hr[:30, ::2]))  # wrong size
     Image.fromarray(np.zeros((32, 40), np.uint8), "P").save(tmp_path / "lr" / "c.png")  # palette, as a mask
     _save(tmp_path / "lr" / "orphan.png", np.ascontiguousarray(hr[::2, ::2]))  # no image; d has no partner
-    with pytest.warns(CatalogWarning, match="skipped 4"):
+    _save(tmp_path / "hr" / "e.png", hr)
+    (tmp_path / "lr" / "e.png").write_bytes(_save(tmp_path / "e.png", hr[::2, ::2]).read_bytes()[:-20])  # truncated
+    with pytest.warns(CatalogWarning, match="skipped 5"):
         catalog = Catalog.scan({"image": tmp_path / "hr", "lr": tmp_path / "lr"},
                                companions=[Companion("lr", scale="1/2", kind="mask", channels=3)])
     reasons = {Path(p).relative_to(tmp_path).as_posix(): r for p, r in catalog.skipped}
@@ -91,6 +93,7 @@ def test_unpaired_and_misfit_companions_are_reported_per_file_before_training(tm
     assert "palette PNG" in reasons["lr/c.png"]
     assert "no 'lr' partner with key 'd'" in reasons["hr/d.png"]
     assert "has no image with key 'orphan'" in reasons["lr/orphan.png"]
+    assert reasons["lr/e.png"].startswith("truncated PNG (no IEND chunk) (image ")
 
 
 def test_source_and_companions_must_agree(sr_pairs: Path) -> None:
