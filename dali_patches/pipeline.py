@@ -25,6 +25,7 @@ from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .decode import DALI_DTYPES
 from .options import AnchorMode, Companion, Layout
 from .producer import PatchBatch, Producer
+from .provenance import ProvenanceWriter
 from .sources import MAIN
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("patches", "source", "anchor")  # without companions; see PatchSampler.output_names
 _STATE_FORMAT = 1
+
+
+def _close(producer: Producer, provenance: ProvenanceWriter | None) -> None:
+    producer.close()
+    if provenance is not None:
+        provenance.close()
 
 
 def _companions(source: Any, companions: Mapping[str, Any] | Sequence[Companion] | None) -> tuple[Companion, ...]:
@@ -96,6 +103,8 @@ class PatchSampler:
             in order. Each is cut at the same anchor and is its own output.
         points: ``(file, y, x)`` patch centres; patches are centred on them (uniformly among an
             image's points), and only images with points are sampled.
+        provenance: a file to record every delivered patch's ``(batch, source, y, x)`` in (16
+            bytes per patch, appended per batch); read it with :func:`dali_patches.review.load`.
         **options: the rest of :class:`SamplerConfig` (``augment``, ``anchors``, ``anchor_mask``,
             ``pos_fraction``, ``image_choice``, ``allow_repeats``, ``decode_batch``, ``num_threads``,
             ``queue_depth``, ``channels``, ``dtype``, ``pad``, ``device_id``, ``shard_id``, ``num_shards``).
@@ -126,6 +135,7 @@ class PatchSampler:
         progress: bool | None = None,
         companions: Mapping[str, Any] | Sequence[Companion] | None = None,
         points: Iterable[tuple[Any, int, int]] | None = None,
+        provenance: str | os.PathLike | None = None,
         **options: Any,
     ) -> None:
         unknown = set(options) - set(SamplerConfig.__dataclass_fields__) | ({"companions"} & set(options))
@@ -157,7 +167,13 @@ class PatchSampler:
                                   progress=progress, points=self._points)
         self._pipelines: list[Any] = []
         # A sampler dropped without close() still stops its thread (the producer does not refer back).
-        self._finalizer = weakref.finalize(self, self._producer.close)
+        self._provenance = None
+        if provenance is not None:
+            cat = self.catalog
+            self._provenance = ProvenanceWriter(provenance, {
+                "files": list(cat.files), "heights": cat.heights.tolist(), "widths": cat.widths.tolist(),
+                "patch_size": list(self.config.patch_size), "settings": self._fingerprint()})
+        self._finalizer = weakref.finalize(self, _close, self._producer, self._provenance)
 
     # -- planning ----------------------------------------------------------------------------
     def _plan_cache(self) -> tuple[int, int, int]:
@@ -224,7 +240,10 @@ class PatchSampler:
         return self
 
     def __next__(self) -> PatchBatch:
-        return self._producer.get()
+        batch = self._producer.get()
+        if self._provenance is not None:
+            self._provenance.write(batch.index, batch.source, batch.anchor)
+        return batch
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``images_decoded``, ``patches_served``, ``batches_served``, ``resident_images``,
@@ -284,7 +303,7 @@ class PatchSampler:
 
     # -- DALI --------------------------------------------------------------------------------
     def _feed(self) -> tuple[Any, ...]:
-        batch = self._producer.get()
+        batch = next(self)
         return (batch.patches, *(batch.companions[c.name] for c in self.config.companions), batch.source,
                 batch.anchor)
 

@@ -1,0 +1,88 @@
+"""Review a run from its provenance log: which images and which regions the model actually saw.
+
+    >>> from dali_patches import review
+    >>> run = review.load("run.prov")
+    >>> review.coverage(run)["patches_per_image_cv"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .provenance import _BIG, MAGIC, RECORD
+
+__all__ = ["Provenance", "coverage", "load"]
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """A provenance log in memory.
+
+    Attributes:
+        files: paths; ``source`` indexes them.
+        heights, widths: ``(N,) int64`` image sizes as cached; ``patch_size``: ``(P_h, P_w)``.
+        batch, source: ``(M,) int64`` per recorded patch; ``anchor``: ``(M, 2) int64`` ``(y, x)``.
+        header: everything else the sampler wrote (settings).
+    """
+
+    files: tuple[str, ...]
+    heights: np.ndarray
+    widths: np.ndarray
+    patch_size: tuple[int, int]
+    batch: np.ndarray
+    source: np.ndarray
+    anchor: np.ndarray
+    header: dict[str, Any]
+
+    def patches_per_image(self) -> np.ndarray:
+        """``(N,) int64`` patches taken from each image."""
+        return np.bincount(self.source, minlength=len(self.files))
+
+
+def load(path: str | os.PathLike) -> Provenance:
+    """Read a log written by ``PatchSampler(..., provenance=path)``; a run cut short (a partial last
+    record) loads up to its last whole record."""
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            msg = f"{os.fspath(path)!r} is not a dali_patches provenance log (bad magic)"
+            raise ValueError(msg)
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        record = _BIG if header.get("record") == "int32" else RECORD
+        data = f.read()
+    rows = np.frombuffer(data[: len(data) // record.itemsize * record.itemsize], record)
+    return Provenance(tuple(header.pop("files")), np.asarray(header.pop("heights"), np.int64),
+                      np.asarray(header.pop("widths"), np.int64), tuple(header.pop("patch_size")),
+                      rows["batch"].astype(np.int64), rows["source"].astype(np.int64),
+                      np.stack([rows["y"], rows["x"]], axis=1).astype(np.int64), header)
+
+
+def coverage(run: Provenance, bins: int = 4) -> dict[str, Any]:
+    """Summary statistics of where patches came from.
+
+    Returns:
+        ``patches``, ``batches``, ``images``; ``patches_per_image_mean`` and ``_cv`` (std / mean:
+        0 = every image equally often); ``never_sampled`` (images with no patch); and the anchors'
+        uniformity inside their images: each anchor's position within its valid range, binned
+        ``bins × bins``, tested against uniform — ``anchor_chi2``, its ``anchor_chi2_dof``
+        (``bins² − 1``) and ``anchor_chi2_per_dof`` (≈ 1 for uniform anchors, ≫ 1 when weighted).
+    """
+    counts = run.patches_per_image()
+    mean = float(counts.mean()) if len(counts) else 0.0
+    span_y = run.heights[run.source] - run.patch_size[0] + 1
+    span_x = run.widths[run.source] - run.patch_size[1] + 1
+    cell_y = np.minimum(run.anchor[:, 0] * bins // np.maximum(span_y, 1), bins - 1)
+    cell_x = np.minimum(run.anchor[:, 1] * bins // np.maximum(span_x, 1), bins - 1)
+    observed = np.bincount(cell_y * bins + cell_x, minlength=bins * bins).astype(np.float64)
+    expected = len(run.source) / bins**2
+    chi2 = float(((observed - expected) ** 2 / expected).sum()) if len(run.source) else 0.0
+    return {"patches": len(run.source), "batches": len(np.unique(run.batch)), "images": len(run.files),
+            "patches_per_image_mean": mean,
+            "patches_per_image_cv": float(counts.std() / mean) if mean else 0.0,
+            "never_sampled": int((counts == 0).sum()),
+            "anchor_chi2": chi2, "anchor_chi2_dof": bins * bins - 1,
+            "anchor_chi2_per_dof": chi2 / (bins * bins - 1)}
