@@ -9,6 +9,7 @@ from .config import Device, SamplerConfig, format_bytes, parse_bytes
 from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, Layout
 from .pipeline import OUTPUT_NAMES, PatchSampler
 from .producer import PatchBatch
+from .sources import Problem
 
 __all__ = [
     "AnchorMode",
@@ -23,6 +24,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "PatchBatch",
     "PatchSampler",
+    "Problem",
     "SamplerConfig",
     "format_bytes",
     "parse_bytes",

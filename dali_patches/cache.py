@@ -19,9 +19,26 @@ import numpy as np
 from .backend import Backend
 from .config import format_bytes
 
-__all__ = ["RingCache"]
+__all__ = ["RingCache", "images_held"]
 
 _SLOT_FIELDS = ("offset", "height", "width", "source", "served")
+
+
+def images_held(sample_bytes: np.ndarray, capacity_bytes: int) -> tuple[int, int]:
+    """How many images a ring of ``capacity_bytes`` holds, from each image's bytes with companions.
+
+    Returns:
+        ``(at_least, typical)``: ``at_least`` fit whichever images are drawn (the largest ones, with
+        two largest images of slack: one for the wrap, one for the image being written);
+        ``typical`` is ``capacity_bytes // mean image bytes``; both at most the number of images.
+    """
+    sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
+    if not len(sizes):
+        return 0, 0
+    room = capacity_bytes - 2 * int(sizes[0])
+    at_least = int(np.searchsorted(np.cumsum(sizes), room, side="right")) if room > 0 else 0
+    typical = min(len(sizes), int(capacity_bytes // max(1, sizes.mean())))
+    return min(at_least, len(sizes)), typical
 
 
 class RingCache:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,9 +22,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .options import Companion, CompanionKind
-from .sources import IMAGE_SUFFIXES, pair_sources
+from .sources import IMAGE_SUFFIXES, Problem, pair_sources
 
-__all__ = ["IMAGE_SUFFIXES", "Catalog", "CatalogWarning", "screen_file"]
+__all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES", "screen_file"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class CatalogWarning(UserWarning):
     """Some files were skipped; ``Catalog.skipped`` lists each with its reason."""
 
 
-def screen_file(path: str) -> str | None:
+def screen_file(path: str) -> Problem | None:
     """Cheap structural check (≈0.02 ms) that catches files which would break DALI's reader.
 
     Returns ``None`` for a plausible image, else the reason. Zero-byte files make DALI's file reader
@@ -45,25 +46,26 @@ def screen_file(path: str) -> str | None:
     try:
         size = os.path.getsize(path)
         if size == 0:
-            return "empty file (0 bytes)"
+            return Problem("empty file (0 bytes)", "empty")
         with open(path, "rb") as f:
             head = f.read(8)
             f.seek(max(0, size - 64))
             tail = f.read()
     except OSError as e:
-        return f"unreadable: {e.strerror or e}"
+        return Problem(f"unreadable: {e.strerror or e}", "unreadable")
     if head[:3] == b"\xff\xd8\xff":
-        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+        return None if b"\xff\xd9" in tail else Problem("truncated JPEG (no end-of-image marker)", "truncated")
     if head == b"\x89PNG\r\n\x1a\n":
-        return None if b"IEND" in tail else "truncated PNG (no IEND chunk)"
+        return None if b"IEND" in tail else Problem("truncated PNG (no IEND chunk)", "truncated")
     if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
-        return f"not a {Path(path).suffix.lower()[1:].upper()} file (bad signature {head[:4]!r})"
+        return Problem(f"not a {Path(path).suffix.lower()[1:].upper()} file (bad signature {head[:4]!r})", "not an image")
     return None
 
 
-def _decoded_shape(path: str, exif: bool = True) -> tuple[int, int, int, str] | str:
-    """``(height, width, source channels, Pillow mode)`` as DALI will decode it (EXIF orientation
-    applied when ``exif``), or the reason it is unusable."""
+def _decoded_shape(path: str, exif: bool = True) -> tuple[int, int, int, str, str] | Problem:
+    """``(height, width, source channels, Pillow mode, format)`` as DALI will decode it (EXIF
+    orientation applied when ``exif``; format e.g. ``"JPEG"``, ``"JPEG progressive"``, ``"PNG"``), or
+    the reason it is unusable."""
     reason = screen_file(path)
     if reason is not None:
         return reason
@@ -71,28 +73,30 @@ def _decoded_shape(path: str, exif: bool = True) -> tuple[int, int, int, str] | 
         with Image.open(path) as im:
             w, h = im.size
             channels, mode = len(im.getbands()), im.mode
+            fmt = f"{im.format} progressive" if im.info.get("progressive") else str(im.format)
             if exif and im.format in ("JPEG", "TIFF", "WEBP") and im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
                 h, w = w, h
     except PermissionError as e:
-        return f"not readable ({e.strerror}); fix its permissions"
+        return Problem(f"not readable ({e.strerror}); fix its permissions", "unreadable")
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad headers
-        return f"cannot read image header: {e}"
-    return h, w, channels, mode
+        return Problem(f"cannot read image header: {e}", "not an image")
+    return h, w, channels, mode, fmt
 
 
-def _companion_problem(part: Companion, shape: tuple[int, int, int, str] | str, main: tuple[int, int]) -> str | None:
+def _companion_problem(part: Companion, shape: tuple[int, int, int, str, str] | Problem,
+                       main: tuple[int, int]) -> Problem | None:
     """Why a companion file cannot go with an image of decoded size ``main``, or ``None``."""
     if isinstance(shape, str):
         return shape
-    h, w, _, mode = shape
+    h, w, _, mode, _ = shape
     want = (main[0] * part.scale, main[1] * part.scale)
     if (h, w) != want:
         exact = "" if all(v.denominator == 1 for v in want) else f" (the image's size is not divisible by {part.scale.denominator})"
-        return (f"{part.name!r} is {h}x{w} but must be {part.scale}× its image's {main[0]}x{main[1]}"
-                f" = {float(want[0]):g}x{float(want[1]):g}{exact}")
+        return Problem(f"{part.name!r} is {h}x{w} but must be {part.scale}× its image's {main[0]}x{main[1]}"
+                       f" = {float(want[0]):g}x{float(want[1]):g}{exact}", "size mismatch")
     if part.kind is CompanionKind.MASK and mode == "P":
-        return (f"{part.name!r} is a palette PNG: the decoder would turn its colour indices into grey levels; "
-                "save the label values as a single-channel ('L') PNG")
+        return Problem(f"{part.name!r} is a palette PNG: the decoder would turn its colour indices into grey "
+                       "levels; save the label values as a single-channel ('L') PNG", "palette mask")
     return None
 
 
@@ -110,6 +114,8 @@ class Catalog:
         skipped: ``(path, reason)`` of every file left out, companions and unpaired files included.
         padded: how many images are smaller than ``min_size`` and will be zero-padded.
         companions: companion name → ``(N,)`` paths aligned with ``files``.
+        formats, modes: ``(N,)`` file format (``"JPEG"``, ``"JPEG progressive"``, ``"PNG"``, …) and
+            Pillow mode (``"RGB"``, ``"L"``, ``"RGBA"``, ``"I;16"``, …) of each image.
     """
 
     files: tuple[str, ...]
@@ -119,6 +125,8 @@ class Catalog:
     skipped: tuple[tuple[str, str], ...]
     padded: int = 0
     companions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    formats: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -132,13 +140,44 @@ class Catalog:
         idx = np.asarray(indices, dtype=np.int64)
         pick = [self.files[i] for i in idx.tolist()]
         named = {name: tuple(paths[i] for i in idx.tolist()) for name, paths in self.companions.items()}
+        def take(values: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(values[i] for i in idx.tolist()) if values else ()
+
         return Catalog(tuple(pick), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
-                       self.padded, named)
+                       self.padded, named, take(self.formats), take(self.modes))
 
     def sample_bytes(self, parts: Sequence[Companion]) -> np.ndarray:
         """``(N,) int64`` cache bytes of each image with its companions (``SamplerConfig.parts``)."""
         num, den = zip(*((p.scale.numerator, p.scale.denominator) for p in parts))
         return sum(self.heights * n // d * (self.widths * n // d) * p.pixel_bytes for p, n, d in zip(parts, num, den))
+
+    def summary(self) -> dict[str, Any]:
+        """What the catalog holds, for people and machines (``dali-patches inspect``).
+
+        Returns:
+            ``images`` (usable) and ``skipped`` counts; ``formats``, ``modes`` and ``channels``:
+            images per value; ``megapixels``: ``min``/``median``/``max``/``total``; ``sizes``:
+            smallest and largest ``"HxW"``; ``problems``: skipped files per kind
+            (:class:`~dali_patches.sources.Problem`); ``companions``: name → images paired with one;
+            ``padded``.
+        """
+        mp = self.heights * self.widths / 1e6
+        order = np.argsort(mp, kind="stable")
+
+        def hw(i: int) -> str:
+            return f"{self.heights[i]}x{self.widths[i]}"
+
+        return {
+            "images": len(self), "skipped": len(self.skipped),
+            "formats": dict(Counter(self.formats).most_common()), "modes": dict(Counter(self.modes).most_common()),
+            "channels": {int(c): int(n) for c, n in zip(*np.unique(self.channels, return_counts=True))},
+            "megapixels": ({"min": float(mp.min()), "median": float(np.median(mp)), "max": float(mp.max()),
+                            "total": float(mp.sum())} if len(self) else {}),
+            "sizes": {"smallest": hw(order[0]), "largest": hw(order[-1])} if len(self) else {},
+            "problems": dict(Counter(getattr(r, "kind", "other") for _, r in self.skipped).most_common()),
+            "companions": {name: len(paths) for name, paths in self.companions.items()},
+            "padded": self.padded,
+        }
 
     @classmethod
     def scan(
@@ -150,6 +189,7 @@ class Catalog:
         exif: bool = True,
         pad: bool = False,
         companions: Sequence[Companion] = (),
+        check: bool = True,
     ) -> Catalog:
         """Build a catalog, skipping (and reporting) bad files, unpaired or misfit companions, and
         images smaller than ``min_size``.
@@ -166,6 +206,8 @@ class Catalog:
                 right up to it) instead of skipping them.
             companions: resolved :class:`Companion` of each partner (``SamplerConfig.companions``);
                 each partner must be exactly ``scale`` × its image's size.
+            check: raise when nothing is usable and warn about skipped files; ``False`` returns
+                whatever is usable, possibly nothing (for reports such as ``dali-patches inspect``).
 
         Raises:
             FileNotFoundError: a path does not exist.
@@ -183,7 +225,7 @@ class Catalog:
                                               disable=not show)))
         finally:
             Image.MAX_IMAGE_PIXELS = bomb_limit
-        keep, sizes = [], []
+        keep, sizes, kinds = [], [], []
         too_small = padded = 0
         largest = (0, 0)
         for row in rows:
@@ -191,8 +233,8 @@ class Catalog:
             if isinstance(result, str):
                 skipped.append((path, result))
                 continue
-            h, w, c, _ = result
-            problems = [(p, f"{why} (image {path!r})") for part, p in zip(companions, row[1:])
+            h, w, c, mode, fmt = result
+            problems = [(p, Problem(f"{why} (image {path!r})", why.kind)) for part, p in zip(companions, row[1:])
                         if (why := _companion_problem(part, shapes[p], (h, w)))]
             if problems:
                 skipped += problems
@@ -201,12 +243,14 @@ class Catalog:
             if (h < min_size[0] or w < min_size[1]) and pad:
                 h, w, padded = max(h, min_size[0]), max(w, min_size[1]), padded + 1
             elif h < min_size[0] or w < min_size[1]:
-                skipped.append((path, f"{h}x{w} is smaller than the patch {min_size[0]}x{min_size[1]}"))
+                skipped.append((path, Problem(f"{h}x{w} is smaller than the patch {min_size[0]}x{min_size[1]}",
+                                              "too small")))
                 too_small += 1
                 continue
             keep.append(row)
             sizes.append((h, w, c))
-        if not keep:
+            kinds.append((fmt, mode))
+        if not keep and check:
             if too_small:
                 msg = (
                     f"patch_size={min_size} exceeds every image (largest is {largest[0]}x{largest[1]}); "
@@ -216,7 +260,7 @@ class Catalog:
                 with_them = " with its companions" if companions else ""
                 msg = f"none of the {len(rows)} file(s) is a usable image{with_them}, e.g. {skipped[0][0]!r}: {skipped[0][1]}"
             raise ValueError(msg)
-        if skipped:
+        if skipped and check:
             examples = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
             warnings.warn(
                 f"skipped {len(skipped)} of {len(paths)} files ({too_small} smaller than the patch"
@@ -228,4 +272,4 @@ class Catalog:
         log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
         named = {c.name: tuple(row[i + 1] for row in keep) for i, c in enumerate(companions)}
         return cls(tuple(row[0] for row in keep), arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(),
-                   tuple(skipped), padded, named)
+                   tuple(skipped), padded, named, tuple(k[0] for k in kinds), tuple(k[1] for k in kinds))

@@ -10,8 +10,7 @@ import enum
 from dataclasses import dataclass
 from fractions import Fraction
 
-__all__ = ["DTYPES", "RESERVED_NAMES", "AnchorMode", "Augment", "Companion", "CompanionKind", "ImageChoice", "Layout",
-           "enum_value"]
+__all__ = ["AnchorMode", "Augment", "Companion", "CompanionKind", "DTYPES", "ImageChoice", "Layout", "RESERVED_NAMES", "enum_value"]
 
 DTYPES = {"uint8": 1, "uint16": 2}  # cached dtypes → bytes per channel
 _OUT_DTYPES = ("float32", "float16", "uint8", "uint16", "int32")  # what Augment.dtype may cast to

@@ -20,13 +20,14 @@ from nvidia.dali import fn, pipeline_def, types
 
 from .augment import augment_outputs, output_dtype
 from .backend import resolve_backend
+from .cache import images_held
 from .catalog import Catalog
 from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .decode import DALI_DTYPES
 from .options import AnchorMode, Companion, Layout
 from .producer import PatchBatch, Producer
 from .provenance import ProvenanceWriter
-from .sources import MAIN
+from .sources import declared_companions
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
@@ -40,27 +41,6 @@ def _close(producer: Producer, provenance: ProvenanceWriter | None) -> None:
     producer.close()
     if provenance is not None:
         provenance.close()
-
-
-def _companions(source: Any, companions: Mapping[str, Any] | Sequence[Companion] | None) -> tuple[Companion, ...]:
-    """Companions named by a dict source's keys (or a list of dicts), with options from ``companions``
-    (name → :class:`Companion`, dict of its options, or ``None`` for defaults)."""
-    given = {c.name: c for c in companions} if isinstance(companions, Sequence) else dict(companions or {})
-    if isinstance(source, Mapping):
-        names = [k for k in source if k != MAIN]
-    elif isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Mapping):
-        names = [k for k in source[0] if k != MAIN]
-    else:  # plain paths, or tuples in the order of ``companions``
-        names = list(given)
-    unknown = set(given) - set(names)
-    if unknown:
-        msg = f"companions {sorted(unknown)} are not in the source (it names {names}); add them to the source"
-        raise ValueError(msg)
-    out = []
-    for name in names:
-        spec = given.get(name)
-        out.append(spec if isinstance(spec, Companion) else Companion(name, **(spec or {})))
-    return tuple(out)
 
 
 def _points_by_source(points: Iterable[tuple[Any, int, int]], files: Sequence[str], heights: Any,
@@ -146,7 +126,7 @@ class PatchSampler:
             options["anchors"] = AnchorMode.POINTS
         self.config = SamplerConfig(patch_size=patch_size, batch_size=batch_size, reuse=reuse,
                                     cache_bytes=cache_bytes, cache_images=cache_images, device=device,
-                                    seed=seed, companions=_companions(source, companions), **options)
+                                    seed=seed, companions=declared_companions(source, companions), **options)
         if self.config.anchors is AnchorMode.POINTS and points is None:
             msg = "anchors='points' needs points=[(file, y, x), ...]"
             raise ValueError(msg)
@@ -211,8 +191,7 @@ class PatchSampler:
                    f"memory ({format_bytes(free)}); lower cache_bytes")
             raise ValueError(msg)
         max_slots = cache_bytes // int(sizes[-1]) + 1
-        warmup = min(len(sizes), int(cache_bytes // max(1, sizes.mean())))
-        return cache_bytes, int(max_slots), warmup
+        return cache_bytes, int(max_slots), images_held(sizes, cache_bytes)[1]
 
     # -- data --------------------------------------------------------------------------------
     @property

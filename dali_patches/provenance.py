@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAGIC", "RECORD", "ProvenanceWriter"]
+__all__ = ["MAGIC", "ProvenanceWriter", "RECORD"]
 
 MAGIC = b"DPPROV1\n"
 RECORD = np.dtype([("batch", "<i8"), ("source", "<i4"), ("y", "<i2"), ("x", "<i2")])

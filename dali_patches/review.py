@@ -16,7 +16,7 @@ import numpy as np
 
 from .provenance import _BIG, MAGIC, RECORD
 
-__all__ = ["Provenance", "coverage", "load"]
+__all__ = ["Provenance", "coverage", "heat_map", "load"]
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,29 @@ def coverage(run: Provenance, bins: int = 4) -> dict[str, Any]:
             "never_sampled": int((counts == 0).sum()),
             "anchor_chi2": chi2, "anchor_chi2_dof": bins * bins - 1,
             "anchor_chi2_per_dof": chi2 / (bins * bins - 1)}
+
+
+def heat_map(run: Provenance, image: int, cell: int = 1) -> np.ndarray:
+    """How many recorded patches covered each pixel of image ``image`` (an index into ``run.files``).
+
+    Args:
+        cell: pixels per side of a heat-map cell; ``cell > 1`` shrinks the map for large images
+            (a 20k × 20k tile at ``cell=32`` is 625 × 625), counting a patch in every cell it touches.
+
+    Returns:
+        ``(ceil(H / cell), ceil(W / cell)) int32``; at ``cell=1`` it sums to patches × patch area.
+    """
+    if cell < 1:
+        msg = f"{cell=} must be >= 1 (pixels per heat-map cell)"
+        raise ValueError(msg)
+    if not 0 <= image < len(run.files):
+        msg = f"{image=} is not an image index of this log (0..{len(run.files) - 1})"
+        raise ValueError(msg)
+    rows, cols = -(-int(run.heights[image]) // cell), -(-int(run.widths[image]) // cell)
+    y, x = run.anchor[run.source == image].T
+    top, left = y // cell, x // cell
+    bottom, right = (y + run.patch_size[0] - 1) // cell + 1, (x + run.patch_size[1] - 1) // cell + 1
+    corners = np.zeros((rows + 1, cols + 1), np.int32)  # 2-D difference array: ±1 at each footprint's corners
+    for ys, xs, sign in ((top, left, 1), (top, right, -1), (bottom, left, -1), (bottom, right, 1)):
+        np.add.at(corners, (np.minimum(ys, rows), np.minimum(xs, cols)), sign)
+    return corners.cumsum(0).cumsum(1)[:rows, :cols].astype(np.int32)

@@ -21,10 +21,29 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IMAGE_SUFFIXES", "MAIN", "expand", "pair_sources"]
+from .options import Companion
+
+__all__ = ["IMAGE_SUFFIXES", "MAIN", "Problem", "declared_companions", "expand", "pair_sources"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 MAIN = "image"  # key of the main image in a dict source
+
+
+class Problem(str):
+    """Why a file was left out: the message itself (a ``str``), plus ``kind``, a short stable label
+    for counting (``"empty"``, ``"truncated"``, ``"not an image"``, ``"unreadable"``, ``"too small"``,
+    ``"no partner"``, ``"orphan companion"``, ``"duplicate key"``, ``"size mismatch"``,
+    ``"palette mask"``)."""
+
+    kind: str
+
+    def __new__(cls, message: str, kind: str) -> Problem:  # noqa: PYI034 - Self needs Python 3.11
+        self = super().__new__(cls, message)
+        self.kind = kind
+        return self
+
+    def __reduce__(self) -> tuple[type[Problem], tuple[str, str]]:  # pickle and copy keep the kind
+        return Problem, (str(self), self.kind)
 
 
 def expand(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -106,7 +125,8 @@ def _keyed(source: Any, name: str) -> tuple[dict[str, str], list[tuple[str, str]
     clashes = []
     for key, path in zip(keys, paths):
         if key in found:
-            clashes.append((path, f"{name!r} key {key!r} is also {found[key]!r}; keep one file per key"))
+            clashes.append((path, Problem(f"{name!r} key {key!r} is also {found[key]!r}; keep one file per key",
+                                            "duplicate key")))
         else:
             found[key] = path
     return found, clashes
@@ -125,11 +145,12 @@ def _rows_by_key(source: Mapping[str, Any], names: Sequence[str]) -> tuple[list[
             example = next(iter(keyed[missing[0]]), None)
             where = os.fspath(source[missing[0]])
             why = f"no {missing[0]!r} partner with key {key!r} in {where!r} (its keys look like {example!r})"
-            problems.append((path, f"{why}; add it or remove this image"))
+            problems.append((path, Problem(f"{why}; add it or remove this image", "no partner")))
             continue
         rows.append((path, *(keyed[n][key] for n in names)))
     for name in names:
-        problems += [(path, f"this {name!r} file has no image with key {key!r} in {os.fspath(source[MAIN])!r}")
+        problems += [(path, Problem(f"this {name!r} file has no image with key {key!r} in {os.fspath(source[MAIN])!r}",
+                                      "orphan companion"))
                      for key, path in keyed[name].items() if key not in keyed[MAIN]]
     return rows, problems
 
@@ -182,3 +203,24 @@ def pair_sources(source: Any, names: Sequence[str]) -> tuple[list[tuple[str, ...
         paths = expand(source if isinstance(source, (str, os.PathLike)) else list(source))
         return [(p,) for p in paths], []
     return _check_rows(list(source), names), []
+
+
+def declared_companions(source: Any, companions: Mapping[str, Any] | Sequence[Companion] | None) -> tuple[Companion, ...]:
+    """Companions named by a dict source's keys (or a list of dicts), with options from ``companions``
+    (name → :class:`Companion`, dict of its options, or ``None`` for defaults)."""
+    given = {c.name: c for c in companions} if isinstance(companions, Sequence) else dict(companions or {})
+    if isinstance(source, Mapping):
+        names = [k for k in source if k != MAIN]
+    elif isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Mapping):
+        names = [k for k in source[0] if k != MAIN]
+    else:  # plain paths, or tuples in the order of ``companions``
+        names = list(given)
+    unknown = set(given) - set(names)
+    if unknown:
+        msg = f"companions {sorted(unknown)} are not in the source (it names {names}); add them to the source"
+        raise ValueError(msg)
+    out = []
+    for name in names:
+        spec = given.get(name)
+        out.append(spec if isinstance(spec, Companion) else Companion(name, **(spec or {})))
+    return tuple(out)

@@ -1,3 +1,5 @@
+import importlib
+import pkgutil
 import subprocess
 import sys
 
@@ -10,6 +12,18 @@ def test_all_is_sorted_and_importable() -> None:
         assert hasattr(dali_patches, name), name
 
 
+def test_every_module_lists_its_public_names_sorted() -> None:
+    for info in pkgutil.iter_modules(dali_patches.__path__):
+        if info.name in ("tf", "torch") and importlib.util.find_spec(info.name.replace("tf", "tensorflow")) is None:
+            continue
+        module = importlib.import_module(f"dali_patches.{info.name}")
+        names = getattr(module, "__all__", None)
+        assert names is not None, f"{info.name} has no __all__"
+        assert list(names) == sorted(names), info.name
+        for name in names:
+            assert hasattr(module, name), f"{info.name}.{name}"
+
+
 def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
     code = (
         "import sys\n"
@@ -18,7 +32,7 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
         "        if name.split('.')[0] in ('torch', 'cupy', 'tensorflow'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import dali_patches, dali_patches.cli\n"
+        "import dali_patches, dali_patches.cli, dali_patches.commands, dali_patches.figures\n"
         "from dali_patches.backend import resolve_backend\n"
         "assert resolve_backend('auto').device.value == 'cpu'\n"
         "print('ok')\n"

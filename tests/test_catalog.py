@@ -140,3 +140,14 @@ def test_unreadable_files_are_listed_with_the_fix(image_dir: Path, monkeypatch: 
         cat = Catalog.scan(image_dir)
     (path, reason), = cat.skipped
     assert path.endswith("base_1.jpg") and reason == "not readable (Permission denied); fix its permissions"
+
+
+def test_problems_keep_their_kind_through_pickle_and_copy() -> None:
+    import copy
+    import pickle
+
+    from dali_patches import Problem
+
+    problem = Problem("truncated JPEG (no end-of-image marker)", "truncated")
+    for clone in (pickle.loads(pickle.dumps(problem)), copy.deepcopy(problem)):
+        assert clone == problem and clone.kind == "truncated" and isinstance(clone, str)

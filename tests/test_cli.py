@@ -1,9 +1,18 @@
+import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from dali_patches.cli import main
+import numpy as np
+import pytest
+from PIL import Image
+
+from dali_patches import review
+from dali_patches.cli import _parser, main
+
+from .conftest import make_image_set
 
 
 def test_bench_runs_on_generated_images_and_writes_json(tmp_path: Path, capsys) -> None:
@@ -30,3 +39,127 @@ def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
 def test_console_script_help_lists_commands() -> None:
     out = subprocess.run([sys.executable, "-m", "dali_patches.cli", "--help"], capture_output=True, text=True, check=True)
     assert "bench" in out.stdout and "synth" in out.stdout
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The varied image set plus one bad file of every kind inspect must report: name → kind."""
+    make_image_set(tmp_path / "data")
+    good = (tmp_path / "data" / "b" / "big.jpg").read_bytes()
+    png = (tmp_path / "data" / "b" / "rgb_0.png").read_bytes()
+    bad = tmp_path / "data" / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (bad / "truncated.png").write_bytes(png[:200])
+    (bad / "notes.jpg").write_text("this is not an image")
+    (bad / "header.png").write_bytes(png[:8] + b"\0" * 64 + b"IEND")  # right signature, broken header
+    Image.new("RGB", (20, 30)).save(bad / "tiny.png")
+    kinds = {"empty.jpg": "empty", "truncated.jpg": "truncated", "truncated.png": "truncated",
+             "notes.jpg": "not an image", "header.png": "not an image", "tiny.png": "too small"}
+    return tmp_path / "data", kinds
+
+
+def test_inspect_finds_every_planted_bad_file(planted: tuple[Path, dict[str, str]], tmp_path: Path, capsys) -> None:
+    data, kinds = planted
+    out = tmp_path / "report.json"
+    assert main(["inspect", str(data), "--patch", "32", "--cache", "8MiB", "--json", str(out), "--no-progress"]) == 3
+    report = json.loads(out.read_text())
+    assert {Path(b["path"]).name: b["kind"] for b in report["bad_files"]} == kinds
+    assert report["images"] == 24 and report["skipped"] == 6
+    assert report["problems"] == {"truncated": 2, "not an image": 2, "empty": 1, "too small": 1}
+    assert report["formats"] == {"JPEG": 12, "PNG": 8, "JPEG progressive": 4}
+    assert report["modes"] == {"RGB": 19, "L": 3, "RGBA": 2}
+    assert report["channels"] == {"1": 3, "3": 19, "4": 2}
+    assert report["megapixels"]["max"] == pytest.approx(480 * 640 / 1e6)
+    assert report["sizes"]["largest"] == "480x640"
+    # 8 MiB: the two-largest slack (2 × 0.92 MB) and then the largest images first
+    sizes = sorted((h * w * 3 for h, w in _sizes(data, kinds)), reverse=True)
+    room = 8 * 2**20 - 2 * sizes[0]
+    assert report["cache"]["images_at_least"] == sum(1 for total in np.cumsum(sizes) if total <= room)
+    text = capsys.readouterr().out
+    for name in kinds:
+        assert name in text
+    assert "JPEG progressive 4" in text and "cache 8MiB" in text
+
+
+def _sizes(data: Path, bad: dict[str, str]) -> list[tuple[int, int]]:
+    out = []
+    for path in sorted(data.rglob("*")):
+        if path.is_file() and path.name not in bad:
+            with Image.open(path) as im:
+                out.append((im.height, im.width))
+    return out
+
+
+def test_inspect_json_to_stdout_and_exit_codes(tmp_path: Path, image_dir: Path, capsys) -> None:
+    assert main(["inspect", str(image_dir), "--patch", "32", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)  # nothing but JSON on stdout
+    assert report["images"] == 24 and report["bad_files"] == []
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert main(["inspect", str(tmp_path), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "empty.jpg: empty file (0 bytes)" in captured.out and "no usable image" in captured.err
+
+
+def test_inspect_reports_companions_found_and_missing(sr_pairs: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "sr"
+    shutil.copytree(sr_pairs, data)
+    orphan = min((data / "lr_x2").rglob("*.png"))
+    min((data / "hr").rglob("*.png")).unlink()  # its LR twin is now an orphan
+    lonely = max((data / "hr").rglob("*.png"))
+    max((data / "mask").rglob("*.png")).unlink()  # this image lost its mask
+    code = main(["inspect", str(data / "lr_x2" / "**" / "*x2.png"), "--patch", "16", "--json", "--no-progress",
+                 "--companion", f"target={data / 'hr' / '**' / '*.png'},scale=2"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 3 and report["companions"] == {"target": 15}
+    assert [(Path(b["path"]).name, b["kind"]) for b in report["bad_files"]] == [(orphan.name, "no partner")]
+    code = main(["inspect", str(data / "hr"), "--patch", "16", "--no-progress",
+                 "--companion", f"mask={data / 'mask'},kind=mask"])
+    text = capsys.readouterr().out
+    assert code == 3 and "mask: 14 images paired" in text and f"{lonely}: no 'mask' partner" in text
+
+
+def test_every_option_of_every_command_is_explained() -> None:
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"inspect", "bench", "preview", "coverage", "synth"}
+    for name, sub in commands.items():
+        assert sub.description, name
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_bad_companion_flag_and_bad_counts_exit_2(image_dir: Path, capsys) -> None:
+    assert main(["inspect", str(image_dir), "--companion", "mask", "--no-progress"]) == 2
+    assert "must look like NAME=PATH" in capsys.readouterr().err
+    assert main(["inspect", str(image_dir), "--companion", "mask=x,colour=red", "--no-progress"]) == 2
+    assert "'colour=red' is not one of scale=..." in capsys.readouterr().err
+    assert main(["coverage", str(image_dir), "--out", "x.png", "--patches", "0"]) == 2
+    assert "--patches 0 must be at least 1" in capsys.readouterr().err
+
+
+def test_preview_writes_a_captioned_grid(image_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "grid.png"
+    assert main(["preview", str(image_dir), "--out", str(out), "--patch", "32", "--batch", "9", "--cache", "16MiB",
+                 "--device", "cpu", "--no-progress"]) == 0
+    with Image.open(out) as png:
+        # 3 × 3 cells of 128 px (32 px × 4) with a two-line caption, 4 px gaps: see figures.patch_grid
+        assert png.size == (3 * (128 + 12) + 4, 3 * (128 + 28 + 12) + 4)
+    assert "9 patches of batch 0 from 9 images" in capsys.readouterr().out
+
+
+def test_coverage_streams_draws_and_reads_back_its_log(many_images: Path, tmp_path: Path, capsys) -> None:
+    out, log, stats = tmp_path / "coverage.png", tmp_path / "run.prov", tmp_path / "stats.json"
+    assert main(["coverage", str(many_images), "--patches", "500", "--batch", "16", "--reuse", "4", "--cache", "8MiB",
+                 "--out", str(out), "--log", str(log), "--json", str(stats), "--device", "cpu", "--no-progress"]) == 0
+    with Image.open(out) as png:
+        assert png.size == (1600, 800)  # 4 heat maps: 16 × 8 inches at 100 dpi
+    result = json.loads(stats.read_text())
+    run = review.load(log)
+    assert result["patches"] == 512 == len(run.source)  # rounded up to whole batches
+    assert {k: result[k] for k in review.coverage(run)} == pytest.approx(review.coverage(run))
+    assert "never sampled" in capsys.readouterr().out
+    again = tmp_path / "again.png"
+    assert main(["coverage", str(log), "--out", str(again), "--json"]) == 0  # a log as SOURCE: no sampling
+    assert json.loads(capsys.readouterr().out)["patches"] == 512

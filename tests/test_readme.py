@@ -1,16 +1,20 @@
 """The README's Python examples run as written (on generated images in ``data/``)."""
 
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dali_patches.cli import main
 from dali_patches.synth import synthetic_image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+CLI = [line.split("  #")[0].strip() for line in
+       re.search(r"<!-- cli:examples -->\n```bash\n(.*?)```", README.read_text(), flags=re.DOTALL).group(1).splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +52,14 @@ def test_readme_example_runs(index: int, data_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(data_dir)
     namespace: dict = {}
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)  # noqa: S102
+
+
+def test_readme_command_lines_run(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command-line examples run in order (coverage reads the log the one before it kept)."""
+    monkeypatch.chdir(data_dir)
+    assert len(CLI) >= 6
+    for line in CLI:
+        words = shlex.split(line)
+        assert words[0] == "dali-patches", line
+        assert main([*words[1:], "--no-progress"]) == 0, line
+    assert Path("grid.png").is_file() and Path("coverage.png").is_file() and Path("report.json").is_file()
