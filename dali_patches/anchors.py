@@ -19,17 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from .backend import Backend
 from .cache import RingCache
 from .gather import gather_patches, row_starts
 
 __all__ = ["MaskAnchors", "PointAnchors", "UniformAnchors"]
 
 _CELL = 16  # mask cell size in pixels (memory: 8 bytes per cell and class, i.e. 1/32 of a byte per pixel)
-
-
-def _host(array: Any) -> np.ndarray:
-    """A NumPy copy of a NumPy or CuPy array (small: cell sums and mask windows)."""
-    return array.get() if hasattr(array, "get") else np.asarray(array)
 
 
 class UniformAnchors:
@@ -79,10 +75,10 @@ class MaskAnchors(UniformAnchors):
             weight map gives a uniform anchor (counted too).
     """
 
-    def __init__(self, patch_size: tuple[int, int], step: int, rng: np.random.Generator, xp: Any, part: int,
-                 channels: int, dtype: Any, pos_fraction: float | None) -> None:
+    def __init__(self, patch_size: tuple[int, int], step: int, rng: np.random.Generator, backend: Backend,
+                 part: int, channels: int, dtype: Any, pos_fraction: float | None) -> None:
         super().__init__(patch_size, step, rng)
-        self.xp = xp
+        self.backend, self.xp = backend, backend.xp
         self.part, self.channels, self.dtype = part, channels, np.dtype(dtype)
         self.pos_fraction = pos_fraction
         self.cell = min(_CELL, *patch_size)
@@ -108,7 +104,7 @@ class MaskAnchors(UniformAnchors):
             padded[: region.shape[0], : region.shape[1]] = region
         else:
             xp.greater(region, 0, out=padded[: region.shape[0], : region.shape[1]])
-        sums = _host(padded.reshape(rows, c, cols * c).sum(axis=1).reshape(rows, cols, c).sum(axis=2))
+        sums = self.backend.to_host(padded.reshape(rows, c, cols * c).sum(axis=1).reshape(rows, cols, c).sum(axis=2))
         cdfs = [np.cumsum(sums, dtype=np.float64)]
         if self.pos_fraction is not None:  # negatives: valid positions of the cell minus positives
             valid = np.outer(np.minimum(c, region.shape[0] - c * np.arange(rows)),
@@ -144,7 +140,7 @@ class MaskAnchors(UniformAnchors):
         oy, ox = np.minimum(top, h - c), np.minimum(left, w - c)
         offsets, widths = cache.part_layout(slots)[self.part]
         starts = row_starts(offsets, widths, oy, ox, c, self.channels * self.dtype.itemsize)
-        window = _host(gather_patches(self.xp, cache.arena, starts, (c, c), self.channels, self.dtype))
+        window = self.backend.to_host(gather_patches(self.xp, cache.arena, starts, (c, c), self.channels, self.dtype))
         values = window[..., 0].astype(np.float64)
         if self.pos_fraction is not None:
             values = np.where(want[:, None, None] == 0, values > 0, values == 0).astype(np.float64)

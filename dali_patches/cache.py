@@ -18,6 +18,7 @@ import numpy as np
 
 from .backend import Backend
 from .config import format_bytes
+from .options import scaled
 
 __all__ = ["RingCache", "images_held"]
 
@@ -91,14 +92,14 @@ class RingCache:
 
     def part_bytes(self, h: Any, w: Any) -> list[Any]:
         """Bytes of each part of an image whose main part is ``h × w`` (ints or arrays)."""
-        return [(h * s.numerator // s.denominator) * (w * s.numerator // s.denominator) * b for s, b in self.parts]
+        return [scaled(h, s) * scaled(w, s) * b for s, b in self.parts]
 
     def part_layout(self, slots: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(byte offsets, widths in pixels)`` of every part of the images in ``slots``."""
         offset, h, w = self.offset[slots], self.height[slots], self.width[slots]
         out = []
         for (scale, _), nbytes in zip(self.parts, self.part_bytes(h, w)):
-            out.append((offset, w * scale.numerator // scale.denominator))
+            out.append((offset, scaled(w, scale)))
             offset = offset + nbytes
         return out
 

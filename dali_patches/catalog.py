@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .options import Companion, CompanionKind
+from .options import Companion, CompanionKind, scaled
 from .sources import IMAGE_SUFFIXES, Problem, pair_sources
 
 __all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES", "screen_file"]
@@ -148,8 +148,7 @@ class Catalog:
 
     def sample_bytes(self, parts: Sequence[Companion]) -> np.ndarray:
         """``(N,) int64`` cache bytes of each image with its companions (``SamplerConfig.parts``)."""
-        num, den = zip(*((p.scale.numerator, p.scale.denominator) for p in parts))
-        return sum(self.heights * n // d * (self.widths * n // d) * p.pixel_bytes for p, n, d in zip(parts, num, den))
+        return sum(scaled(self.heights, p.scale) * scaled(self.widths, p.scale) * p.pixel_bytes for p in parts)
 
     def summary(self) -> dict[str, Any]:
         """What the catalog holds, for people and machines (``dali-patches inspect``).

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from .options import DTYPES as _DTYPES
-from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, enum_value
+from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, enum_value, scaled
 
 __all__ = ["Device", "SamplerConfig", "default_decode_batch", "distributed_defaults", "format_bytes", "parse_bytes"]
 
@@ -315,5 +315,5 @@ class SamplerConfig:
     @property
     def patch_bytes(self) -> int:
         """Bytes of one patch with all its companions, as gathered."""
-        return sum(int(self.patch_size[0] * c.scale * self.patch_size[1] * c.scale) * c.pixel_bytes
-                   for c in self.parts)
+        ph, pw = self.patch_size
+        return sum(scaled(ph, c.scale) * scaled(pw, c.scale) * c.pixel_bytes for c in self.parts)

@@ -24,7 +24,7 @@ from .cache import images_held
 from .catalog import Catalog
 from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .decode import DALI_DTYPES
-from .options import AnchorMode, Companion, Layout
+from .options import AnchorMode, Companion, Layout, scaled
 from .producer import PatchBatch, Producer
 from .provenance import ProvenanceWriter
 from .sources import declared_companions
@@ -134,7 +134,7 @@ class PatchSampler:
         self.catalog = Catalog.scan(source, min_size=self.config.patch_size, progress=progress,
                                     exif=self.config.exif_orientation, pad=self.config.pad,
                                     companions=self.config.companions)
-        self._points = None
+        self._points, self._points_sha = None, None
         if points is not None:
             points = list(points)
             self._points = _points_by_source(points, self.catalog.files, self.catalog.heights, self.catalog.widths)
@@ -248,7 +248,7 @@ class PatchSampler:
                 "companions": [[c.name, str(c.scale), c.kind.value, c.channels, c.dtype] for c in cfg.companions],
                 "companion_files_sha256": hashlib.sha256(repr(self.catalog.companions).encode()).hexdigest(),
                 "anchors": cfg.anchors.value, "anchor_mask": cfg.anchor_mask, "pos_fraction": cfg.pos_fraction,
-                "image_choice": cfg.image_choice.value, "points_sha256": getattr(self, "_points_sha", None)}
+                "image_choice": cfg.image_choice.value, "points_sha256": self._points_sha}
 
     def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
         """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):
@@ -299,7 +299,7 @@ class PatchSampler:
         """Per-sample shapes of the pipeline outputs, ordered as :attr:`output_names`."""
         shapes = []
         for part in self.config.parts:
-            h, w = (int(p * part.scale) for p in self.config.patch_size)
+            h, w = (scaled(p, part.scale) for p in self.config.patch_size)
             chw = self.config.augment.layout is Layout.CHW
             shapes.append((part.channels, h, w) if chw else (h, w, part.channels))
         return (*shapes, (), (2,))

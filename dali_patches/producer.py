@@ -26,7 +26,7 @@ from .cache import RingCache
 from .config import SamplerConfig, default_decode_batch
 from .decode import DecodeStage, decode_files
 from .gather import gather_patches, row_starts
-from .options import AnchorMode
+from .options import AnchorMode, scaled
 from .sampler import RefillSchedule, Sampler
 
 __all__ = ["PatchBatch", "Producer"]
@@ -89,10 +89,9 @@ class Producer:
         self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng, config.image_choice,
                                self._anchor_policy(rng, points))
         self.schedule = RefillSchedule(config.batch_size, config.reuse)
-        # What each part's gather needs, worked out once: name, patch size, scale as num/den, layout.
-        self._cuts = [(p.name, (int(config.patch_size[0] * p.scale), int(config.patch_size[1] * p.scale)),
-                       p.scale.numerator, p.scale.denominator, p.pixel_bytes, p.channels, p.dtype)
-                      for p in config.parts]
+        # What each part's gather needs, worked out once: name, scale, patch size, layout.
+        self._cuts = [(p.name, p.scale, tuple(scaled(v, p.scale) for v in config.patch_size), p.pixel_bytes,
+                       p.channels, p.dtype) for p in config.parts]
         self.queue: queue.Queue = queue.Queue(maxsize=config.queue_depth)
         self.batches_made = 0
         self.distinct_batches = 0
@@ -116,7 +115,7 @@ class Producer:
         if cfg.anchors in (AnchorMode.WEIGHTS, AnchorMode.POS_NEG):
             part = next(i for i, c in enumerate(cfg.parts) if c.name == cfg.anchor_mask)
             mask = cfg.parts[part]
-            return MaskAnchors(cfg.patch_size, cfg.anchor_step, rng, self.backend.xp, part, mask.channels,
+            return MaskAnchors(cfg.patch_size, cfg.anchor_step, rng, self.backend, part, mask.channels,
                                mask.dtype, cfg.pos_fraction if cfg.anchors is AnchorMode.POS_NEG else None)
         return UniformAnchors(cfg.patch_size, cfg.anchor_step, rng)
 
@@ -210,7 +209,7 @@ class Producer:
             return images
         out = []
         for image, part in zip(images, self.config.parts):
-            th, tw = int(max(h, ph) * part.scale), int(max(w, pw) * part.scale)
+            th, tw = scaled(max(h, ph), part.scale), scaled(max(w, pw), part.scale)
             pad = ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0))
             out.append(self.backend.xp.pad(image, pad))
         return out
@@ -242,8 +241,8 @@ class Producer:
         cut = {}
         layouts = self.cache.part_layout(draw.slots) if len(self._cuts) > 1 else [
             (self.cache.offset[draw.slots], self.cache.width[draw.slots])]
-        for (name, size, num, den, pixel_bytes, channels, dtype), (offsets, widths) in zip(self._cuts, layouts):
-            y, x = (draw.y, draw.x) if num == den else (draw.y * num // den, draw.x * num // den)
+        for (name, scale, size, pixel_bytes, channels, dtype), (offsets, widths) in zip(self._cuts, layouts):
+            y, x = scaled(draw.y, scale), scaled(draw.x, scale)
             starts = row_starts(offsets, widths, y, x, size[0], pixel_bytes)
             cut[name] = gather_patches(self.backend.xp, self.cache.arena, starts, size, channels, dtype)
         self._release_holds()  # the gather (and the inserts before it) are done: safe to hand over
