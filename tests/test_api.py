@@ -1,7 +1,9 @@
 import importlib
 import pkgutil
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import dali_patches
 
@@ -40,3 +42,17 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+FLOW = ["options", "config", "backend", "sources", "catalog", "decode", "cache", "gather", "anchors", "sampler",
+        "augment", "producer", "provenance", "pipeline", "torch", "tf", "review", "figures", "synth", "commands", "cli"]
+
+
+def test_imports_follow_the_flow() -> None:
+    """A module imports only from modules earlier in the data flow (the README's "How it works")."""
+    package = Path(dali_patches.__file__).parent
+    assert {p.stem for p in package.glob("*.py")} - {"__init__"} == set(FLOW)
+    for name in FLOW:
+        text = (package / f"{name}.py").read_text()
+        for dep in re.findall(r"^\s*from \.(\w+) import", text, re.MULTILINE):
+            assert FLOW.index(dep) < FLOW.index(name), f"{name} imports {dep}, which comes later in the flow"
