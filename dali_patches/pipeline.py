@@ -280,14 +280,19 @@ class PatchSampler:
         if state["stream"] is not None:
             self._producer.restore(state["stream"])
 
-    # -- DALI --------------------------------------------------------------------------------
-    def _feed(self) -> tuple[Any, ...]:
+    # -- DALI: the pieces of the sample pipeline, for pipeline(), dali_patches.tf and your own ---------
+    def next_outputs(self) -> tuple[Any, ...]:
+        """The next batch as a tuple ordered as :attr:`output_names`: patches and companions on the
+        sampler's device, ``source`` ``(B,) int64`` and ``anchor`` ``(B, 2) int32`` on the host; a
+        ``source=`` for ``fn.external_source(..., batch=True, **external_source_args())``."""
         batch = next(self)
         return (batch.patches, *(batch.companions[c.name] for c in self.config.companions), batch.source,
                 batch.anchor)
 
-    def _graph(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
-        """Augment the patch nodes among ``inputs`` (ordered as :attr:`output_names`)."""
+    def augment_nodes(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """Inside a DALI graph: the sampler's ``augment`` ops applied to DALI nodes ordered as
+        :attr:`output_names` (one random draw per patch, shared by its companions); ``source`` and
+        ``anchor`` pass through. Without ``augment`` it returns the nodes as they are."""
         parts = self.config.parts
         return (*augment_outputs(inputs[:len(parts)], parts, self.config.augment), *inputs[len(parts):])
 
@@ -304,7 +309,9 @@ class PatchSampler:
             shapes.append((part.channels, h, w) if chw else (h, w, part.channels))
         return (*shapes, (), (2,))
 
-    def _external_args(self) -> dict[str, list[Any]]:
+    def external_source_args(self) -> dict[str, list[Any]]:
+        """``dtype``, ``layout`` and ``ndim`` lists (one entry per :attr:`output_names`) for
+        ``fn.external_source`` fed by :meth:`next_outputs`."""
         parts = self.config.parts
         return {"dtype": [*(DALI_DTYPES[p.dtype] for p in parts), types.INT64, types.INT32],
                 "layout": [*("HWC" for _ in parts), "", ""], "ndim": [*(3 for _ in parts), 0, 1]}
@@ -325,15 +332,15 @@ class PatchSampler:
 
         def feed() -> tuple[Any, ...]:
             fed[0] += 1
-            return self._feed()
+            return self.next_outputs()
 
         @pipeline_def(batch_size=self.config.batch_size, num_threads=num_threads,
                       device_id=self.backend.dali_device_id, prefetch_queue_depth=prefetch_queue_depth,
                       seed=self.config.seed, **kwargs)
         def sample_pipeline():  # a DALI graph
             inputs = fn.external_source(source=feed, num_outputs=len(self.output_names), batch=True,
-                                        device=self.backend.op_device, **self._external_args())
-            return self._graph(inputs)
+                                        device=self.backend.op_device, **self.external_source_args())
+            return self.augment_nodes(inputs)
 
         pipe = sample_pipeline()
         pipe.batches_fed = fed

@@ -36,7 +36,7 @@ class _Fields:
         def take(info: Any) -> Any:
             with self._lock:
                 if info.iteration not in self._batches:
-                    fields = [self._sampler.backend.to_host(v) for v in self._sampler._feed()]
+                    fields = [self._sampler.backend.to_host(v) for v in self._sampler.next_outputs()]
                     self._batches[info.iteration] = [fields, len(fields)]
                 entry = self._batches[info.iteration]
                 entry[1] -= 1
@@ -63,7 +63,7 @@ def patch_dataset(sampler: PatchSampler, prefetch_queue_depth: int = 2, num_thre
     """
     names, backend = sampler.output_names, sampler.backend
     fields = _Fields(sampler)
-    external = sampler._external_args()
+    external = sampler.external_source_args()
 
     @pipeline_def(batch_size=sampler.config.batch_size, num_threads=num_threads, device_id=backend.dali_device_id,
                   prefetch_queue_depth=prefetch_queue_depth, seed=sampler.config.seed)
@@ -73,7 +73,7 @@ def patch_dataset(sampler: PatchSampler, prefetch_queue_depth: int = 2, num_thre
                                      ndim=external["ndim"][i]) for i, name in enumerate(names)]
         if backend.is_gpu:
             inputs = [node.gpu() for node in inputs]  # TF on a GPU takes every output from the GPU
-        return sampler._graph(inputs)
+        return sampler.augment_nodes(inputs)
 
     batch = sampler.config.batch_size
     shapes = tuple((batch, *shape) for shape in sampler.output_shapes())
