@@ -138,12 +138,12 @@ class Catalog:
     def subset(self, indices: Sequence[int]) -> Catalog:
         """A catalog of the images at ``indices`` (in that order), with their companions."""
         idx = np.asarray(indices, dtype=np.int64)
-        pick = [self.files[i] for i in idx.tolist()]
-        named = {name: tuple(paths[i] for i in idx.tolist()) for name, paths in self.companions.items()}
-        def take(values: tuple[str, ...]) -> tuple[str, ...]:
+
+        def take(values: tuple[str, ...]) -> tuple[str, ...]:  # () stays () (a catalog built without them)
             return tuple(values[i] for i in idx.tolist()) if values else ()
 
-        return Catalog(tuple(pick), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
+        named = {name: take(paths) for name, paths in self.companions.items()}
+        return Catalog(take(self.files), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
                        self.padded, named, take(self.formats), take(self.modes))
 
     def sample_bytes(self, parts: Sequence[Companion]) -> np.ndarray:
@@ -224,7 +224,7 @@ class Catalog:
                                               disable=not show)))
         finally:
             Image.MAX_IMAGE_PIXELS = bomb_limit
-        keep, sizes, kinds = [], [], []
+        keep, sizes, formats, modes = [], [], [], []
         too_small = padded = 0
         largest = (0, 0)
         for row in rows:
@@ -248,7 +248,8 @@ class Catalog:
                 continue
             keep.append(row)
             sizes.append((h, w, c))
-            kinds.append((fmt, mode))
+            formats.append(fmt)
+            modes.append(mode)
         if not keep and check:
             if too_small:
                 msg = (
@@ -271,4 +272,4 @@ class Catalog:
         log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
         named = {c.name: tuple(row[i + 1] for row in keep) for i, c in enumerate(companions)}
         return cls(tuple(row[0] for row in keep), arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(),
-                   tuple(skipped), padded, named, tuple(k[0] for k in kinds), tuple(k[1] for k in kinds))
+                   tuple(skipped), padded, named, tuple(formats), tuple(modes))

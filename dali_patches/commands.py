@@ -153,6 +153,15 @@ def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return source, {**options, "companions": {name: opts for name, _, opts in specs}}
 
 
+def _open_sampler(args: argparse.Namespace, **extra: Any) -> Any:
+    """The :class:`~dali_patches.PatchSampler` that the data and streaming flags describe."""
+    from .pipeline import PatchSampler
+
+    source, options = _sampler_options(args)
+    return PatchSampler(source, patch_size=args.patch, batch_size=args.batch, reuse=args.reuse, cache_bytes=args.cache,
+                        device=args.device, seed=args.seed, progress=not args.no_progress, **options, **extra)
+
+
 def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
     """Print the text report (unless ``--json`` without a path) and write ``--json``."""
     if args.json == "-":
@@ -178,25 +187,21 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     from .cache import images_held
     from .catalog import Catalog
     from .config import SamplerConfig
+    from .sources import declared_companions
 
     source, options = _sampler_options(args)
     config = SamplerConfig(patch_size=args.patch, batch_size=1, reuse=1, cache_bytes=args.cache,
                            channels=options["channels"], dtype=options["dtype"], pad=options["pad"],
-                           companions=_declared(source, options))
+                           companions=declared_companions(source, options.get("companions")))
     t0 = time.perf_counter()
     catalog = Catalog.scan(source, min_size=config.patch_size, progress=not args.no_progress, pad=config.pad,
                            companions=config.companions, check=False)
-    at_least, typical = images_held(catalog.sample_bytes(config.parts), config.cache_bytes) if len(catalog) else (0, 0)
+    sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
+    at_least, typical = images_held(sizes, config.cache_bytes)
     return {**catalog.summary(), "seconds": time.perf_counter() - t0,
             "cache": {"cache_bytes": config.cache_bytes, "images_at_least": at_least, "images_typical": typical,
-                      "bytes_per_image_mean": float(catalog.sample_bytes(config.parts).mean()) if len(catalog) else 0.0},
+                      "bytes_per_image_mean": float(sizes.mean()) if len(sizes) else 0.0},
             "bad_files": [{"path": p, "kind": getattr(r, "kind", "other"), "reason": str(r)} for p, r in catalog.skipped]}
-
-
-def _declared(source: Any, options: dict[str, Any]) -> tuple[Any, ...]:
-    from .sources import declared_companions
-
-    return declared_companions(source, options.get("companions"))
 
 
 def _counts(values: dict[Any, int]) -> str:
@@ -239,11 +244,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from .figures import patch_grid
     from .options import CompanionKind
-    from .pipeline import PatchSampler
 
-    source, options = _sampler_options(args)
-    with PatchSampler(source, patch_size=args.patch, batch_size=args.batch, reuse=args.reuse, cache_bytes=args.cache,
-                      device=args.device, seed=args.seed, progress=not args.no_progress, **options) as sampler:
+    with _open_sampler(args) as sampler:
         for _ in range(args.skip + 1):
             batch = next(sampler)
         host = sampler.backend.to_host
@@ -258,12 +260,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def _sample_log(args: argparse.Namespace, log: str) -> None:
     """Stream ``--patches`` patches (rounded up to whole batches), recording their provenance in ``log``."""
-    from .pipeline import PatchSampler
-
-    source, options = _sampler_options(args)
-    with PatchSampler(source, patch_size=args.patch, batch_size=args.batch, reuse=args.reuse, cache_bytes=args.cache,
-                      device=args.device, seed=args.seed, progress=not args.no_progress, provenance=log,
-                      **options) as sampler:
+    with _open_sampler(args, provenance=log) as sampler:
         batches = -(-args.patches // args.batch)
         with tqdm(total=batches * args.batch, desc="sampling", unit="patch", disable=args.no_progress) as bar:
             for _ in range(batches):
@@ -284,9 +281,10 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     from . import review
     from .figures import coverage_figure
 
+    reviewing = _is_log(args.source)  # an existing run's log: nothing to sample
     with tempfile.TemporaryDirectory() as tmp:
-        log = args.source if _is_log(args.source) else (args.log or os.path.join(tmp, "run.prov"))
-        if log != args.source:
+        log = args.source if reviewing else (args.log or os.path.join(tmp, "run.prov"))
+        if not reviewing:
             _sample_log(args, log)
         run = review.load(log)
         stats = coverage_figure(run, args.out, images=args.images)

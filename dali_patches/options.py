@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["AnchorMode", "Augment", "Companion", "CompanionKind", "DTYPES", "ImageChoice", "Layout", "RESERVED_NAMES", "enum_value", "scaled"]
+__all__ = ["AnchorMode", "Augment", "Companion", "CompanionKind", "DTYPES", "ImageChoice", "Layout", "RESERVED_NAMES",
+           "enum_value", "scaled"]
 
 DTYPES = {"uint8": 1, "uint16": 2}  # cached dtypes → bytes per channel
 _OUT_DTYPES = ("float32", "float16", "uint8", "uint16", "int32")  # what Augment.dtype may cast to
@@ -79,11 +80,11 @@ def enum_value(kind: type[enum.Enum], value: object, name: str) -> enum.Enum:
         raise ValueError(msg) from None
 
 
-
 def scaled(value: Any, scale: Fraction) -> Any:
     """``value × scale`` rounded down, for an int or an integer array (sizes, anchors, offsets);
     ``value`` itself at scale 1. One place for the geometry of a companion at ``n`` or ``1/n``."""
     return value if scale == 1 else value * scale.numerator // scale.denominator
+
 
 @dataclass(frozen=True)
 class Companion:
