@@ -1,12 +1,16 @@
-"""Anchors: where in each chosen image a patch is cut (the second half of the sampler's draw).
+"""Anchors: where in each chosen image a patch is cut (the second half of a round's draw).
+
+Every policy draws the anchors of a whole round (``n`` patches over many batches) with array
+operations, no Python loop over patches:
 
 * :class:`UniformAnchors` — every position equally likely.
 * :class:`MaskAnchors` — patch centres drawn in proportion to a mask companion's values
   (``weights``) or, for a ``pos_fraction`` of the patches, on mask > 0 and otherwise on mask = 0
   (``pos_neg``). Exact without a per-pixel table: when an image enters the cache, its mask is summed
   over cells of ``C × C`` pixels (host ``float64`` cumulative sums, ``1/C²`` of the image's pixel
-  count); a draw picks a cell in proportion to its sum, then gathers that cell's ``C × C`` mask values
-  from the arena (one batched gather) and picks a pixel in proportion to them.
+  count); a draw picks a cell in proportion to its sum (one ``searchsorted`` over the cumulative sums
+  of every resident image laid end to end, rebuilt when the resident set changes), then cuts that
+  cell's ``C × C`` mask values out of the cache (one batched cut) and picks a pixel in proportion to them.
 * :class:`PointAnchors` — centred on user-given points, uniformly among an image's points.
 
 A patch's centre is ``(y + P_h // 2, x + P_w // 2)``; anchors ``(y, x)`` are its top-left corner, and
@@ -19,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, HostArray
 from .cache import RingCache
-from .gather import gather_patches, row_starts
 
 __all__ = ["MaskAnchors", "PointAnchors", "UniformAnchors"]
 
@@ -34,7 +37,7 @@ class UniformAnchors:
     Args:
         patch_size: ``(P_h, P_w)``.
         step: anchors are multiples of this.
-        rng: the sampler's generator.
+        rng: the draw's generator.
     """
 
     def __init__(self, patch_size: tuple[int, int], step: int, rng: np.random.Generator) -> None:
@@ -46,17 +49,17 @@ class UniformAnchors:
     def on_insert(self, cache: RingCache, slot: int) -> None:
         """Called when an image enters the cache (or is restored into it)."""
 
-    def draw(self, cache: RingCache, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(y, x)``, each ``(B,) int64``, of the patches cut from ``slots``."""
-        return self._uniform(cache.height[slots], cache.width[slots])
+    def draw(self, cache: RingCache, slots: HostArray) -> tuple[HostArray, HostArray]:
+        """``(y, x)``, each ``(n,) int64``, of the patches cut from ``slots`` (``(n,)``)."""
+        return self._uniform(*cache.sizes(slots))
 
-    def _uniform(self, h: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _uniform(self, h: HostArray, w: HostArray) -> tuple[HostArray, HostArray]:
         s = self.step
         y = self.rng.integers(0, (h - self.patch_size[0]) // s + 1) * s
         x = self.rng.integers(0, (w - self.patch_size[1]) // s + 1) * s
         return y, x
 
-    def _from_centres(self, cy: np.ndarray, cx: np.ndarray, h: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    def _from_centres(self, cy: HostArray, cx: HostArray, h: HostArray, w: HostArray) -> tuple[HostArray, HostArray]:
         (ph, pw), s = self.patch_size, self.step
         y = np.clip(cy - ph // 2, 0, h - ph) // s * s
         x = np.clip(cx - pw // 2, 0, w - pw) // s * s
@@ -68,7 +71,6 @@ class MaskAnchors(UniformAnchors):
 
     Args:
         part: index of the mask in the cache's parts (scale 1).
-        channels, dtype: the mask's decoded layout; channel 0 is read.
         pos_fraction: ``None`` for ``weights`` (centre ∝ mask value); else the share of patches
             centred on mask > 0 (``pos_neg``; the rest on mask = 0). An image without pixels of the
             drawn class gives a patch of the other class (counted in ``fallbacks``); an all-zero
@@ -76,26 +78,21 @@ class MaskAnchors(UniformAnchors):
     """
 
     def __init__(self, patch_size: tuple[int, int], step: int, rng: np.random.Generator, backend: Backend,
-                 part: int, channels: int, dtype: Any, pos_fraction: float | None) -> None:
+                 part: int, pos_fraction: float | None) -> None:
         super().__init__(patch_size, step, rng)
         self.backend, self.xp = backend, backend.xp
-        self.part, self.channels, self.dtype = part, channels, np.dtype(dtype)
+        self.part = part
         self.pos_fraction = pos_fraction
+        self.classes = 1 if pos_fraction is None else 2
         self.cell = min(_CELL, *patch_size)
-        self._cdfs: dict[int, tuple[int, list[np.ndarray]]] = {}  # slot → (cells per row, cumsum per class)
-
-    def _mask(self, cache: RingCache, slot: int) -> Any:
-        h, w = int(cache.height[slot]), int(cache.width[slot])
-        offset = int(cache.part_layout(np.array([slot]))[self.part][0][0])
-        nbytes = h * w * self.channels * self.dtype.itemsize
-        raw = cache.arena[offset: offset + nbytes]
-        if self.dtype.itemsize > 1 and offset % self.dtype.itemsize:
-            raw = raw.copy()  # parts are packed byte to byte: a 16-bit mask may start at an odd offset
-        return raw.view(self.dtype).reshape(h, w, self.channels)[..., 0]
+        self._cdfs: dict[int, tuple[int, list[HostArray]]] = {}  # slot → (cells per row, cumsum per class)
+        self._flat_of: tuple[int, ...] | None = None  # the resident slots the flat arrays were built for
+        self._flat: list[HostArray] = []  # per class: every resident slot's cumsum + its base, end to end
+        self._index: dict[str, HostArray] = {}  # per-slot start, length, base, total (per class), cols
 
     def on_insert(self, cache: RingCache, slot: int) -> None:
         (ph, pw), c, xp = self.patch_size, self.cell, self.xp
-        mask = self._mask(cache, slot)
+        mask = cache.image(self.part, slot)[..., 0]
         region = mask[ph // 2: mask.shape[0] - ph + ph // 2 + 1, pw // 2: mask.shape[1] - pw + pw // 2 + 1]
         rows, cols = -(-region.shape[0] // c), -(-region.shape[1] // c)
         # Cell sums: rows of c first (contiguous adds), then columns; uint32 holds 256 × 65535.
@@ -111,36 +108,60 @@ class MaskAnchors(UniformAnchors):
                              np.minimum(c, region.shape[1] - c * np.arange(cols)))
             cdfs.append(np.cumsum(valid - sums, dtype=np.float64))
         self._cdfs[int(slot)] = (cols, [cdf.reshape(-1) for cdf in cdfs])
+        self._flat_of = None
 
-    def draw(self, cache: RingCache, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h, w = cache.height[slots], cache.width[slots]
-        b, c = len(slots), self.cell
+    def _build_flat(self, cache: RingCache) -> None:
+        """Lay the resident slots' cumulative sums end to end, each shifted by the totals before it,
+        so that one ``searchsorted`` finds the cell of every patch of a round."""
+        resident = cache.resident_slots()
+        for stale in set(self._cdfs) - set(resident.tolist()):
+            del self._cdfs[stale]
+        n = cache.max_slots
+        index = {"cols": np.ones(n, np.int64)}
+        self._flat = []
+        for k in range(self.classes):
+            cdfs = [self._cdfs[int(s)][1][k] for s in resident]
+            lengths = np.array([len(cdf) for cdf in cdfs], np.int64)
+            totals = np.array([cdf[-1] for cdf in cdfs], np.float64)
+            bases = np.concatenate([[0.0], np.cumsum(totals)[:-1]])
+            self._flat.append(np.concatenate([cdf + base for cdf, base in zip(cdfs, bases)]))
+            for name, values in (("start", np.concatenate([[0], np.cumsum(lengths)[:-1]])), ("length", lengths),
+                                 ("base", bases), ("total", totals)):
+                column = index.setdefault(name, np.zeros((self.classes, n), values.dtype))
+                column[k, resident] = values
+        index["cols"][resident] = [self._cdfs[int(s)][0] for s in resident]
+        self._index = index
+        self._flat_of = (int(resident[0]), len(resident)) if len(resident) else ()
+
+    def draw(self, cache: RingCache, slots: HostArray) -> tuple[HostArray, HostArray]:
+        resident = cache.resident_slots()
+        if self._flat_of != ((int(resident[0]), len(resident)) if len(resident) else ()):
+            self._build_flat(cache)
+        h, w = cache.sizes(slots)
+        n, c, index = len(slots), self.cell, self._index
         if self.pos_fraction is None:
-            want = np.zeros(b, np.int64)
+            want = np.zeros(n, np.int64)
         else:
-            want = (self.rng.random(b) >= self.pos_fraction).astype(np.int64)  # 0: positive, 1: negative
-        cell_row, cell_col = np.zeros(b, np.int64), np.zeros(b, np.int64)
-        usable = np.ones(b, bool)
-        u = self.rng.random(b)
-        for i, slot in enumerate(slots.tolist()):
-            cols, cdfs = self._cdfs[slot]
-            k = int(want[i])
-            if cdfs[k][-1] <= 0 and len(cdfs) > 1:
-                k = want[i] = 1 - k
-                self.fallbacks += 1
-            if cdfs[k][-1] <= 0:
-                usable[i] = False
-                continue
-            cell = int(np.searchsorted(cdfs[k], u[i] * cdfs[k][-1], side="right"))
-            cell_row[i], cell_col[i] = divmod(min(cell, len(cdfs[k]) - 1), cols)
+            want = (self.rng.random(n) >= self.pos_fraction).astype(np.int64)  # 0: positive, 1: negative
+            empty = index["total"][want, slots] <= 0
+            want[empty] = 1 - want[empty]  # no pixel of the drawn class: the other class
+            self.fallbacks += int(empty.sum())
+        total = index["total"][want, slots]
+        usable = total > 0
+        u = self.rng.random(n)
+        cell = np.zeros(n, np.int64)
+        for k in range(self.classes):  # one searchsorted per class over every resident image
+            pick = usable & (want == k)
+            target = index["base"][k, slots[pick]] + u[pick] * total[pick]
+            found = np.searchsorted(self._flat[k], target, side="right") - index["start"][k, slots[pick]]
+            cell[pick] = np.minimum(found, index["length"][k, slots[pick]] - 1)
+        cell_row, cell_col = np.divmod(cell, index["cols"][slots])
         (ph, pw) = self.patch_size
         # Cell (r, q) covers centres [ph//2 + r·c, ...) of the valid region; read a c × c window of
         # the mask that lies inside the image and keep only the positions of the cell itself.
         top, left = ph // 2 + cell_row * c, pw // 2 + cell_col * c
         oy, ox = np.minimum(top, h - c), np.minimum(left, w - c)
-        offsets, widths = cache.part_layout(slots)[self.part]
-        starts = row_starts(offsets, widths, oy, ox, c, self.channels * self.dtype.itemsize)
-        window = self.backend.to_host(gather_patches(self.xp, cache.arena, starts, (c, c), self.channels, self.dtype))
+        window = self.backend.to_host(cache.cut(self.part, cache.table(self.part, slots, oy, ox), (c, c)))
         values = window[..., 0].astype(np.float64)
         if self.pos_fraction is not None:
             values = np.where(want[:, None, None] == 0, values > 0, values == 0).astype(np.float64)
@@ -149,8 +170,8 @@ class MaskAnchors(UniformAnchors):
         row_ok = (ys >= top[:, None]) & (ys < np.minimum(top + c, h - ph + ph // 2 + 1)[:, None])
         col_ok = (xs >= left[:, None]) & (xs < np.minimum(left + c, w - pw + pw // 2 + 1)[:, None])
         values *= row_ok[:, :, None] & col_ok[:, None, :]
-        cdf = np.cumsum(values.reshape(b, -1), axis=1)
-        pick = (cdf <= (self.rng.random(b) * cdf[:, -1])[:, None]).sum(axis=1)
+        cdf = np.cumsum(values.reshape(n, -1), axis=1)
+        pick = (cdf <= (self.rng.random(n) * cdf[:, -1])[:, None]).sum(axis=1)
         pick = np.minimum(pick, c * c - 1)
         cy, cx = oy + pick // c, ox + pick % c
         y, x = self._from_centres(cy, cx, h, w)
@@ -169,13 +190,18 @@ class PointAnchors(UniformAnchors):
     """
 
     def __init__(self, patch_size: tuple[int, int], step: int, rng: np.random.Generator,
-                 points: dict[int, np.ndarray]) -> None:
+                 points: dict[int, HostArray]) -> None:
         super().__init__(patch_size, step, rng)
-        self.points = points
+        sources = sorted(points)
+        size = (max(sources) + 1) if sources else 0
+        self._count = np.zeros(size, np.int64)
+        self._start = np.zeros(size, np.int64)
+        self._count[sources] = [len(points[s]) for s in sources]
+        self._start[sources] = np.concatenate([[0], np.cumsum(self._count[sources])[:-1]]) if sources else []
+        self._points: Any = (np.concatenate([np.asarray(points[s], np.int64).reshape(-1, 2) for s in sources])
+                             if sources else np.zeros((0, 2), np.int64))
 
-    def draw(self, cache: RingCache, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sources = cache.source[slots].tolist()
-        counts = np.array([len(self.points[s]) for s in sources])
-        pick = self.rng.integers(0, counts)
-        centres = np.array([self.points[s][k] for s, k in zip(sources, pick.tolist())]).reshape(-1, 2)
-        return self._from_centres(centres[:, 0], centres[:, 1], cache.height[slots], cache.width[slots])
+    def draw(self, cache: RingCache, slots: HostArray) -> tuple[HostArray, HostArray]:
+        sources = cache.sources(slots)
+        centres = self._points[self._start[sources] + self.rng.integers(0, self._count[sources])]
+        return self._from_centres(centres[:, 0], centres[:, 1], *cache.sizes(slots))

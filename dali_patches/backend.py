@@ -1,7 +1,7 @@
-"""The one place where CPU and GPU mode differ: array module, DALI device names, streams.
+"""The one place where CPU and GPU mode differ: array module, DALI device names, streams, events.
 
 Everything downstream asks a :class:`Backend` instead of branching on the device, so the CPU and GPU
-paths are the same code (DESIGN invariant 7). CuPy is imported only when GPU mode is chosen.
+paths are the same code (ARCHITECTURE.md, invariant 7). CuPy is imported only when GPU mode is chosen.
 """
 
 from __future__ import annotations
@@ -12,13 +12,19 @@ import mmap
 import os
 import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
-from .config import Device
+from .options import Device
 
-__all__ = ["Backend", "cuda_available", "resolve_backend"]
+__all__ = ["Backend", "DeviceArray", "HostArray", "cuda_available", "resolve_backend"]
+
+HostArray: TypeAlias = npt.NDArray[Any]
+# An array on the sampler's device: numpy.ndarray in CPU mode, cupy.ndarray in GPU mode (CuPy ships
+# no type information, so the checker sees this alias as Any).
+DeviceArray: TypeAlias = Any
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +97,39 @@ class Backend:
         if stream is not None:
             stream.synchronize()
 
-    def empty(self, nbytes: int) -> Any:
+    def record(self, stream: Any) -> Any:
+        """A CUDA event recorded on ``stream`` now (GPU): later work that waits on it runs after
+        everything queued on ``stream`` so far. ``None`` on CPU, where work is done when it returns."""
+        if stream is None:
+            return None
+        event = self.xp.cuda.Event(block=False, disable_timing=True)
+        event.record(stream)
+        return event
+
+    def current_stream(self) -> Any:
+        """The calling thread's current CuPy stream (GPU), ``None`` on CPU."""
+        return self.xp.cuda.get_current_stream() if self.is_gpu else None
+
+    @staticmethod
+    def wait(stream: Any, event: Any) -> None:
+        """Make ``stream`` wait on the GPU for ``event`` (no host blocking); no-op on CPU."""
+        if stream is not None and event is not None:
+            stream.wait_event(event)
+
+    def pinned(self, shape: tuple[int, ...], dtype: Any) -> HostArray:
+        """A host array in page-locked memory (GPU: asynchronous uploads from it); plain on CPU."""
+        if not self.is_gpu:
+            return np.empty(shape, dtype)
+        count = int(np.prod(shape))
+        memory = self.xp.cuda.alloc_pinned_memory(count * np.dtype(dtype).itemsize)
+        return np.frombuffer(memory, dtype, count).reshape(shape)
+
+    def empty(self, nbytes: int) -> DeviceArray:
         """One flat ``uint8`` buffer of ``nbytes`` on this device.
 
         On the host it is an anonymous mapping advised to use transparent huge pages where the
-        kernel allows it: copying decoded images into it measured ~20 % faster (0.52 vs 0.64 ms per
-        9.4 MB image) than into 4 KiB pages. Pages are committed as the cache first fills them.
+        kernel allows it (copies of decoded images into it are faster than into 4 KiB pages; see
+        benchmarks/RESULTS.md). Pages are committed as the cache first fills them.
         """
         if self.is_gpu:
             with self.xp.cuda.Device(self.dali_device_id):
@@ -106,7 +139,7 @@ class Backend:
             buffer.madvise(mmap.MADV_HUGEPAGE)
         return np.frombuffer(buffer, dtype=np.uint8)
 
-    def as_array(self, dali_tensor: Any) -> Any:
+    def as_array(self, dali_tensor: Any) -> DeviceArray:
         """A view of one DALI tensor (``TensorCPU``/``TensorGPU``) as an ``xp`` array (no copy)."""
         return self.xp.asarray(dali_tensor)
 
@@ -117,7 +150,7 @@ class Backend:
                 return int(self.xp.cuda.runtime.memGetInfo()[0])
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
-    def to_host(self, array: Any) -> np.ndarray:
+    def to_host(self, array: DeviceArray) -> HostArray:
         return self.xp.asnumpy(array) if self.is_gpu else np.asarray(array)
 
 

@@ -2,8 +2,10 @@
 
 A new image is written at the head; the oldest images in its way are evicted. FIFO gives every image
 the same residence time, hence ≈ ``reuse`` patches each (random eviction would not). The arena is
-allocated once and never grows (DESIGN invariant 1). The slot table lives on the host: slot ids are
-consecutive, and FIFO keeps the resident ones a contiguous range ``[first, next)``. A source is
+allocated once and never grows (ARCHITECTURE.md, invariant 1), and only this class touches its bytes:
+it writes images in, cuts patches and windows out (:meth:`RingCache.cut`) and plans its own size
+(:meth:`RingCache.plan`, where the ring's slack rule lives). The slot table lives on the host: slot
+ids are consecutive, and FIFO keeps the resident ones a contiguous range ``[first, next)``. A source is
 resident at most once (the producer does not insert a fresh decode of a resident source), so every
 resident image is a distinct image: ``resident ≥ batch_size`` is all that distinct batches need.
 """
@@ -11,35 +13,59 @@ resident image is a distinct image: ``resident ≥ batch_size`` is all that dist
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, DeviceArray, HostArray
 from .config import format_bytes
-from .options import scaled
+from .gather import gather, patch_table
+from .options import CompanionKind, Part, scaled
 
-__all__ = ["RingCache", "images_held"]
+__all__ = ["CachePlan", "RingCache", "images_held"]
 
 _SLOT_FIELDS = ("offset", "height", "width", "source", "served")
+# A ring holds n images for sure when it fits the n largest plus this many largest images of slack:
+# one for the unusable tail at the wrap, one for the image being written.
+_SLACK_IMAGES = 2
 
 
-def images_held(sample_bytes: np.ndarray, capacity_bytes: int) -> tuple[int, int]:
+def _main_part(pixel_bytes: int) -> Part:
+    return Part("patches", Fraction(1), CompanionKind.IMAGE, pixel_bytes, "uint8", (1, 1))
+
+
+def images_held(sample_bytes: HostArray, capacity_bytes: int) -> tuple[int, int]:
     """How many images a ring of ``capacity_bytes`` holds, from each image's bytes with companions.
 
     Returns:
         ``(at_least, typical)``: ``at_least`` fit whichever images are drawn (the largest ones, with
-        two largest images of slack: one for the wrap, one for the image being written);
-        ``typical`` is ``capacity_bytes // mean image bytes``; both at most the number of images.
+        the ring's slack); ``typical`` is ``capacity_bytes // mean image bytes``; both at most the
+        number of images.
     """
     sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
     if not len(sizes):
         return 0, 0
-    room = capacity_bytes - 2 * int(sizes[0])
+    room = capacity_bytes - _SLACK_IMAGES * int(sizes[0])
     at_least = int(np.searchsorted(np.cumsum(sizes), room, side="right")) if room > 0 else 0
     typical = min(len(sizes), int(capacity_bytes // max(1, sizes.mean())))
     return min(at_least, len(sizes)), typical
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """The ring's size, worked out from the data set before anything is allocated.
+
+    Attributes:
+        capacity_bytes: arena bytes.
+        max_slots: slot-table size (``capacity_bytes // smallest image + 1``).
+        warmup_images: images a full ring typically holds (the warm-up's length).
+    """
+
+    capacity_bytes: int
+    max_slots: int
+    warmup_images: int
 
 
 class RingCache:
@@ -49,20 +75,20 @@ class RingCache:
         backend: where the arena lives (CuPy on GPU, NumPy on CPU).
         capacity_bytes: arena size; allocated here, once.
         max_slots: upper bound on resident images (``capacity_bytes // smallest image bytes + 1``).
-        pixel_bytes: bytes per pixel of the images (3 for RGB ``uint8``); the arena holds raw bytes.
-        parts: ``(scale, pixel_bytes)`` of the main image and of each companion, stored back to back
-            in one slot (so a companion is evicted with its image); default: the main image only.
+        pixel_bytes: bytes per pixel when ``parts`` is not given (a lone RGB ``uint8`` image: 3).
+        parts: the :class:`~dali_patches.options.Part` of the main image and of each companion,
+            stored back to back in one slot (so a companion is evicted with its image).
 
     Each resident slot records its byte ``offset``, the main image's ``height`` and ``width``, the
     ``source`` index of its file and how many patches it has ``served``.
     """
 
     def __init__(self, backend: Backend, capacity_bytes: int, max_slots: int, pixel_bytes: int = 3,
-                 parts: Sequence[tuple[Fraction | int, int]] | None = None) -> None:
+                 parts: Sequence[Part] | None = None) -> None:
+        self.backend = backend
         self.capacity_bytes = int(capacity_bytes)
-        self.parts = [(Fraction(s), int(b)) for s, b in (parts or [(1, pixel_bytes)])]
-        self.pixel_bytes = self.parts[0][1]
-        self.arena = backend.empty(self.capacity_bytes)
+        self.parts = tuple(parts or (_main_part(pixel_bytes),))
+        self.arena: DeviceArray = backend.empty(self.capacity_bytes)
         self.max_slots = int(max_slots)
         self.offset = np.zeros(self.max_slots, np.int64)
         self.height = np.zeros(self.max_slots, np.int64)
@@ -77,6 +103,39 @@ class RingCache:
         self.evicted = 0
         self.evicted_served = 0  # patches served by images whose residence has ended
 
+    # -- planning ----------------------------------------------------------------------------
+    @staticmethod
+    def plan(sample_bytes: HostArray, batch_size: int, shard_images: int, allow_repeats: bool,
+             free_bytes: int, cache_bytes: int | None = None, cache_images: int | None = None,
+             device: str = "cpu") -> CachePlan:
+        """Size the ring for a data set whose images take ``sample_bytes`` each (companions
+        included); fail now, with the size needed, if it cannot serve ``batch_size`` distinct
+        images or does not fit in ``free_bytes`` of device memory."""
+        sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
+        largest, slack = int(sizes[0]), _SLACK_IMAGES * int(sizes[0])
+        capacity = int(sizes[:cache_images].sum()) + slack if cache_images is not None else int(cache_bytes or 0)
+        if not allow_repeats:
+            if shard_images < batch_size:
+                msg = (f"batch_size={batch_size} distinct images are needed per batch but this shard has "
+                       f"only {shard_images} images; lower batch_size or pass allow_repeats=True")
+                raise ValueError(msg)
+            needed = int(sizes[:batch_size].sum()) + slack
+            if capacity < needed:
+                msg = (f"cache_bytes={format_bytes(capacity)} cannot hold batch_size={batch_size} distinct "
+                       f"images of this data set (largest {format_bytes(largest)} each); it needs at least "
+                       f"{format_bytes(needed)} ({needed} bytes). Raise cache_bytes, lower batch_size, "
+                       "or pass allow_repeats=True")
+                raise ValueError(msg)
+        elif capacity < largest:
+            msg = (f"cache_bytes={format_bytes(capacity)} cannot hold even the largest image "
+                   f"({format_bytes(largest)}); raise cache_bytes to at least {largest}")
+            raise ValueError(msg)
+        if capacity > free_bytes:
+            msg = (f"cache_bytes={format_bytes(capacity)} exceeds the free {device} memory ({format_bytes(free_bytes)}); "
+                   "lower cache_bytes")
+            raise ValueError(msg)
+        return CachePlan(capacity, int(capacity // int(sizes[-1]) + 1), images_held(sizes, capacity)[1])
+
     # -- queries -----------------------------------------------------------------------------
     @property
     def resident(self) -> int:
@@ -86,22 +145,25 @@ class RingCache:
     def bytes_used(self) -> int:
         return self._used
 
-    def resident_slots(self) -> np.ndarray:
+    def resident_slots(self) -> HostArray:
         """Ring indices of resident slots, oldest first."""
         return np.arange(self._first, self._next) % self.max_slots
 
+    def sizes(self, slots: HostArray) -> tuple[HostArray, HostArray]:
+        """``(heights, widths)`` of the main images in ``slots`` (any shape), in pixels."""
+        return self.height[slots], self.width[slots]
+
+    def sources(self, slots: HostArray) -> HostArray:
+        """Source indices (into the catalog's files) of the images in ``slots``, a copy."""
+        return self.source[slots]
+
     def part_bytes(self, h: Any, w: Any) -> list[Any]:
         """Bytes of each part of an image whose main part is ``h × w`` (ints or arrays)."""
-        return [scaled(h, s) * scaled(w, s) * b for s, b in self.parts]
+        return [part.image_bytes(h, w) for part in self.parts]
 
-    def part_layout(self, slots: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(byte offsets, widths in pixels)`` of every part of the images in ``slots``."""
-        offset, h, w = self.offset[slots], self.height[slots], self.width[slots]
-        out = []
-        for (scale, _), nbytes in zip(self.parts, self.part_bytes(h, w)):
-            out.append((offset, scaled(w, scale)))
-            offset = offset + nbytes
-        return out
+    def image_bytes(self, h: int, w: int) -> int:
+        """Bytes a ``h × w`` image takes in the ring with all its companions."""
+        return int(sum(self.part_bytes(h, w)))
 
     def holds(self, source: int) -> bool:
         """Whether an image of ``source`` is resident."""
@@ -113,8 +175,41 @@ class RingCache:
             return False
         oldest = self.offset[self._first % self.max_slots]
         if self._head + nbytes > self.capacity_bytes:  # wrap: the lap ahead of the head goes first
-            return oldest >= self._head or oldest < nbytes
-        return self._head <= oldest < self._head + nbytes
+            return bool(oldest >= self._head or oldest < nbytes)
+        return bool(self._head <= oldest < self._head + nbytes)
+
+    # -- cutting -----------------------------------------------------------------------------
+    def table(self, part: int, slots: HostArray, ys: HostArray, xs: HostArray, out: HostArray | None = None) -> HostArray:
+        """The gather table (:mod:`dali_patches.gather`) of patches of ``parts[part]`` whose main
+        image anchors are ``(ys, xs)`` in ``slots``: the companion's offset inside the slot, its
+        width and the anchor, all scaled by its ``scale``."""
+        offset, h, w = self.offset[slots], self.height[slots], self.width[slots]
+        for before in self.parts[:part]:
+            offset = offset + before.image_bytes(h, w)
+        scale = self.parts[part].scale
+        return patch_table(offset, scaled(w, scale), scaled(ys, scale), scaled(xs, scale), out)
+
+    def cut(self, part: int, table: HostArray, patch_hw: tuple[int, int] | None = None,
+            out: DeviceArray | None = None, device_table: DeviceArray | None = None) -> DeviceArray:
+        """Cut the windows of ``table`` (from :meth:`table`) out of ``parts[part]``: ``(n, h, w, C)``
+        of the part's dtype on the cache's device; ``patch_hw`` defaults to the part's patch size
+        (the anchors cut smaller mask windows). ``out``/``device_table``: see :func:`gather`."""
+        p = self.parts[part]
+        hw = patch_hw or p.patch_hw
+        raw = gather(self.backend.xp, self.arena, table, hw, p.pixel_bytes, out, device_table)
+        return raw.view(np.dtype(p.dtype)).reshape(len(table), hw[0], hw[1], p.channels)
+
+    def image(self, part: int, slot: int) -> DeviceArray:
+        """``(h, w, C)`` view of ``parts[part]`` of the image in ``slot`` (read-only use)."""
+        p = self.parts[part]
+        h, w = int(self.height[slot]), int(self.width[slot])
+        offset = int(self.offset[slot]) + sum(int(q.image_bytes(h, w)) for q in self.parts[:part])
+        nbytes = int(p.image_bytes(h, w))
+        raw = self.arena[offset: offset + nbytes]
+        dtype = np.dtype(p.dtype)
+        if dtype.itemsize > 1 and offset % dtype.itemsize:
+            raw = raw.copy()  # parts are packed byte to byte: a 16-bit part may start at an odd offset
+        return raw.view(dtype).reshape(scaled(h, p.scale), scaled(w, p.scale), p.channels)
 
     # -- updates -----------------------------------------------------------------------------
     def insert(self, images: Any, source: int) -> int:
@@ -132,10 +227,10 @@ class RingCache:
         bad = [i for i, (image, n) in enumerate(zip(images, sizes)) if image.nbytes != n]
         if bad or len(images) != len(sizes):
             shapes = [tuple(image.shape) for image in images]
-            msg = (f"file {source}: decoded parts {shapes} do not fit the layout {self.parts} for a {h}x{w} image; "
-                   "a companion decodes to another size than its header says (EXIF orientation?)")
+            msg = (f"file {source}: decoded parts {shapes} do not fit the layout {[p.name for p in self.parts]} for a "
+                   f"{h}x{w} image; a companion decodes to another size than its header says (EXIF orientation?)")
             raise ValueError(msg)
-        nbytes = sum(sizes)
+        nbytes = int(sum(sizes))
         if nbytes > self.capacity_bytes:
             msg = (f"image {h}x{w} ({format_bytes(nbytes)} with companions) does not fit in the cache "
                    f"({format_bytes(self.capacity_bytes)}); raise cache_bytes")
@@ -152,25 +247,33 @@ class RingCache:
         self._used += nbytes
         return slot
 
+    def record_served(self, slots: HostArray) -> None:
+        """Count one served patch per entry of ``slots`` (repeats allowed)."""
+        np.add.at(self.served, slots.reshape(-1), 1)
+
     # -- state -------------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """The ring's bookkeeping and the identity of every resident image, oldest first (ints and
         ``(resident,) int64`` copies of the slot table): enough, with the images re-decoded, to
-        rebuild it. Cheap enough to take after every batch (a few µs for hundreds of slots)."""
+        rebuild it (:meth:`load_state_dict`, then :meth:`rewrite`). A few µs for hundreds of slots."""
         slots = self.resident_slots()
         return {"first": self._first, "next": self._next, "head": self._head, "used": self._used,
                 "evicted": self.evicted, "evicted_served": self.evicted_served,
                 **{name: getattr(self, name)[slots] for name in _SLOT_FIELDS}}
 
-    def restore(self, state: dict[str, Any], images: Iterable[Any]) -> None:
-        """Rebuild the ring from :meth:`state`; ``images`` are the resident images, oldest first."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the bookkeeping of :meth:`state_dict`; the resident images' bytes follow with
+        :meth:`rewrite` (they must be decoded again)."""
         self._first, self._next, self._head = state["first"], state["next"], state["head"]
         self._used, self.evicted, self.evicted_served = state["used"], state["evicted"], state["evicted_served"]
         slots = self.resident_slots()
         for name in _SLOT_FIELDS:
             getattr(self, name)[slots] = state[name]
         self._slot_of_source = {int(self.source[s]): int(s) for s in slots}
-        for slot, parts in zip(slots, images, strict=True):
+
+    def rewrite(self, images: Iterable[Any]) -> None:
+        """Write the resident images back after :meth:`load_state_dict`, oldest first."""
+        for slot, parts in zip(self.resident_slots(), images, strict=True):
             parts = parts if isinstance(parts, (list, tuple)) else [parts]
             expected = self.part_bytes(int(self.height[slot]), int(self.width[slot]))
             if [p.nbytes for p in parts] != expected:
@@ -180,14 +283,11 @@ class RingCache:
                 raise ValueError(msg)
             self._write(int(self.offset[slot]), parts)
 
+    # -- internals ---------------------------------------------------------------------------
     def _write(self, offset: int, parts: Sequence[Any]) -> None:
         for part in parts:
             self.arena[offset : offset + part.nbytes] = part.reshape(-1).view(self.arena.dtype)
             offset += part.nbytes
-
-    def record_served(self, slots: np.ndarray) -> None:
-        """Count one served patch per entry of ``slots`` (repeats allowed)."""
-        np.add.at(self.served, slots, 1)
 
     def _make_room(self, nbytes: int) -> None:
         if self._head + nbytes > self.capacity_bytes:
@@ -206,5 +306,5 @@ class RingCache:
         self.evicted += 1
         self.evicted_served += int(self.served[slot])
         del self._slot_of_source[int(self.source[slot])]
-        self._used -= sum(self.part_bytes(int(self.height[slot]), int(self.width[slot])))
+        self._used -= self.image_bytes(int(self.height[slot]), int(self.width[slot]))
         self._first += 1

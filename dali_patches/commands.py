@@ -57,7 +57,7 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float, cache: str | in
               **options: Any) -> dict[str, Any]:
     """Stream patches for ``seconds`` after the cache is warm; return throughput and quality metrics.
     ``options`` go to :class:`~dali_patches.PatchSampler` (``companions``, ``channels``, …)."""
-    from .pipeline import PatchSampler  # imported here: keeps `--help` fast
+    from .sampler import PatchSampler  # imported here: keeps `--help` fast
 
     t0 = time.perf_counter()
     with PatchSampler(source, patch_size=patch, batch_size=batch, reuse=reuse, cache_bytes=cache,
@@ -155,7 +155,7 @@ def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def _open_sampler(args: argparse.Namespace, **extra: Any) -> Any:
     """The :class:`~dali_patches.PatchSampler` that the data and streaming flags describe."""
-    from .pipeline import PatchSampler
+    from .sampler import PatchSampler
 
     source, options = _sampler_options(args)
     return PatchSampler(source, patch_size=args.patch, batch_size=args.batch, reuse=args.reuse, cache_bytes=args.cache,

@@ -11,30 +11,24 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
+from typing import Any
 
 from .options import DTYPES as _DTYPES
-from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, enum_value, scaled
+from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, enum_value, scaled
 
-__all__ = ["Device", "SamplerConfig", "default_decode_batch", "distributed_defaults", "format_bytes", "parse_bytes"]
+__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "parse_bytes"]
+
+_DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to this (see SamplerConfig)
+# Fields that do not change the stream of (source, anchor) and patches: a state saved under other
+# values of them resumes exactly. Every other field is part of the resume fingerprint.
+_NOT_IN_STREAM = frozenset({"num_threads", "queue_depth", "device_id", "augment"})
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
-
-
-class Device(str, enum.Enum):
-    """Where images are decoded, cached and cut.
-
-    ``GPU``: nvJPEG (DALI ``mixed`` decoder) and a CuPy arena. ``CPU``: DALI's libjpeg-turbo decoder
-    and a NumPy arena. ``AUTO``: GPU when CuPy sees a CUDA device, CPU otherwise.
-    """
-
-    AUTO = "auto"
-    CPU = "cpu"
-    GPU = "gpu"
 
 
 def parse_bytes(value: int | str, name: str = "cache_bytes") -> int:
@@ -82,13 +76,6 @@ def distributed_defaults() -> tuple[int, int, int]:
     return 0, 1, local_rank
 
 
-def default_decode_batch(backend: object) -> int:
-    """Decode batch used when ``decode_batch=None``: 64 on GPU (nvJPEG needs big batches: on an H100,
-    3 MP JPEGs decode at 1.7k img/s in batches of 16 and 3.5k in batches of 64), 8 on CPU (speed is
-    flat from 8 up, and every decoded batch in DALI's queue costs host memory)."""
-    return 64 if getattr(backend, "is_gpu", False) else 8
-
-
 def _positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         msg = f"{name}={value!r} must be a positive int"
@@ -127,9 +114,10 @@ class SamplerConfig:
         allow_repeats: let a batch hold several patches of one image when fewer than ``batch_size``
             images are resident (small data sets, small caches). Off by default: such a set-up fails
             at construction with the cache it would need.
-        decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 8 on CPU, 64 on
-            GPU. Larger batches decode a little faster (CPU, 0.8 MP images: 4 → 655, 16 → 728 img/s)
-            but hold about ``3 × decode_batch`` decoded images in DALI's queue on top of the arena.
+        decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 8 on CPU (speed is
+            flat from there, and each decoded batch in DALI's queue costs host memory) and 64 on GPU
+            (nvJPEG needs large batches; benchmarks/RESULTS.md has the figures). DALI holds about
+            ``3 × decode_batch`` decoded images on top of the arena.
         num_threads: DALI worker threads of both pipelines; ``None`` uses every core.
         queue_depth: finished batches the producer thread keeps ready for the trainer.
         channels: 3 (RGB, default) or 1 (grayscale); every file is converted to it by the decoder
@@ -179,6 +167,7 @@ class SamplerConfig:
     anchor_mask: str | None = None
     pos_fraction: float = 0.5
     image_choice: ImageChoice = ImageChoice.UNIFORM
+    parts: tuple[Part, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise fields of a frozen dataclass once, here
@@ -241,6 +230,44 @@ class SamplerConfig:
             raise ValueError(msg)
         self._check_companions()
         self._check_sampling()
+        main = Part("patches", Fraction(1), CompanionKind.IMAGE, self.channels, self.dtype, self.patch_size)
+        set_(self, "parts", (main, *(Part(c.name, c.scale, c.kind, c.channels or self.channels,
+                                          c.dtype or self.dtype, (scaled(self.patch_size[0], c.scale),
+                                                                  scaled(self.patch_size[1], c.scale)))
+                                     for c in self.companions)))
+        for name in ("mean", "std"):
+            values = getattr(self.augment, name)
+            for part in self.parts:
+                if values is not None and part.kind is CompanionKind.IMAGE and len(values) not in (1, part.channels):
+                    msg = (f"Augment {name}={values} needs 1 or {part.channels} values for {part.name!r} "
+                           f"(channels={part.channels})")
+                    raise ValueError(msg)
+
+    def resolved(self, device: Device) -> SamplerConfig:
+        """This config with every default worked out, once: ``device`` (``CPU`` or ``GPU``, as the
+        backend chose it), ``decode_batch`` and ``num_threads``. Everything downstream reads these."""
+        if device is Device.AUTO:
+            msg = "resolved() needs the concrete device the backend chose (cpu or gpu), not 'auto'"
+            raise ValueError(msg)
+        return replace(self, device=device, decode_batch=self.decode_batch or _DECODE_BATCH[device],
+                       num_threads=self.num_threads or os.cpu_count() or 1)
+
+    def stream_fields(self) -> dict[str, Any]:
+        """Every field that shapes the stream of batches, as plain JSON values: the part of a resume
+        fingerprint that comes from the config (derived from the fields, so a new field is in it)."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, enum.Enum):
+                return value.value
+            if isinstance(value, Fraction):
+                return str(value)
+            if isinstance(value, (tuple, list)):
+                return [plain(v) for v in value]
+            if isinstance(value, Companion):
+                return [plain(getattr(value, f.name)) for f in fields(value)]
+            return value
+
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init and f.name not in _NOT_IN_STREAM}
 
     def _check_companions(self) -> None:
         companions = tuple(c if isinstance(c, Companion) else Companion(**c) for c in self.companions)
@@ -263,13 +290,6 @@ class SamplerConfig:
         if self.augment.rot90 and self.patch_size[0] != self.patch_size[1]:
             msg = f"Augment(rot90=True) needs square patches, got {self.patch_size=}; use hflip/vflip instead"
             raise ValueError(msg)
-        for name in ("mean", "std"):
-            values = getattr(self.augment, name)
-            for part in self.parts:
-                if values is not None and part.kind is CompanionKind.IMAGE and len(values) not in (1, part.channels):
-                    msg = (f"Augment {name}={values} needs 1 or {part.channels} values for {part.name!r} "
-                           f"(channels={part.channels})")
-                    raise ValueError(msg)
 
     def _check_sampling(self) -> None:
         set_ = object.__setattr__
@@ -298,22 +318,11 @@ class SamplerConfig:
         return math.lcm(1, *(c.scale.denominator for c in self.companions))
 
     @property
-    def parts(self) -> tuple[Companion, ...]:
-        """The main image (as a scale-1 companion named ``patches``) followed by the companions:
-        everything cached per image, in arena order."""
-        main = Companion.__new__(Companion)
-        for name, value in (("name", "patches"), ("scale", Fraction(1)), ("kind", CompanionKind.IMAGE),
-                            ("channels", self.channels), ("dtype", self.dtype)):
-            object.__setattr__(main, name, value)
-        return (main, *self.companions)
-
-    @property
     def pixel_bytes(self) -> int:
-        """Bytes of one decoded pixel: ``channels × dtype`` size."""
-        return self.channels * _DTYPES[self.dtype]
+        """Bytes of one decoded pixel of the main image: ``channels × dtype`` size."""
+        return self.parts[0].pixel_bytes
 
     @property
     def patch_bytes(self) -> int:
         """Bytes of one patch with all its companions, as gathered."""
-        ph, pw = self.patch_size
-        return sum(scaled(ph, c.scale) * scaled(pw, c.scale) * c.pixel_bytes for c in self.parts)
+        return sum(p.patch_bytes for p in self.parts)

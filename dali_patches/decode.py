@@ -121,6 +121,7 @@ class DecodeStage:
         if position:
             self._skip, self.images_decoded = int(position["skip"]), int(position["images_decoded"])
             checkpoint = base64.b64decode(position["checkpoint"]) if position["checkpoint"] else None
+            self._run_checkpoint, self._taken_from_run = position["checkpoint"], self._skip
             for source, reason in position.get("broken", {}).items():
                 self._mark_broken(int(source), reason, quiet=True)
         self._build(checkpoint)

@@ -1,5 +1,6 @@
-"""The parts of a :class:`~dali_patches.config.SamplerConfig` that describe *what* is sampled beyond
-plain images: aligned companions, augmentation, and where patches are cut (modes as Enums).
+"""The vocabulary of a :class:`~dali_patches.config.SamplerConfig`: every mode as an Enum (the one
+place for them), aligned companions, augmentation, and :class:`Part`, the resolved form of the main
+image and of each companion that the cache, the gather and the outputs share.
 
 Each is a frozen dataclass validated at construction, so a bad value fails before any file is read.
 """
@@ -11,12 +12,24 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["AnchorMode", "Augment", "Companion", "CompanionKind", "DTYPES", "ImageChoice", "Layout", "RESERVED_NAMES",
-           "enum_value", "scaled"]
+__all__ = ["AnchorMode", "Augment", "Companion", "CompanionKind", "DTYPES", "Device", "ImageChoice", "Layout", "Part",
+           "RESERVED_NAMES", "enum_value", "scaled"]
 
 DTYPES = {"uint8": 1, "uint16": 2}  # cached dtypes → bytes per channel
 _OUT_DTYPES = ("float32", "float16", "uint8", "uint16", "int32")  # what Augment.dtype may cast to
 RESERVED_NAMES = ("image", "patches", "source", "anchor")  # not usable as companion names
+
+
+class Device(str, enum.Enum):
+    """Where images are decoded, cached and cut.
+
+    ``GPU``: nvJPEG (DALI ``mixed`` decoder) and a CuPy arena. ``CPU``: DALI's libjpeg-turbo decoder
+    and a NumPy arena. ``AUTO``: GPU when CuPy sees a CUDA device, CPU otherwise.
+    """
+
+    AUTO = "auto"
+    CPU = "cpu"
+    GPU = "gpu"
 
 
 class CompanionKind(str, enum.Enum):
@@ -196,3 +209,48 @@ class Augment:
     def active(self) -> bool:
         """Whether any DALI op is needed at all."""
         return self != Augment()
+
+
+@dataclass(frozen=True)
+class Part:
+    """The main image (named ``patches``) or one companion, resolved: what is cached per image and
+    cut per patch. The cache stores an image's parts back to back in one slot, in config order.
+
+    Attributes:
+        name: output name (``"patches"`` for the main image).
+        scale: size over the main image's (``n`` or ``1/n``; 1 for the main image).
+        kind: :class:`CompanionKind`.
+        channels, dtype: decoded layout, e.g. 3 and ``"uint8"``.
+        patch_hw: this part's patch ``(height, width)`` in its own pixels (the main patch × ``scale``).
+    """
+
+    name: str
+    scale: Fraction
+    kind: CompanionKind
+    channels: int
+    dtype: str
+    patch_hw: tuple[int, int]
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes of one pixel: ``channels × dtype`` size."""
+        return self.channels * DTYPES[self.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one patch row."""
+        return self.patch_hw[1] * self.pixel_bytes
+
+    @property
+    def patch_bytes(self) -> int:
+        """Bytes of one patch of this part."""
+        return self.patch_hw[0] * self.row_bytes
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        """``(P_h, P_w, C)`` of one patch (HWC, as cut)."""
+        return (*self.patch_hw, self.channels)
+
+    def image_bytes(self, height: Any, width: Any) -> Any:
+        """Bytes this part takes for a main image of ``height × width`` (ints or integer arrays)."""
+        return scaled(height, self.scale) * scaled(width, self.scale) * self.pixel_bytes

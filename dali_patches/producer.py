@@ -1,42 +1,60 @@
-"""Producer: the thread that turns decoded images into finished batches.
+"""Producer: the thread that turns decoded images into finished batches, a round at a time.
 
-DALI calls an ``external_source`` callback on the *training* thread (DALI-NOTES), so nothing slow may
-happen there. This thread runs decode → refill → sample → gather ahead of the trainer and hands over
-finished :class:`PatchBatch` objects through a small bounded queue: in steady state neither side
-waits for the other. On GPU all of its CUDA work runs on one stream of its own, in order, so a slot
-is only overwritten after every gather that read it was issued before it, and the stream is
-synchronised before a batch leaves the thread (DALI copies it on a stream of its own).
+DALI calls an ``external_source`` callback on the *training* thread, so nothing slow may happen
+there. This thread runs decode → refill → draw → gather ahead of the trainer and hands over finished
+:class:`~dali_patches.outputs.PatchBatch` objects through a small bounded queue: in steady state
+neither side waits for the other.
+
+It works in **rounds** of ``round_batches`` batches: the round's new images enter the cache, one
+vectorised draw picks every batch's distinct images and anchors, one gather per part cuts all of
+their patches, and one state snapshot records where the stream stands. The fixed host cost per batch
+is then a fraction of a round's. On a GPU all of its CUDA work runs in order on one stream of its
+own; batches carry an event that the consumer's stream waits on, and gathers write into an
+:class:`~dali_patches.outputs.OutputRing` whose buffers are rewritten only once released.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .anchors import MaskAnchors, PointAnchors, UniformAnchors
-from .backend import Backend
-from .cache import RingCache
-from .config import SamplerConfig, default_decode_batch
+from .backend import Backend, DeviceArray, HostArray
+from .cache import CachePlan, RingCache
+from .config import SamplerConfig
 from .decode import DecodeStage, decode_files
-from .gather import gather_patches, row_starts
+from .draw import Draws, RefillSchedule, RoundDraw
 from .options import AnchorMode, scaled
-from .sampler import RefillSchedule, Sampler
+from .outputs import OutputRing, PatchBatch
 
-__all__ = ["PatchBatch", "Producer"]
+__all__ = ["Producer", "round_batches"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a blocked thread checks for close()
-_MAX_HELD_IMAGES = 32  # GPU: sync after this many pending copies, so DALI's buffers are not pinned
-_SNAPSHOTS_KEPT = 64  # states of the latest batches, for state_dict() behind a prefetching consumer
+_ROUND_PATCHES = 8192  # a round cuts about this many patches ...
+_MAX_ROUND = 16  # ... in at most this many batches ...
+_ROUND_REFILL_SHARE = 8  # ... and inserts at most 1/8 of the images the cache typically holds
+_HELD_ROUNDS = 8  # GPU: decoded views kept for pending copies before the oldest is waited for
+_SNAPSHOTS_KEPT = 64  # batches behind the newest whose state state_dict() can still give
 _PROGRESS_MIN_IMAGES = 500  # with progress=None, a warm-up this long gets a progress bar
+
+
+def round_batches(config: SamplerConfig, typical_resident: int) -> int:
+    """Batches per round, from the config and the cache's typical occupancy (deterministic, so a
+    resumed sampler cuts the same rounds): enough to amortise the host's fixed cost, few enough
+    that a round's refill (``n × B / reuse`` images) stays a small share of the cache — images
+    inserted and evicted within one refill would never be drawn."""
+    by_refill = int(typical_resident * config.reuse // (_ROUND_REFILL_SHARE * config.batch_size))
+    return max(1, min(_MAX_ROUND, _ROUND_PATCHES // config.batch_size, by_refill))
 
 
 def _plain(value: Any) -> Any:
@@ -47,85 +65,93 @@ def _plain(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class PatchBatch:
-    """One batch of patches with its provenance.
-
-    Attributes:
-        patches: ``(B, P_h, P_w, C)`` (default RGB ``uint8``); CuPy on GPU, NumPy on CPU.
-        source: ``(B,) int64`` host array, index of each patch's image in ``sampler.files``.
-        anchor: ``(B, 2) int32`` host array, ``(y, x)`` of each patch's top-left pixel in its image.
-        index: position of this batch in the stream (0, 1, 2, ...).
-        companions: name → ``(B, P_h·s, P_w·s, C_c)`` patches of each companion, cut at the anchors
-            scaled by its ``s``.
-    """
-
-    patches: Any
-    source: np.ndarray
-    anchor: np.ndarray
-    index: int
-    companions: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class _Failure:
     error: BaseException
 
 
 class Producer:
-    """Owns the decode stage, the cache and the sampler; runs them in one daemon thread."""
+    """Owns the decode stage, the cache, the draws and the output ring; runs them in one daemon thread.
 
-    def __init__(self, columns: list[list[str]], config: SamplerConfig, backend: Backend, cache_bytes: int,
-                 max_slots: int, warmup_estimate: int, progress: bool | None = None,
-                 points: dict[int, np.ndarray] | None = None) -> None:
+    Args:
+        columns: the main images' paths, then each companion's, aligned.
+        config: the resolved :class:`~dali_patches.config.SamplerConfig`.
+        backend: the device.
+        plan: the cache's :class:`~dali_patches.cache.CachePlan`.
+        progress: progress bar for the warm-up (``None``: only for long ones).
+        points: ``POINTS`` anchors: source → ``(K, 2)`` centres.
+    """
+
+    def __init__(self, columns: list[list[str]], config: SamplerConfig, backend: Backend, plan: CachePlan,
+                 progress: bool | None = None, points: dict[int, HostArray] | None = None) -> None:
         self.config = config
         self.backend = backend
-        self.columns = columns  # the main images' paths, then each companion's
+        self.columns = columns
         self.files = columns[0]
-        self._threads = config.num_threads or os.cpu_count() or 1
-        self._output = {"exif": config.exif_orientation, "parts": [(c.channels, c.dtype) for c in config.parts]}
+        self._output = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts]}
         self.decoder = self._new_decoder()
-        self.cache = RingCache(backend, cache_bytes, max_slots, parts=[(c.scale, c.pixel_bytes) for c in config.parts])
+        self.cache = RingCache(backend, plan.capacity_bytes, plan.max_slots, parts=config.parts)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id]))
-        self.sampler = Sampler(config.batch_size, config.patch_size, config.allow_repeats, rng, config.image_choice,
-                               self._anchor_policy(rng, points))
+        self.draws = Draws(config.batch_size, config.allow_repeats, rng, self._anchor_policy(rng, points),
+                           config.image_choice)
         self.schedule = RefillSchedule(config.batch_size, config.reuse)
-        # What each part's gather needs, worked out once: name, scale, patch size, layout.
-        self._cuts = [(p.name, p.scale, tuple(scaled(v, p.scale) for v in config.patch_size), p.pixel_bytes,
-                       p.channels, p.dtype) for p in config.parts]
+        self.round_batches = round_batches(config, plan.warmup_images)
+        self._ring = (OutputRing(backend, [self.round_batches * config.batch_size * p.patch_bytes for p in config.parts],
+                                 depth=-(-(config.queue_depth + 4) // self.round_batches) + 2)
+                      if backend.is_gpu else None)
+        self._pinned_table = backend.pinned((len(config.parts), self.round_batches * config.batch_size, 4), np.int64)
+        self._table_uploaded: Any = None  # GPU: event after the last table upload from pinned memory
         self.queue: queue.Queue = queue.Queue(maxsize=config.queue_depth)
         self.batches_made = 0
         self.distinct_batches = 0
         self.warmup_images = 0
         self.duplicate_decodes = 0  # decoded while still resident (cache ≳ shard), not inserted
         self.last_delivered = -1  # index of the last batch handed to a consumer
-        self._snapshots: dict[int, dict[str, Any]] = {}  # batch index → state after it (the latest few)
+        self.consumer_stream: Any = None  # GPU: the stream the consumer reads batches on
+        self._snapshots: dict[int, dict[str, Any]] = {}  # round start → state before that round
+        self._snapshots_lock = threading.Lock()
+        self._skip = 0  # batches of the first round not to deliver (resumed mid-round)
         self._restored = False
-        self._warmup_estimate = warmup_estimate
-        self._progress = warmup_estimate >= _PROGRESS_MIN_IMAGES if progress is None else progress
+        self._warmup_estimate = plan.warmup_images
+        self._progress = plan.warmup_images >= _PROGRESS_MIN_IMAGES if progress is None else progress
         self._stream = backend.new_stream()
-        self._hold: list[Any] = []  # decoded views whose async copy may still be pending
+        self._held: deque[tuple[Any, list[Any]]] = deque()  # GPU: (event, decoded views copied before it)
+        self._holding: list[Any] = []
+        self.host_s = {"refill": 0.0, "round": 0.0}  # producer time: inserting, and draw + gather + snapshot
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dali-patches-producer", daemon=True)
 
-    def _anchor_policy(self, rng: np.random.Generator, points: dict[int, np.ndarray] | None) -> UniformAnchors:
+    def _anchor_policy(self, rng: np.random.Generator, points: dict[int, HostArray] | None) -> UniformAnchors:
         cfg = self.config
         if cfg.anchors is AnchorMode.POINTS:
             return PointAnchors(cfg.patch_size, cfg.anchor_step, rng, points or {})
         if cfg.anchors in (AnchorMode.WEIGHTS, AnchorMode.POS_NEG):
-            part = next(i for i, c in enumerate(cfg.parts) if c.name == cfg.anchor_mask)
-            mask = cfg.parts[part]
-            return MaskAnchors(cfg.patch_size, cfg.anchor_step, rng, self.backend, part, mask.channels,
-                               mask.dtype, cfg.pos_fraction if cfg.anchors is AnchorMode.POS_NEG else None)
+            part = next(i for i, p in enumerate(cfg.parts) if p.name == cfg.anchor_mask)
+            return MaskAnchors(cfg.patch_size, cfg.anchor_step, rng, self.backend, part,
+                               cfg.pos_fraction if cfg.anchors is AnchorMode.POS_NEG else None)
         return UniformAnchors(cfg.patch_size, cfg.anchor_step, rng)
 
     # -- consumer side -----------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def stream(self) -> Any:
+        """The producer's CUDA stream (GPU; ``None`` on CPU): every copy and gather runs on it."""
+        return self._stream
+
+    @property
+    def ring_bytes(self) -> int:
+        """Device bytes of the output ring (GPU; 0 on CPU, where each round is allocated afresh)."""
+        return self._ring.nbytes if self._ring is not None else 0
+
     def start(self) -> None:
         if not self._thread.is_alive() and not self._stop.is_set():
             self._thread.start()
 
     def get(self) -> PatchBatch:
-        """The next finished batch; re-raises whatever stopped the producer."""
+        """The next finished batch; re-raises whatever stopped the producer, with its own type."""
         if self._closed:
             msg = "this sampler is closed; create a new PatchSampler"
             raise RuntimeError(msg)
@@ -140,12 +166,12 @@ class Producer:
                 continue
             if isinstance(item, _Failure):
                 self.queue.put(item)  # every later call fails the same way
-                raise RuntimeError(f"dali_patches producer failed: {item.error}") from item.error  # noqa: TRY004
+                raise item.error
             self.last_delivered = item.index
             return item
 
     def close(self) -> None:
-        """Stop the thread, drop the queue, the decode pipeline and the arena."""
+        """Stop the thread, drop the queue, the decode pipeline, the output ring and the arena."""
         if self._closed:
             return
         self._closed = True
@@ -158,7 +184,8 @@ class Producer:
             self._thread.join(timeout=_POLL_S)
         self.queue = queue.Queue()
         self.decoder.close()
-        self._hold.clear()
+        self._held.clear()
+        self._ring = None
         self.cache.arena = None
 
     # -- producer side -----------------------------------------------------------------------
@@ -167,8 +194,12 @@ class Producer:
             with self.backend.use(self._stream):
                 if not self._restored:
                     self._warm_up()
+                    self._snapshot(0)
                 while not self._stop.is_set():
-                    self._put(self._make_batch())
+                    batches = self._make_round()
+                    skip, self._skip = self._skip, 0
+                    for batch in batches[skip:]:
+                        self._put(batch)
         except BaseException as e:  # handed to the consumer, which re-raises it
             if not self._stop.is_set():
                 log.exception("producer failed")
@@ -191,15 +222,22 @@ class Producer:
             self.duplicate_decodes += 1
             return
         slot = self.cache.insert(self._padded(images), source)
-        self.sampler.anchors.on_insert(self.cache, slot)
-        if self.backend.asynchronous:  # keep DALI's buffers alive until the async copies are done
-            self._hold += images
-            if len(self._hold) >= _MAX_HELD_IMAGES:
-                self._release_holds()
+        self.draws.anchors.on_insert(self.cache, slot)
+        if self.backend.asynchronous:  # DALI's buffers must outlive the asynchronous copies
+            self._holding += images
+
+    def _release_decoded(self, event: Any, wait: bool = False) -> None:
+        """GPU: tie the decoded views copied so far to ``event``; drop those whose copies are done
+        (no host blocking unless too many rounds are pending, or ``wait``)."""
+        if self._holding:
+            self._held.append((event, self._holding))
+            self._holding = []
+        while self._held and (wait or len(self._held) > _HELD_ROUNDS or self._held[0][0].done):
+            self._held.popleft()[0].synchronize()
 
     def _cached_bytes(self, images: list[Any]) -> int:
         (h, w, _), (ph, pw) = images[0].shape, self.config.patch_size
-        return sum(self.cache.part_bytes(max(h, ph), max(w, pw)))
+        return self.cache.image_bytes(max(h, ph), max(w, pw))
 
     def _padded(self, images: list[Any]) -> list[Any]:
         """``images`` (an image and its companions) zero-padded at the bottom and right to at least
@@ -214,10 +252,6 @@ class Producer:
             out.append(self.backend.xp.pad(image, pad))
         return out
 
-    def _release_holds(self) -> None:
-        self.backend.synchronize(self._stream)
-        self._hold.clear()
-
     def _warm_up(self) -> None:
         """Fill the arena until the next image would evict one, or the shard has been decoded once."""
         shard = self.decoder.shard_size
@@ -229,83 +263,120 @@ class Producer:
                     break
                 self._insert_next()
                 bar.update()
-        self._release_holds()
+        self._release_decoded(self.backend.record(self._stream), wait=True)
         self.warmup_images = self.decoder.images_decoded
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
 
-    def _make_batch(self) -> PatchBatch:
-        for _ in range(self.schedule.next()):
+    def _cut(self, draw: RoundDraw) -> list[DeviceArray]:
+        """One gather per part for the whole round: ``(n, B, h, w, C)`` per part."""
+        n, b = draw.slots.shape
+        slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
+        if self._table_uploaded is not None:
+            self._table_uploaded.synchronize()  # the previous upload has left the pinned buffer
+        tables = [self.cache.table(k, slots, ys, xs, out=self._pinned_table[k]) for k in range(len(self.config.parts))]
+        group: list[Any] = [None] * len(tables)
+        device_tables: list[Any] = [None] * len(tables)
+        if self._ring is not None:  # GPU: upload every table at once, reuse released buffers only
+            uploaded = self.backend.xp.asarray(self._pinned_table[:, : len(slots)])
+            self._table_uploaded = self.backend.record(self._stream)
+            device_tables = list(uploaded)
+            group = self._ring.acquire()
+            if self.consumer_stream is not None:  # work the consumer queued on a released buffer comes first
+                self.backend.wait(self._stream, self.backend.record(self.consumer_stream))
+        out = []
+        for k, part in enumerate(self.config.parts):
+            cut = self.cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
+            out.append(cut.reshape(n, b, *part.patch_shape))
+        return out
+
+    def _make_round(self) -> list[PatchBatch]:
+        t0 = time.perf_counter()
+        n, start = self.round_batches, self.batches_made
+        for _ in range(self.schedule.next(n)):
             self._insert_next()
-        draw = self.sampler.draw(self.cache)
+        t1 = time.perf_counter()
+        draw = self.draws.draw_round(self.cache, n)
         self.cache.record_served(draw.slots)
-        cut = {}
-        layouts = self.cache.part_layout(draw.slots) if len(self._cuts) > 1 else [
-            (self.cache.offset[draw.slots], self.cache.width[draw.slots])]
-        for (name, scale, size, pixel_bytes, channels, dtype), (offsets, widths) in zip(self._cuts, layouts):
-            y, x = scaled(draw.y, scale), scaled(draw.x, scale)
-            starts = row_starts(offsets, widths, y, x, size[0], pixel_bytes)
-            cut[name] = gather_patches(self.backend.xp, self.cache.arena, starts, size, channels, dtype)
-        self._release_holds()  # the gather (and the inserts before it) are done: safe to hand over
-        anchor = np.stack([draw.y, draw.x], axis=1).astype(np.int32)
-        self.distinct_batches += int(len(np.unique(draw.source)) == len(draw.source))
-        patches = cut.pop("patches")
-        batch = PatchBatch(patches, draw.source, anchor, self.batches_made, cut)
-        self.batches_made += 1
-        self._snapshot(batch.index)
-        return batch
+        cuts = self._cut(draw)
+        ready = self.backend.record(self._stream)
+        self._release_decoded(ready)
+        anchor = np.stack([draw.y, draw.x], axis=-1).astype(np.int32)
+        names = [p.name for p in self.config.parts[1:]]
+        batches = [PatchBatch(cuts[0][j], draw.source[j], anchor[j], start + j,
+                              {name: cut[j] for name, cut in zip(names, cuts[1:])}, ready) for j in range(n)]
+        self.batches_made += n
+        self.distinct_batches += int(draw.distinct.sum())
+        self._snapshot(self.batches_made)
+        self.host_s["refill"] += t1 - t0
+        self.host_s["round"] += time.perf_counter() - t1
+        return batches
 
     # -- resumable state ---------------------------------------------------------------------
     def _new_decoder(self, position: dict[str, Any] | None = None) -> DecodeStage:
         cfg = self.config
-        return DecodeStage(self.columns, self.backend, batch_size=cfg.decode_batch or default_decode_batch(self.backend),
-                           num_threads=self._threads, seed=cfg.seed, shard_id=cfg.shard_id,
-                           num_shards=cfg.num_shards, position=position, **self._output)
+        return DecodeStage(self.columns, self.backend, batch_size=cfg.decode_batch or 1,
+                           num_threads=cfg.num_threads or 1, seed=cfg.seed, shard_id=cfg.shard_id or 0,
+                           num_shards=cfg.num_shards or 1, position=position, **self._output)
 
-    def _snapshot(self, index: int) -> None:
-        """Record the state after batch ``index`` (a few KiB); keep the latest ``_SNAPSHOTS_KEPT``."""
-        self._snapshots[index] = {
+    def _snapshot(self, start: int) -> None:
+        """Record the state before the round that starts at batch ``start`` (a few KiB); keep those
+        of the latest ``_SNAPSHOTS_KEPT`` batches."""
+        snapshot = {
             "batches_made": self.batches_made, "distinct_batches": self.distinct_batches,
             "duplicate_decodes": self.duplicate_decodes, "warmup_images": self.warmup_images,
-            "rng": self.sampler.rng.bit_generator.state, "refill_credit": self.schedule.credit,
-            "decoder": self.decoder.position(), "cache": self.cache.state(),
+            "draws": self.draws.state_dict(), "refill": self.schedule.state_dict(),
+            "decoder": self.decoder.position(), "cache": self.cache.state_dict(),
         }
-        self._snapshots.pop(index - _SNAPSHOTS_KEPT, None)
+        with self._snapshots_lock:
+            self._snapshots[start] = snapshot
+            for old in [s for s in self._snapshots if s < start - _SNAPSHOTS_KEPT - self.round_batches]:
+                del self._snapshots[old]
 
     def state_after(self, index: int) -> dict[str, Any] | None:
-        """The state after batch ``index`` as plain Python values; ``None`` before the first batch."""
+        """The state after batch ``index`` as plain Python values: the snapshot of the round that
+        holds batch ``index + 1`` and how many of its batches were already delivered; ``None``
+        before the first batch."""
         if index < 0:
             return None
-        try:
-            return _plain(self._snapshots[index])
-        except KeyError:
-            msg = (f"the state after batch {index} is no longer kept (the latest {_SNAPSHOTS_KEPT} are); "
-                   "take state_dict() closer to the batches you consumed")
-            raise RuntimeError(msg) from None
+        with self._snapshots_lock:
+            starts = [s for s in self._snapshots if s <= index + 1]
+            snapshots = dict(self._snapshots)
+        if not starts or index + 1 - max(starts) >= self.round_batches or index >= self.batches_made:
+            newest = self.batches_made - 1
+            msg = (f"the state after batch {index} is not kept (batches {max(0, newest - _SNAPSHOTS_KEPT)}..{newest} "
+                   "are); take state_dict() closer to the batches you consumed")
+            raise RuntimeError(msg)
+        start = max(starts)
+        return {"round": _plain(snapshots[start]), "skip": index + 1 - start}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_after` of an earlier producer over the same files and config.
         Re-decodes the images that were resident (their number × decode time) before the first batch."""
         if self._thread.is_alive() or self.batches_made:
             msg = "load_state_dict() must come before the first batch is drawn"
             raise RuntimeError(msg)
+        snapshot = state["round"]
         self.decoder.close()
-        self.decoder = self._new_decoder(position=state["decoder"])
-        resident = [[column[s] for s in state["cache"]["source"]] for column in self.columns]
+        self.decoder = self._new_decoder(position=snapshot["decoder"])
+        self.cache.load_state_dict(snapshot["cache"])
+        resident = [[column[s] for s in snapshot["cache"]["source"]] for column in self.columns]
 
         def images() -> Any:
-            for parts in decode_files(resident, self.backend, self._threads, **self._output):
+            for parts in decode_files(resident, self.backend, self.config.num_threads or 1, **self._output):
                 yield self._padded(parts)
                 self.backend.synchronize(self._stream)  # copied before DALI may reuse the buffer
 
         with self.backend.use(self._stream):
-            self.cache.restore(state["cache"], images())
+            self.cache.rewrite(images())
             for slot in self.cache.resident_slots():
-                self.sampler.anchors.on_insert(self.cache, slot)
-        self.sampler.rng.bit_generator.state = state["rng"]
-        self.schedule.credit = state["refill_credit"]
+                self.draws.anchors.on_insert(self.cache, slot)
+        self.draws.load_state_dict(snapshot["draws"])
+        self.schedule.load_state_dict(snapshot["refill"])
         for name in ("batches_made", "distinct_batches", "duplicate_decodes", "warmup_images"):
-            setattr(self, name, state[name])
-        self.last_delivered = self.batches_made - 1
+            setattr(self, name, snapshot[name])
+        self._skip = int(state["skip"])
+        self.last_delivered = self.batches_made + self._skip - 1
+        self._snapshot(self.batches_made)
         self._restored = True
 
     def stats(self) -> dict[str, Any]:
@@ -326,8 +397,11 @@ class Producer:
             "mean_reuse": served / decoded if decoded else 0.0,
             "patches_per_residence": cache.evicted_served / cache.evicted if cache.evicted else 0.0,
             "distinct_fraction": self.distinct_batches / made if made else 1.0,
+            "round_batches": self.round_batches,
+            "producer_us_per_batch": 1e6 * self.host_s["round"] / made if made else 0.0,
+            "refill_us_per_batch": 1e6 * self.host_s["refill"] / made if made else 0.0,
             "decode_failed_batches": self.decoder.failed_runs,
-            "anchor_fallbacks": self.sampler.anchors.fallbacks,
+            "anchor_fallbacks": self.draws.anchors.fallbacks,
             "broken_files": [(self.files[i], why) for i, why in sorted(self.decoder.broken.items())],
             "decode_errors": list(self.decoder.errors),
         }

@@ -1,108 +1,338 @@
-"""Sampler: which resident images each batch uses, where its patches sit, and how fast to refill.
+"""PatchSampler: the user-facing sampler.
 
-Per batch: ``batch_size`` distinct resident images (uniformly, or with inclusion probability in
-proportion to their area), one anchor in each (see :mod:`dali_patches.anchors`), and provenance
-``(source, y, x)`` for every patch. The refill schedule adds ``batch_size / reuse`` new
-images per batch on average (fractions carried over), so each decoded image serves ``reuse`` patches.
+Construction resolves the config, scans the catalog, plans and checks the cache (before allocating
+anything), and builds the decode pipeline. The producer thread starts on first use. Batches come out
+as plain arrays (iterate the sampler), as torch tensors (:mod:`dali_patches.torch`), or through
+:meth:`PatchSampler.pipeline`, a DALI pipeline whose ``external_source`` hands over finished batches,
+for DALI's framework plugins.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import logging
+import os
+import time
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .anchors import UniformAnchors
+from . import pipeline as sample_pipeline
+from .backend import HostArray, resolve_backend
 from .cache import RingCache
-from .options import ImageChoice
+from .catalog import Catalog
+from .config import Device, SamplerConfig, format_bytes
+from .options import AnchorMode, Companion
+from .outputs import PatchBatch
+from .producer import Producer
+from .provenance import ProvenanceWriter
+from .sources import declared_companions
 
-__all__ = ["Draw", "RefillSchedule", "Sampler", "inclusion_probabilities"]
+__all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
+log = logging.getLogger(__name__)
 
-def inclusion_probabilities(weights: np.ndarray, k: int) -> np.ndarray:
-    """``(n,)`` probabilities ``π`` with ``Σπ = k``, ``π ≤ 1``, and ``π ∝ weights`` except where
-    capped at 1 (an image bigger than ``1/k`` of the resident area is in every batch)."""
-    pi = np.zeros(len(weights))
-    free = np.ones(len(weights), bool)
-    while True:
-        pi[free] = (k - (~free).sum()) * weights[free] / weights[free].sum()
-        over = free & (pi >= 1)
-        if not over.any():
-            return pi
-        pi[over], free[over] = 1.0, False
+OUTPUT_NAMES = ("patches", "source", "anchor")  # without companions; see PatchSampler.output_names
+_STATE_FORMAT = 2
 
 
-class RefillSchedule:
-    """How many freshly decoded images enter the cache before each batch: ``batch_size / reuse``
-    on average, as a deterministic running credit (e.g. reuse 32, B 256 → 8 per batch; B 100 →
-    3, 3, 3, 4, ...)."""
-
-    def __init__(self, batch_size: int, reuse: float) -> None:
-        self.rate = batch_size / reuse
-        self.credit = 0.0
-
-    def next(self) -> int:
-        self.credit += self.rate
-        n = int(self.credit + 1e-9)
-        self.credit -= n
-        return n
+def _close(producer: Producer, provenance: ProvenanceWriter | None) -> None:
+    producer.close()
+    if provenance is not None:
+        provenance.close()
 
 
-@dataclass(frozen=True)
-class Draw:
-    """One batch's choice. All ``(B,)`` host arrays; ``slots`` index the cache's slot table."""
+def _points_by_source(points: Iterable[tuple[Any, int, int]], files: Sequence[str], heights: Any,
+                      widths: Any) -> dict[int, HostArray]:
+    """``(file, y, x)`` centres → source index → ``(K, 2)`` array; every point checked."""
+    index = {os.path.abspath(f): i for i, f in enumerate(files)}
+    found: dict[int, list[tuple[int, int]]] = {}
+    for n, (file, y, x) in enumerate(points):
+        source = index.get(os.path.abspath(os.fspath(file)))
+        if source is None:
+            msg = f"points[{n}]: {os.fspath(file)!r} is not among the sampler's images (skipped, or not in the source)"
+            raise ValueError(msg)
+        if not (0 <= y < heights[source] and 0 <= x < widths[source]):
+            msg = (f"points[{n}]: ({y}, {x}) lies outside {os.fspath(file)!r} "
+                   f"({heights[source]}x{widths[source]}); points are (row, column) patch centres")
+            raise ValueError(msg)
+        found.setdefault(source, []).append((int(y), int(x)))
+    if not found:
+        msg = "points is empty; give (file, y, x) patch centres, or leave points=None for uniform anchors"
+        raise ValueError(msg)
+    return {s: np.asarray(v, dtype=np.int64) for s, v in found.items()}
 
-    slots: np.ndarray
-    source: np.ndarray  # int64, index into the catalog's files
-    y: np.ndarray  # int64, top row of each patch
-    x: np.ndarray  # int64, left column of each patch
 
-
-class Sampler:
-    """Draws batches from a :class:`RingCache`.
+class PatchSampler:
+    """Random patches from a bounded cache of decoded images, ``batch_size`` distinct images a batch.
 
     Args:
-        batch_size: patches per batch.
-        patch_size: ``(patch_h, patch_w)``.
-        allow_repeats: when fewer than ``batch_size`` images are resident, repeat images as evenly as
-            possible instead of failing.
-        rng: the only source of randomness (seeded by the caller).
-        image_choice: :class:`ImageChoice`; ``AREA`` includes each resident image with probability
-            ∝ its area (systematic sampling over a random order: exactly ``batch_size`` distinct).
-        anchors: where to cut in each image; default uniform.
+        source: a folder (searched recursively), a glob, or a list of image paths.
+        patch_size: int or ``(height, width)`` in pixels.
+        batch_size: patches per batch; each from a different image unless ``allow_repeats``.
+        reuse: mean patches served per decoded image (throughput ≈ ``reuse × decode rate``).
+        cache_bytes: arena size (int bytes or ``"2GiB"``); or give ``cache_images`` instead.
+        cache_images: size the arena to hold this many of the largest images.
+        device: ``"auto"``, ``"gpu"`` or ``"cpu"``.
+        seed: seeds everything random; same seed + files + device + shard → same stream.
+        progress: show progress bars for the header scan and the cache warm-up; ``None`` shows them
+            only for long work (≥ 2000 files to scan, ≥ 500 images to warm up).
+        companions: options of the companions a dict ``source`` names (name → :class:`Companion`,
+            or a dict such as ``{"scale": 2}`` / ``{"kind": "mask"}``); for tuple rows, their names
+            in order. Each is cut at the same anchor and is its own output.
+        points: ``(file, y, x)`` patch centres; patches are centred on them (uniformly among an
+            image's points), and only images with points are sampled.
+        provenance: a file to record every delivered patch's ``(batch, source, y, x)`` in (16
+            bytes per patch, appended per batch); read it with :func:`dali_patches.review.load`.
+
+    The producer works in rounds: it refills the cache, draws and cuts ``round_batches`` batches
+    at once (``stats()["round_batches"]``, chosen from the batch size and the cache), which keeps the
+    host's cost per batch small; every promise (distinct images, reuse, provenance, resumable state
+    at any batch) holds per batch.
+        **options: the rest of :class:`SamplerConfig` (``augment``, ``anchors``, ``anchor_mask``,
+            ``pos_fraction``, ``image_choice``, ``allow_repeats``, ``decode_batch``, ``num_threads``,
+            ``queue_depth``, ``channels``, ``dtype``, ``pad``, ``device_id``, ``shard_id``, ``num_shards``).
+
+    Raises:
+        ValueError: bad parameters, no usable images, or a cache too small for ``batch_size``
+            distinct images (the message gives the size needed).
+        FileNotFoundError: ``source`` does not exist.
+
+    Example:
+        >>> sampler = PatchSampler("data/train", patch_size=64, batch_size=256, reuse=32, cache_bytes="2GiB")
+        >>> batch = next(iter(sampler))
+        >>> batch.patches.shape
+        (256, 64, 64, 3)
     """
 
-    def __init__(self, batch_size: int, patch_size: tuple[int, int], allow_repeats: bool,
-                 rng: np.random.Generator, image_choice: ImageChoice = ImageChoice.UNIFORM,
-                 anchors: UniformAnchors | None = None) -> None:
-        self.batch_size = batch_size
-        self.patch_size = patch_size
-        self.allow_repeats = allow_repeats
-        self.rng = rng
-        self.image_choice = ImageChoice(image_choice)
-        self.anchors = anchors or UniformAnchors(patch_size, 1, rng)
+    def __init__(
+        self,
+        source: str | os.PathLike | Iterable[str | os.PathLike],
+        patch_size: int | tuple[int, int],
+        batch_size: int,
+        reuse: float,
+        cache_bytes: int | str | None = None,
+        *,
+        cache_images: int | None = None,
+        device: Device | str = Device.AUTO,
+        seed: int = 0,
+        progress: bool | None = None,
+        companions: Mapping[str, Any] | Sequence[Companion] | None = None,
+        points: Iterable[tuple[Any, int, int]] | None = None,
+        provenance: str | os.PathLike | None = None,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - {f for f in SamplerConfig.__dataclass_fields__ if f != "parts"} \
+            | ({"companions"} & set(options))
+        if unknown:
+            valid = sorted(set(SamplerConfig.__dataclass_fields__) - {"parts"})
+            msg = f"unknown option(s) {sorted(unknown)}; valid: {valid}"
+            raise TypeError(msg)
+        if points is not None:
+            options["anchors"] = AnchorMode.POINTS
+        config = SamplerConfig(patch_size=patch_size, batch_size=batch_size, reuse=reuse,  # type: ignore[arg-type]
+                               cache_bytes=cache_bytes, cache_images=cache_images, device=device,  # type: ignore[arg-type]
+                               seed=seed, companions=declared_companions(source, companions), **options)
+        if config.anchors is AnchorMode.POINTS and points is None:
+            msg = "anchors='points' needs points=[(file, y, x), ...]"
+            raise ValueError(msg)
+        self.backend = resolve_backend(config.device, config.device_id or 0)
+        self.config = config.resolved(self.backend.device)  # every default worked out once, here
+        cfg = self.config
+        self.catalog = Catalog.scan(source, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
+                                    pad=cfg.pad, companions=cfg.companions)
+        self._points: dict[int, HostArray] | None = None
+        self._points_sha: str | None = None
+        if points is not None:
+            points = list(points)
+            by_source = _points_by_source(points, self.catalog.files, self.catalog.heights, self.catalog.widths)
+            self.catalog = self.catalog.subset(sorted(by_source))
+            self._points = dict(enumerate(by_source[s] for s in sorted(by_source)))
+            self._points_sha = hashlib.sha256(repr(sorted(map(repr, points))).encode()).hexdigest()
+        self.plan = RingCache.plan(self.catalog.sample_bytes(cfg.parts), cfg.batch_size,
+                                   len(self.catalog.files) // (cfg.num_shards or 1), cfg.allow_repeats,
+                                   self.backend.free_bytes(), cfg.cache_bytes, cfg.cache_images,
+                                   self.backend.device.value)
+        self.cache_bytes = self.plan.capacity_bytes
+        columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
+        self._producer = Producer(columns, cfg, self.backend, self.plan, progress=progress, points=self._points)
+        self._pipelines: list[tuple[Any, sample_pipeline.Feed]] = []
+        self._handover_s = 0.0  # consumer time in next(): taking a batch (waits included) and logging it
+        self._provenance = None
+        if provenance is not None:
+            cat = self.catalog
+            self._provenance = ProvenanceWriter(provenance, {
+                "files": list(cat.files), "heights": cat.heights.tolist(), "widths": cat.widths.tolist(),
+                "patch_size": list(cfg.patch_size), "settings": self._fingerprint()})
+        # A sampler dropped without close() still stops its thread (the producer does not refer back).
+        self._finalizer = weakref.finalize(self, _close, self._producer, self._provenance)
 
-    def _by_area(self, cache: RingCache, resident: np.ndarray) -> np.ndarray:
-        area = (cache.height[resident] * cache.width[resident]).astype(np.float64)
-        order = self.rng.permutation(len(resident))
-        cumulative = np.cumsum(inclusion_probabilities(area, self.batch_size)[order])
-        points = self.rng.random() + np.arange(self.batch_size)
-        picks = np.searchsorted(cumulative, np.minimum(points, cumulative[-1] - 1e-9), side="right")
-        return resident[order[picks]]
+    # -- data --------------------------------------------------------------------------------
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The catalog's paths; ``batch.source`` indexes this tuple."""
+        return self.catalog.files
 
-    def draw(self, cache: RingCache) -> Draw:
-        resident = cache.resident_slots()
-        b = self.batch_size
-        if len(resident) >= b and self.image_choice is ImageChoice.AREA:
-            slots = self._by_area(cache, resident)
-        elif len(resident) >= b:
-            slots = resident[self.rng.choice(len(resident), size=b, replace=False)]
-        elif self.allow_repeats and len(resident):
-            slots = np.resize(self.rng.permutation(resident), b)  # each image ⌊B/n⌋ or ⌈B/n⌉ times
-            self.rng.shuffle(slots)
-        else:
-            msg = (f"only {len(resident)} images are resident but batch_size={b} distinct images are needed; "
-                   "raise cache_bytes or pass allow_repeats=True")
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Names of the batch outputs, in the pipeline's order: ``patches``, each companion,
+        ``source``, ``anchor``."""
+        return sample_pipeline.output_names(self.config)
+
+    @property
+    def max_memory(self) -> int:
+        """Bytes this sampler will hold on its device: the arena, DALI's decode queue
+        (``decode_batch × 3`` of the largest images with companions), and the output batches (the
+        queue, two rounds being cut or handed over, and on GPU the output ring)."""
+        cfg = self.config
+        largest = int(self.catalog.sample_bytes(cfg.parts).max())
+        rounds = self._producer.round_batches
+        batches = (cfg.queue_depth + 2 * rounds + 2) * cfg.batch_size * cfg.patch_bytes
+        ring = self._producer.ring_bytes
+        return self.cache_bytes + 3 * (cfg.decode_batch or 1) * largest + max(batches, ring)
+
+    def __iter__(self) -> PatchSampler:
+        return self
+
+    def __next__(self) -> PatchBatch:
+        t0 = time.perf_counter()
+        batch = self._producer.get()
+        if batch.ready is not None:  # GPU: this thread's stream reads the patches after the gather wrote them
+            stream = self.backend.current_stream()
+            self.backend.wait(stream, batch.ready)
+            self._producer.consumer_stream = stream
+        if self._provenance is not None:
+            self._provenance.write(batch.index, batch.source, batch.anchor)
+        self._handover_s += time.perf_counter() - t0
+        return batch
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``images_decoded``, ``patches_served``, ``batches_served``, ``resident_images``,
+        ``cache_bytes``, ``cache_bytes_used``, ``mean_reuse`` (patches served per decoded image, warm-up
+        included), ``patches_per_residence`` (patches per cached copy over completed residences),
+        ``duplicate_decodes`` (fresh decodes of still-resident images, not inserted twice),
+        ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
+        ``skipped_files``, decode failures, ``anchor_fallbacks`` (weighted draws that fell back: see
+        :mod:`dali_patches.anchors`), ``round_batches`` and host time per batch in µs:
+        ``producer_us_per_batch`` (draw + gather + snapshot), ``refill_us_per_batch`` (moving decoded
+        images into the cache, waits for the decoder included) and ``handover_us_per_batch`` (the
+        consumer's time in ``next()``, waits for the producer included)."""
+        stats = self._producer.stats()
+        taken = self._producer.last_delivered + 1
+        return {**stats, "handover_us_per_batch": 1e6 * self._handover_s / taken if taken > 0 else 0.0,
+                "files": len(self.files), "skipped_files": len(self.catalog.skipped),
+                "device": self.backend.device.value}
+
+    # -- resumable state ---------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a state must match to resume here: every stream-shaping config field, the resolved
+        cache size, and digests of the file lists and points."""
+        paths = hashlib.sha256("\n".join(self.files).encode()).hexdigest()
+        return {**self.config.stream_fields(), "files": len(self.files), "files_sha256": paths,
+                "cache_bytes": self.cache_bytes,
+                "companion_files_sha256": hashlib.sha256(repr(self.catalog.companions).encode()).hexdigest(),
+                "points_sha256": self._points_sha}
+
+    def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
+        """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):
+        the reader's position (a DALI checkpoint), the draws' RNG, the refill credit, which images
+        the cache holds where, and the batch within the producer's round. A new sampler with the
+        same files and settings continues the same ``(source, anchor)`` stream after
+        :meth:`load_state_dict`, from the very next batch.
+
+        The state is taken after the last batch handed out by ``next(sampler)`` or a pipeline's
+        ``external_source``; ``in_flight`` batches handed out but not yet consumed (DALI's
+        prefetch queue) are excluded. :class:`~dali_patches.torch.PatchIterator` counts them for you.
+        """
+        index = self._producer.last_delivered - in_flight
+        return {"format": _STATE_FORMAT, "fingerprint": self._fingerprint(),
+                "stream": self._producer.state_after(index)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a sampler over the same files with the same settings.
+        Call before the first batch; re-decodes the images the cache held (a warm-up's worth)."""
+        if state.get("format") != _STATE_FORMAT:
+            msg = (f"state format {state.get('format')!r} is not {_STATE_FORMAT}; "
+                   "was it made by PatchSampler.state_dict() of this version?")
+            raise ValueError(msg)
+        mine = self._fingerprint()
+        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
+        if diff:
+            listed = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in diff.items())
+            msg = f"this state belongs to a different sampler ({listed}); create the sampler with the saved settings"
+            raise ValueError(msg)
+        if state["stream"] is not None:
+            self._producer.load_state_dict(state["stream"])
+
+    # -- DALI: the pieces of the sample pipeline, for pipeline(), dali_patches.tf and your own ---------
+    def next_outputs(self) -> tuple[Any, ...]:
+        """The next batch as a tuple ordered as :attr:`output_names`: patches and companions on the
+        sampler's device, ``source`` ``(B,) int64`` and ``anchor`` ``(B, 2) int32`` on the host; a
+        ``source=`` for ``fn.external_source(..., batch=True, **external_source_args())``."""
+        return sample_pipeline.batch_outputs(self.config, next(self))
+
+    def augment_nodes(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """Inside a DALI graph: the sampler's ``augment`` ops applied to DALI nodes ordered as
+        :attr:`output_names` (one random draw per patch, shared by its companions); ``source`` and
+        ``anchor`` pass through. Without ``augment`` it returns the nodes as they are."""
+        return sample_pipeline.augment_nodes(self.config, inputs)
+
+    def output_dtypes(self) -> tuple[str, ...]:
+        """NumPy dtype names of the pipeline outputs, ordered as :attr:`output_names`."""
+        return sample_pipeline.output_dtypes(self.config)
+
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-sample shapes of the pipeline outputs, ordered as :attr:`output_names`."""
+        return sample_pipeline.output_shapes(self.config)
+
+    def external_source_args(self) -> dict[str, list[Any]]:
+        """``dtype``, ``layout`` and ``ndim`` lists (one entry per :attr:`output_names`) for
+        ``fn.external_source`` fed by :meth:`next_outputs`."""
+        return sample_pipeline.external_source_args(self.config)
+
+    def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int = 1, **kwargs: Any) -> Any:
+        """A built DALI pipeline with one output per :attr:`output_names` entry: ``patches``
+        (``HWC`` of the sampler's ``dtype``, or as ``augment`` makes them), each companion's patches
+        (on this sampler's device), ``source`` (int64 scalar) and ``anchor`` (``(2,)`` int32) per
+        sample (on the host in GPU mode), for ``DALIGenericIterator(pipe, list(sampler.output_names),
+        size=-1)`` and friends.
+
+        Its ``external_source`` only takes finished batches from the producer thread; ``augment``
+        runs as DALI ops after it. Every pipeline and ``next(sampler)`` draw from the same stream.
+        ``num_threads`` are DALI's CPU worker threads for this pipeline: 1 suffices on the GPU; on
+        the CPU, raise it when augmenting.
+        """
+        if self._producer.closed:
+            msg = "this sampler is closed; create a new PatchSampler"
             raise RuntimeError(msg)
-        y, x = self.anchors.draw(cache, slots)
-        return Draw(slots, cache.source[slots].copy(), y, x)
+        pipe, feed = sample_pipeline.build_pipeline(lambda: next(self), self.config, self.backend,
+                                                    self._producer.stream, prefetch_queue_depth, num_threads, **kwargs)
+        self._pipelines.append((pipe, feed))
+        return pipe
+
+    def batches_fed(self, pipe: Any) -> int:
+        """How many batches the ``external_source`` of ``pipe`` (from :meth:`pipeline`) has taken."""
+        for known, feed in self._pipelines:
+            if known is pipe:
+                return feed.fed
+        msg = "this pipeline was not made by this sampler's pipeline()"
+        raise ValueError(msg)
+
+    # -- lifetime ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the producer thread and release the DALI pipelines and the arena. Idempotent."""
+        self._finalizer()
+        self._pipelines.clear()
+
+    def __enter__(self) -> PatchSampler:  # noqa: PYI034 - Self needs Python 3.11
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"PatchSampler({len(self.files)} images, patch_size={c.patch_size}, batch_size={c.batch_size}, "
+                f"reuse={c.reuse}, cache={format_bytes(self.cache_bytes)}, device={self.backend.device.value!r})")

@@ -1,7 +1,7 @@
 """TensorFlow export: the sampler's sample pipeline as a ``tf.data.Dataset`` through DALI's TF plugin.
 
 DALI's ``DALIDataset`` refuses pipelines whose ``external_source`` has a ``source``; its variant
-``experimental.DALIDatasetWithInputs`` accepts them, one output each, with CPU data only (DALI-NOTES).
+``experimental.DALIDatasetWithInputs`` accepts them, one output each, with CPU data only (DALI issues 3321 and 2196).
 So every output (``patches``, each companion, ``source``, ``anchor``) gets an ``external_source`` of
 its own that reads its field of the same finished batch, memoised per iteration; on a GPU the patch
 batch is copied to the host for the hand-over and moved back to the GPU inside the pipeline, where the
@@ -18,7 +18,7 @@ import tensorflow as tf
 from nvidia.dali import fn, pipeline_def
 from nvidia.dali.plugin.tf.experimental import DALIDatasetWithInputs
 
-from .pipeline import PatchSampler
+from .sampler import PatchSampler
 
 __all__ = ["patch_dataset"]
 

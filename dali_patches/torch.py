@@ -1,24 +1,58 @@
-"""PyTorch export: DALI's ``DALIGenericIterator`` over the sampler's sample pipeline.
+"""PyTorch export: torch tensors from a :class:`~dali_patches.PatchSampler`, two ways.
 
-Each step yields ``{"patches": (B, P_h, P_w, 3) uint8, "source": (B,) int64, "anchor": (B, 2) int32}``
-plus one entry per companion (``"target"``, ``"mask"``, …), as torch tensors on the sampler's device
-(CUDA in GPU mode, CPU otherwise); ``augment`` may change dtypes and layout (see ``output_dtypes()``). Import this module only
-when torch is installed; the core package does not need it.
+* :class:`PatchIterator` — DALI's ``DALIGenericIterator`` over the sampler's sample pipeline, for
+  when DALI ops (``augment``, your own) should run on the batches.
+* :class:`DirectIterator` — the sampler's batches as torch tensors through DLPack, zero copy, for
+  training loops that need no DALI ops: no pipeline, no copy, the same provenance and state.
+
+Each step yields ``{"patches": (B, P_h, P_w, C), "source": (B,) int64, "anchor": (B, 2) int32}`` plus
+one entry per companion (``"target"``, ``"mask"``, …). Patches are on the sampler's device (CUDA in
+GPU mode, CPU otherwise); ``source`` and ``anchor`` are host tensors. Import this module only when
+torch is installed; the core package does not need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .pipeline import PatchSampler
+from .sampler import PatchSampler
 
-__all__ = ["PatchIterator"]
+__all__ = ["DirectIterator", "PatchIterator"]
 
 
-class PatchIterator:
+def _check_epoch(batches_per_epoch: int | None) -> None:
+    if batches_per_epoch is not None and (not isinstance(batches_per_epoch, int) or batches_per_epoch <= 0):
+        msg = f"{batches_per_epoch=} must be a positive int or None (endless)"
+        raise ValueError(msg)
+
+
+class _Epochs:
+    """``len()`` and epoch-bounded ``for`` loops over an endless stream of batches."""
+
+    batches_per_epoch: int | None
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            msg = f"an endless {type(self).__name__} has no length; pass batches_per_epoch"
+            raise TypeError(msg)
+        return self.batches_per_epoch
+
+    def _next(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        count = 0
+        while self.batches_per_epoch is None or count < self.batches_per_epoch:
+            yield self._next()
+            count += 1
+
+
+class PatchIterator(_Epochs):
     """Torch tensors from a :class:`~dali_patches.PatchSampler`, through DALI's PyTorch plugin.
 
     Args:
@@ -34,31 +68,58 @@ class PatchIterator:
 
     def __init__(self, sampler: PatchSampler, batches_per_epoch: int | None = None,
                  prefetch_queue_depth: int = 2) -> None:
-        if batches_per_epoch is not None and (not isinstance(batches_per_epoch, int) or batches_per_epoch <= 0):
-            msg = f"{batches_per_epoch=} must be a positive int or None (endless)"
-            raise ValueError(msg)
+        _check_epoch(batches_per_epoch)
         self.sampler = sampler
         self.batches_per_epoch = batches_per_epoch
         self.pipeline = sampler.pipeline(prefetch_queue_depth=prefetch_queue_depth)
         self._dali = DALIGenericIterator(self.pipeline, list(sampler.output_names), size=-1)
         self._returned = 0
 
-    def __len__(self) -> int:
-        if self.batches_per_epoch is None:
-            msg = "an endless PatchIterator has no length; pass batches_per_epoch"
-            raise TypeError(msg)
-        return self.batches_per_epoch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        count = 0
-        while self.batches_per_epoch is None or count < self.batches_per_epoch:
-            data = next(self._dali)[0]
-            self._returned += 1
-            yield data
-            count += 1
+    def _next(self) -> dict[str, Any]:
+        data: dict[str, Any] = next(self._dali)[0]
+        self._returned += 1
+        return data
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's :meth:`~dali_patches.PatchSampler.state_dict` after the last batch this
         iterator yielded (batches in DALI's prefetch queue are not counted as consumed). Restore
         with ``sampler.load_state_dict`` on a new sampler, then wrap it in a new iterator."""
-        return self.sampler.state_dict(in_flight=self.pipeline.batches_fed[0] - self._returned)
+        return self.sampler.state_dict(in_flight=self.sampler.batches_fed(self.pipeline) - self._returned)
+
+
+class DirectIterator(_Epochs):
+    """Torch tensors straight from the sampler's batches, through DLPack: no DALI pipeline, no copy.
+
+    On a GPU, the tensors are read on torch's current stream, which waits (on the device, not the
+    host) for the gather that wrote them; the sampler rewrites a batch's memory only after the
+    tensor and every view of it are released and the work queued on that stream so far is done.
+    Keeping a batch (or a view) alive keeps its patches as they are.
+
+    Args:
+        sampler: the sampler to draw from (its stream is shared with any other consumer).
+        batches_per_epoch: as for :class:`PatchIterator`.
+
+    Example:
+        >>> for data in DirectIterator(sampler, batches_per_epoch=100):
+        ...     x = data["patches"].permute(0, 3, 1, 2).float() / 255  # (B, 3, P, P) on the sampler's device
+    """
+
+    def __init__(self, sampler: PatchSampler, batches_per_epoch: int | None = None) -> None:
+        _check_epoch(batches_per_epoch)
+        self.sampler = sampler
+        self.batches_per_epoch = batches_per_epoch
+        self._names = sampler.output_names
+        self._gpu = sampler.backend.is_gpu
+
+    def _next(self) -> dict[str, Any]:
+        stream: Any = contextlib.nullcontext()
+        if self._gpu:  # make torch's current stream the one the sampler orders its work against
+            cupy = self.sampler.backend.xp
+            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        with stream:
+            outputs = self.sampler.next_outputs()
+        return {name: torch.from_dlpack(array) for name, array in zip(self._names, outputs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state after the last batch this iterator yielded (nothing is prefetched)."""
+        return self.sampler.state_dict()

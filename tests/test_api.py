@@ -44,8 +44,9 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
     assert out.stdout.strip() == "ok"
 
 
-FLOW = ["options", "config", "backend", "sources", "catalog", "decode", "cache", "gather", "anchors", "sampler",
-        "augment", "producer", "provenance", "pipeline", "torch", "tf", "review", "figures", "synth", "commands", "cli"]
+FLOW = ["options", "config", "backend", "sources", "catalog", "decode", "gather", "cache", "anchors", "draw",
+        "augment", "outputs", "producer", "provenance", "pipeline", "sampler", "torch", "tf", "review", "figures",
+        "synth", "commands", "cli"]
 
 
 def test_imports_follow_the_flow() -> None:

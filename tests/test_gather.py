@@ -1,25 +1,67 @@
 import numpy as np
+import pytest
 
-from dali_patches.gather import gather_patches, row_starts
+from dali_patches.gather import gather, gather_twin, patch_table
 
 
-def test_gather_equals_slicing_every_image(backend) -> None:
-    rng = np.random.default_rng(0)
-    shapes = [(37, 51), (64, 64), (90, 33), (40, 120)]
-    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
-    offsets = np.cumsum([0] + [im.size for im in images[:-1]]) + 5
+def _arena(rng: np.random.Generator, shapes: list[tuple[int, int]], pixel_bytes: int):
+    images = [rng.integers(0, 256, (h, w, pixel_bytes), dtype=np.uint8) for h, w in shapes]
+    offsets = np.cumsum([0] + [im.size for im in images[:-1]]) + 5  # odd offsets: nothing is aligned
     arena = np.zeros(int(offsets[-1] + images[-1].size + 11), np.uint8)
     for off, im in zip(offsets, images):
         arena[off: off + im.size] = im.ravel()
-    ph, pw = 17, 29
-    pick = rng.integers(0, len(images), 50)
+    return arena, images, offsets
+
+
+def _draw(rng: np.random.Generator, shapes: list[tuple[int, int]], offsets: np.ndarray, n: int,
+          ph: int, pw: int):
+    pick = rng.integers(0, len(shapes), n)
     heights = np.array([shapes[i][0] for i in pick])
     widths = np.array([shapes[i][1] for i in pick])
     ys, xs = rng.integers(0, heights - ph + 1), rng.integers(0, widths - pw + 1)
-    starts = row_starts(offsets[pick], widths, ys, xs, ph)
-    out = gather_patches(backend.xp, backend.xp.asarray(arena), starts, (ph, pw))
-    assert out.shape == (50, ph, pw, 3) and out.dtype == np.uint8
+    return pick, patch_table(offsets[pick], widths, ys, xs), ys, xs
+
+
+@pytest.mark.parametrize("pixel_bytes", [1, 3, 6])
+def test_gather_equals_slicing_every_image(backend, pixel_bytes: int) -> None:
+    rng = np.random.default_rng(pixel_bytes)
+    shapes = [(37, 51), (64, 64), (90, 33), (40, 120)]
+    arena, images, offsets = _arena(rng, shapes, pixel_bytes)
+    ph, pw = 17, 29
+    pick, table, ys, xs = _draw(rng, shapes, offsets, 50, ph, pw)
+    out = gather(backend.xp, backend.xp.asarray(arena), table, (ph, pw), pixel_bytes)
+    assert out.shape == (50, ph, pw * pixel_bytes) and out.dtype == np.uint8
     assert out.flags.c_contiguous
-    host = backend.to_host(out)
+    host = backend.to_host(out).reshape(50, ph, pw, pixel_bytes)
     for b, i in enumerate(pick):
         assert np.array_equal(host[b], images[i][ys[b]: ys[b] + ph, xs[b]: xs[b] + pw])
+
+
+@pytest.mark.parametrize(("pixel_bytes", "patch"), [(3, (16, 16)), (1, (7, 13)), (2, (1, 1)), (6, (32, 5))])
+def test_kernel_twin_matches_the_gather_bit_for_bit(backend, pixel_bytes: int, patch: tuple[int, int]) -> None:
+    """The twin spells out the GPU kernel's index arithmetic in NumPy; on the CPU it is held to the
+    host gather, on a GPU the kernel is held to it."""
+    rng = np.random.default_rng(7)
+    shapes = [(40, 50), (33, 71), (64, 32)]
+    arena, _, offsets = _arena(rng, shapes, pixel_bytes)
+    _, table, _, _ = _draw(rng, shapes, offsets, 300, *patch)
+    twin = gather_twin(arena, table, patch, pixel_bytes)
+    got = backend.to_host(gather(backend.xp, backend.xp.asarray(arena), table, patch, pixel_bytes))
+    assert twin.shape == got.shape and np.array_equal(twin, got)
+
+
+def test_gather_of_nothing_and_into_a_buffer(backend) -> None:
+    xp = backend.xp
+    arena = xp.arange(1000, dtype=xp.uint8)
+    empty = patch_table(*(np.zeros(0, np.int64) for _ in range(4)))
+    assert gather(xp, arena, empty, (4, 4), 3).shape == (0, 4, 12)
+    table = patch_table(np.array([0, 100]), np.array([10, 10]), np.array([1, 0]), np.array([2, 3]))
+    if backend.is_gpu:  # the kernel writes into a buffer it is given (the output ring's)
+        buffer = xp.zeros(4096, xp.uint8)
+        out = gather(xp, arena, table, (2, 2), 3, out=buffer)
+        assert out.data.ptr == buffer.data.ptr
+    else:
+        with pytest.raises(ValueError, match="allocates its result"):
+            gather(xp, arena, table, (2, 2), 3, out=np.zeros(4096, np.uint8))
+        out = gather(xp, arena, table, (2, 2), 3)
+    assert np.array_equal(backend.to_host(out), gather_twin(backend.to_host(arena), table, (2, 2), 3))

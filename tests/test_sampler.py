@@ -1,48 +1,206 @@
+"""End-to-end behaviour of PatchSampler: the invariants of ARCHITECTURE.md on real DALI decodes."""
+
+import gc
+import os
+import weakref
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from dali_patches.cache import RingCache
-from dali_patches.sampler import RefillSchedule, Sampler
+from dali_patches import OUTPUT_NAMES, PatchSampler
+
+from .conftest import reference_decode
 
 
-@pytest.mark.parametrize(("batch", "reuse"), [(256, 32), (100, 32), (8, 3), (5, 100)])
-def test_refill_schedule_rate_is_batch_over_reuse(batch: int, reuse: float) -> None:
-    schedule = RefillSchedule(batch, reuse)
-    counts = [schedule.next() for _ in range(10_000)]
-    assert abs(sum(counts) - 10_000 * batch / reuse) <= 1
-    assert max(counts) - min(counts) <= 1  # smoothed: never a burst
+def _stream(sampler: PatchSampler, n: int) -> list:
+    return [next(sampler) for _ in range(n)]
 
 
-def _filled_cache(backend, n: int) -> RingCache:
-    cache = RingCache(backend, 1_000_000, max_slots=n + 1)
-    for i in range(n):
-        cache.insert(backend.xp.zeros((20 + i % 7, 30 + i % 5, 3), backend.xp.uint8), source=100 + i)
-    return cache
+def test_patches_are_bit_exact_crops_of_the_full_decode(device: str, image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=(24, 40), batch_size=16, reuse=3, cache_images=20, device=device,
+                      seed=1) as sampler:
+        batches = _stream(sampler, 30)
+        reference = reference_decode(list(sampler.files), device)
+        for batch in batches:
+            patches = sampler.backend.to_host(batch.patches)
+            assert patches.shape == (16, 24, 40, 3) and patches.dtype == np.uint8
+            assert batch.source.dtype == np.int64 and batch.anchor.dtype == np.int32
+            for patch, src, (y, x) in zip(patches, batch.source, batch.anchor):
+                full = reference[sampler.files[src]]
+                assert np.array_equal(patch, full[y: y + 24, x: x + 40]), (sampler.files[src], y, x)
+        assert len({int(s) for b in batches for s in b.source}) == len(sampler.files)
 
 
-def test_draw_is_distinct_and_anchors_fit(backend) -> None:
-    cache = _filled_cache(backend, 40)
-    sampler = Sampler(32, (16, 24), allow_repeats=False, rng=np.random.default_rng(0))
-    for _ in range(50):
-        d = sampler.draw(cache)
-        assert len(set(d.source.tolist())) == 32
-        assert np.array_equal(d.source, cache.source[d.slots])
-        assert (d.y >= 0).all() and (d.y + 16 <= cache.height[d.slots]).all()
-        assert (d.x >= 0).all() and (d.x + 24 <= cache.width[d.slots]).all()
+def test_every_batch_has_distinct_sources(device: str, many_images: Path) -> None:
+    with PatchSampler(many_images, patch_size=32, batch_size=24, reuse=2, cache_images=30, device=device) as s:
+        for batch in _stream(s, 200):
+            assert len(set(batch.source.tolist())) == 24
+        assert s.stats()["distinct_fraction"] == 1.0
 
 
-def test_anchors_cover_every_valid_position(backend) -> None:
-    cache = RingCache(backend, 10_000, 4)
-    cache.insert(backend.xp.zeros((10, 12, 3), backend.xp.uint8), source=0)
-    sampler = Sampler(1, (8, 8), allow_repeats=False, rng=np.random.default_rng(1))
-    seen = {(int(d.y[0]), int(d.x[0])) for d in (sampler.draw(cache) for _ in range(2000))}
-    assert seen == {(y, x) for y in range(3) for x in range(5)}
+def test_batches_stay_distinct_when_the_cache_holds_the_whole_shard(device: str, many_images: Path) -> None:
+    # Reader epochs reshuffle, so a cache this large sees fresh decodes of still-resident images; they
+    # must not crowd distinct images out (the ring would hold ~50 distinct of 64 otherwise).
+    with PatchSampler(many_images, patch_size=32, batch_size=60, reuse=2, cache_images=64, device=device) as s:
+        for batch in _stream(s, 60):  # ≈ 28 reader epochs
+            assert len(set(batch.source.tolist())) == 60
+        stats = s.stats()
+    assert stats["duplicate_decodes"] > 0 and stats["resident_images"] == 64
+    served_per_decode = stats["patches_served"] / (stats["images_decoded"] - stats["warmup_images"])
+    assert served_per_decode == pytest.approx(2, rel=0.10)
 
 
-def test_too_few_images_fails_unless_repeats_allowed(backend) -> None:
-    cache = _filled_cache(backend, 5)
-    with pytest.raises(RuntimeError, match="only 5 images are resident but batch_size=12.*allow_repeats=True"):
-        Sampler(12, (8, 8), allow_repeats=False, rng=np.random.default_rng(0)).draw(cache)
-    d = Sampler(12, (8, 8), allow_repeats=True, rng=np.random.default_rng(0)).draw(cache)
-    counts = np.bincount(d.source - 100)
-    assert counts.min() == 2 and counts.max() == 3  # repeats spread as evenly as possible
+@pytest.mark.parametrize("reuse", [4, 10.5])
+def test_mean_patches_per_decoded_image_matches_reuse(device: str, many_images: Path, reuse: float) -> None:
+    with PatchSampler(many_images, patch_size=32, batch_size=16, reuse=reuse, cache_images=24, device=device) as s:
+        _stream(s, 1500)
+        stats = s.stats()
+    assert stats["mean_reuse"] == pytest.approx(reuse, rel=0.10)
+    served_per_decode = stats["patches_served"] / (stats["images_decoded"] - stats["warmup_images"])
+    assert served_per_decode == pytest.approx(reuse, rel=0.10)
+
+
+def test_every_file_is_decoded_once_per_reader_epoch(many_images: Path) -> None:
+    with PatchSampler(many_images, patch_size=32, batch_size=8, reuse=1, cache_images=10, device="cpu") as s:
+        n = len(s.files)
+        decoder = s._producer.decoder
+        decoded: list[int] = []
+        original = decoder.next
+
+        def recording_next():
+            item = original()
+            decoded.append(item[0])
+            return item
+
+        decoder.next = recording_next
+        while len(decoded) < 3 * n:
+            next(s)
+    for epoch in range(3):
+        assert sorted(decoded[epoch * n: (epoch + 1) * n]) == list(range(n))
+
+
+def test_same_seed_same_stream_different_seed_differs(device: str, image_dir: Path) -> None:
+    def provenance(seed: int) -> list:
+        with PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=5, cache_images=12, device=device,
+                          seed=seed) as s:
+            return [(b.source.tolist(), b.anchor.tolist()) for b in _stream(s, 40)]
+
+    first = provenance(7)
+    assert provenance(7) == first
+    assert provenance(8) != first
+
+
+def test_arena_is_allocated_once_and_cache_stays_bounded(device: str, many_images: Path) -> None:
+    with PatchSampler(many_images, patch_size=32, batch_size=8, reuse=2, cache_bytes=1_000_000, device=device) as s:
+        next(s)
+        arena = s._producer.cache.arena
+        pointer = arena.ctypes.data if s.backend.xp is np else arena.data.ptr
+        for _ in range(300):
+            next(s)
+            stats = s.stats()
+            assert stats["cache_bytes_used"] <= stats["cache_bytes"] == 1_000_000
+        assert s._producer.cache.arena is arena and arena.nbytes == 1_000_000
+        assert (arena.ctypes.data if s.backend.xp is np else arena.data.ptr) == pointer
+        assert stats["reader_epochs"] > 2
+
+
+def test_pipeline_outputs_named_batches(device: str, image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=4, cache_images=12, device=device) as s:
+        pipe = s.pipeline()
+        for _ in range(3):
+            patches, source, anchor = pipe.run()
+        if s.backend.is_gpu:
+            patches, source, anchor = patches.as_cpu(), source.as_cpu(), anchor.as_cpu()
+        assert np.array(patches.as_tensor()).shape == (8, 32, 32, 3)
+        assert np.array(source.as_tensor()).shape == (8,)
+        assert np.array(anchor.as_tensor()).shape == (8, 2)
+        assert patches.layout() == "HWC"
+    assert OUTPUT_NAMES == ("patches", "source", "anchor")
+
+
+def test_cache_too_small_says_how_much_is_needed(image_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"cannot hold batch_size=16 distinct images.*needs at least .* bytes"):
+        PatchSampler(image_dir, patch_size=32, batch_size=16, reuse=4, cache_bytes="1MiB", device="cpu")
+
+
+def test_allow_repeats_serves_a_batch_larger_than_the_data_set(image_dir: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size=40 distinct images.*only 24 images.*allow_repeats=True"):
+        PatchSampler(image_dir, patch_size=32, batch_size=40, reuse=4, cache_images=30, device="cpu")
+    with PatchSampler(image_dir, patch_size=32, batch_size=40, reuse=4, cache_images=30, device="cpu",
+                      allow_repeats=True) as s:
+        batch = next(s)
+        assert batch.patches.shape[0] == 40
+        assert len(set(batch.source.tolist())) == 24  # every image used before any repeats
+
+
+def test_bad_parameters_fail_before_any_work(image_dir: Path) -> None:
+    with pytest.raises(ValueError, match="reuse=0"):
+        PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=0, cache_bytes="64MiB")
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['cache_size'\]"):
+        PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_size="64MiB")
+    with pytest.raises(ValueError, match="exceeds every image"):
+        PatchSampler(image_dir, patch_size=4096, batch_size=8, reuse=2, cache_bytes="64MiB", device="cpu")
+    with pytest.raises(ValueError, match=r"cannot hold even the largest image .*raise cache_bytes to at least"):
+        PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="100KiB", device="cpu",
+                     allow_repeats=True)
+    with pytest.raises(ValueError, match="exceeds the free cpu memory"):
+        PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="64TiB", device="cpu")
+
+
+def test_close_is_idempotent_and_stops_the_thread(image_dir: Path) -> None:
+    s = PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_images=12, device="cpu")
+    next(s)
+    thread = s._producer._thread
+    s.close()
+    s.close()
+    assert not thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        next(s)
+
+
+def test_max_memory_is_known_before_the_run(image_dir: Path) -> None:
+    s = PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="4MiB", device="cpu")
+    assert s.max_memory >= s.cache_bytes == 4 * 2**20
+    assert "24 images" in repr(s)
+    s.close()
+
+
+def test_a_dropped_sampler_stops_its_thread(image_dir: Path) -> None:
+    s = PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_images=12, device="cpu")
+    next(s)
+    thread = s._producer._thread
+    del s
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_creating_and_closing_samplers_in_a_loop_does_not_leak(many_images: Path) -> None:
+    arenas = []
+
+    def cycle() -> None:
+        with PatchSampler(many_images, patch_size=32, batch_size=8, reuse=2, cache_bytes="2MiB", device="cpu") as s:
+            s.pipeline().run()
+            for _ in range(20):  # the ring wraps: every page of the arena is touched
+                next(s)
+            arenas.append(weakref.ref(s._producer.cache.arena))
+        gc.collect()
+
+    for _ in range(3):  # allocator pools and DALI's one-time state settle
+        cycle()
+    threads, rss = _os_threads(), _rss_mib()
+    for _ in range(12):
+        cycle()
+    assert all(ref() is None for ref in arenas), "an arena outlived close()"
+    assert _os_threads() <= threads, "DALI or producer threads outlive close()"
+    assert _rss_mib() - rss < 64, f"RSS grew by {_rss_mib() - rss:.0f} MiB over 12 samplers"

@@ -1,0 +1,146 @@
+"""draw: which resident images the batches of a round use, where their patches sit, and how fast to refill.
+
+A round is ``n`` consecutive batches drawn at once, after the round's new images entered the cache:
+``batch_size`` distinct resident images per batch (uniformly, or with inclusion probability in
+proportion to their area), one anchor in each (see :mod:`dali_patches.anchors`), and provenance
+``(source, y, x)`` for every patch. Every step is one array operation over the whole round. The
+refill schedule adds ``batch_size / reuse`` new images per batch on average (fractions carried over),
+so each decoded image serves ``reuse`` patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .anchors import UniformAnchors
+from .backend import HostArray
+from .cache import RingCache
+from .options import ImageChoice
+
+__all__ = ["Draws", "RefillSchedule", "RoundDraw", "inclusion_probabilities"]
+
+
+def inclusion_probabilities(weights: HostArray, k: int) -> HostArray:
+    """``(n,)`` probabilities ``π`` with ``Σπ = k``, ``π ≤ 1``, and ``π ∝ weights`` except where
+    capped at 1 (an image bigger than ``1/k`` of the resident area is in every batch)."""
+    pi = np.zeros(len(weights))
+    free = np.ones(len(weights), bool)
+    while True:
+        pi[free] = (k - (~free).sum()) * weights[free] / weights[free].sum()
+        over = free & (pi >= 1)
+        if not over.any():
+            return pi
+        pi[over], free[over] = 1.0, False
+
+
+class RefillSchedule:
+    """How many freshly decoded images enter the cache before each batch: ``batch_size / reuse``
+    on average, as a deterministic running credit (e.g. reuse 32, B 256 → 8 per batch; B 100 →
+    3, 3, 3, 4, ...)."""
+
+    def __init__(self, batch_size: int, reuse: float) -> None:
+        self.rate = batch_size / reuse
+        self.credit = 0.0
+
+    def next(self, batches: int = 1) -> int:
+        """Images to insert before the next ``batches`` batches."""
+        total = 0
+        for _ in range(batches):
+            self.credit += self.rate
+            n = int(self.credit + 1e-9)
+            self.credit -= n
+            total += n
+        return total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"credit": self.credit}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.credit = float(state["credit"])
+
+
+@dataclass(frozen=True)
+class RoundDraw:
+    """One round's choice: ``(n, B)`` host arrays; ``slots`` index the cache's slot table."""
+
+    slots: HostArray
+    source: HostArray  # int64, index into the catalog's files
+    y: HostArray  # int64, top row of each patch
+    x: HostArray  # int64, left column of each patch
+
+    @property
+    def distinct(self) -> HostArray:
+        """``(n,) bool``: whether each batch's sources are all different."""
+        ordered = np.sort(self.source, axis=1)
+        return (ordered[:, 1:] != ordered[:, :-1]).all(axis=1)
+
+
+class Draws:
+    """Draws rounds of batches from a :class:`RingCache`.
+
+    Args:
+        batch_size: patches per batch.
+        allow_repeats: when fewer than ``batch_size`` images are resident, repeat images as evenly as
+            possible instead of failing.
+        rng: the only source of randomness (seeded by the caller); its state is this object's state.
+        image_choice: :class:`ImageChoice`; ``AREA`` includes each resident image with probability
+            ∝ its area (systematic sampling over a random order: exactly ``batch_size`` distinct).
+        anchors: where to cut in each image (shares ``rng``).
+    """
+
+    def __init__(self, batch_size: int, allow_repeats: bool, rng: np.random.Generator,
+                 anchors: UniformAnchors, image_choice: ImageChoice = ImageChoice.UNIFORM) -> None:
+        self.batch_size = batch_size
+        self.allow_repeats = allow_repeats
+        self.rng = rng
+        self.image_choice = ImageChoice(image_choice)
+        self.anchors = anchors
+
+    def _uniform(self, n: int, r: int) -> HostArray:
+        """``(n, B)`` distinct picks per row among ``r``: the ``B`` smallest of ``r`` random keys."""
+        keys = self.rng.random((n, r))
+        return np.argpartition(keys, self.batch_size - 1, axis=1)[:, : self.batch_size] if self.batch_size < r \
+            else np.argsort(keys, axis=1)
+
+    def _by_area(self, cache: RingCache, resident: HostArray, n: int) -> HostArray:
+        """Systematic sampling with probabilities ∝ area, over a fresh random order per batch; the
+        ``n`` rows are searched at once by stacking their cumulative sums (each ends at ``B``)."""
+        b, r = self.batch_size, len(resident)
+        h, w = cache.sizes(resident)
+        pi = inclusion_probabilities((h * w).astype(np.float64), b)
+        order = np.argsort(self.rng.random((n, r)), axis=1)
+        cumulative = np.cumsum(pi[order], axis=1)
+        cumulative[:, -1] = b  # exact, so that stacked rows stay apart
+        shift = (np.arange(n) * (b + 1))[:, None]
+        points = np.minimum(self.rng.random((n, 1)) + np.arange(b), b - 1e-9) + shift
+        picks = np.searchsorted((cumulative + shift).reshape(-1), points.reshape(-1), side="right").reshape(n, b)
+        return np.take_along_axis(order, picks - (np.arange(n) * r)[:, None], axis=1)
+
+    def draw_round(self, cache: RingCache, n: int) -> RoundDraw:
+        """``n`` batches from the images resident now."""
+        resident = cache.resident_slots()
+        b, r = self.batch_size, len(resident)
+        if r >= b and self.image_choice is ImageChoice.AREA:
+            picks = self._by_area(cache, resident, n)
+        elif r >= b:
+            picks = self._uniform(n, r)
+        elif self.allow_repeats and r:
+            # each image ⌊B/r⌋ or ⌈B/r⌉ times, in random order
+            cycle = np.argsort(self.rng.random((n, r)), axis=1)[:, np.arange(b) % r]
+            picks = np.take_along_axis(cycle, np.argsort(self.rng.random((n, b)), axis=1), axis=1)
+        else:
+            msg = (f"only {r} images are resident but batch_size={b} distinct images are needed; "
+                   "raise cache_bytes or pass allow_repeats=True")
+            raise RuntimeError(msg)
+        slots = resident[picks]
+        y, x = self.anchors.draw(cache, slots.reshape(-1))
+        return RoundDraw(slots, cache.sources(slots), y.reshape(n, b), x.reshape(n, b))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,94 @@
+"""Output buffers of the gathered patches, and the batch type that carries them.
+
+On a GPU the gather kernel writes each round into preallocated device memory, and DALI (or the
+trainer) reads it later on another stream. :class:`OutputRing` makes that safe by construction: a
+buffer is handed out for rewriting only when nothing outside the ring refers to it any more — no
+batch, view, DLPack tensor or DALI feed holds it (Python's reference count says so) — and the
+producer's stream additionally waits for the consumer's stream before the kernel overwrites it.
+A consumer that keeps batches longer only makes the ring allocate a replacement; it never sees its
+patches change. On the host the gather allocates every round afresh (one pass, nothing is ever
+rewritten), so no ring is needed there.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend, DeviceArray, HostArray
+
+__all__ = ["OutputRing", "PatchBatch"]
+
+
+@dataclass(frozen=True)
+class PatchBatch:
+    """One batch of patches with its provenance.
+
+    Attributes:
+        patches: ``(B, P_h, P_w, C)`` (default RGB ``uint8``); CuPy on GPU, NumPy on CPU.
+        source: ``(B,) int64`` host array, index of each patch's image in ``sampler.files``.
+        anchor: ``(B, 2) int32`` host array, ``(y, x)`` of each patch's top-left pixel in its image.
+        index: position of this batch in the stream (0, 1, 2, ...).
+        companions: name → ``(B, P_h·s, P_w·s, C_c)`` patches of each companion, cut at the anchors
+            scaled by its ``s``.
+        ready: GPU: a CUDA event that completes when the patches are written (the sampler makes the
+            consumer's stream wait on it); ``None`` on CPU.
+    """
+
+    patches: DeviceArray
+    source: HostArray
+    anchor: HostArray
+    index: int
+    companions: dict[str, DeviceArray] = field(default_factory=dict)
+    ready: Any = None
+
+
+class OutputRing:
+    """``depth`` groups of preallocated flat ``uint8`` device buffers, one buffer per part of a round.
+
+    Args:
+        backend: the device (GPU; the host gather needs no ring).
+        round_bytes: bytes of one round of each part (``round batches × B × patch bytes``).
+        depth: groups kept; rounds in flight beyond it get fresh buffers (counted in ``replaced``).
+    """
+
+    def __init__(self, backend: Backend, round_bytes: list[int], depth: int) -> None:
+        self._backend = backend
+        self._round_bytes = list(round_bytes)
+        self._groups = [self._new_group() for _ in range(depth)]
+        self._next = 0
+        self.replaced = 0  # groups replaced because a consumer still held every buffer
+        self._baseline = max(self._references(self._groups[0]))  # references while only the ring holds it
+
+    def _new_group(self) -> list[DeviceArray]:
+        xp = self._backend.xp
+        return [xp.empty(nbytes, dtype=np.uint8) for nbytes in self._round_bytes]
+
+    @staticmethod
+    def _references(group: list[DeviceArray]) -> list[int]:
+        counts = []
+        for buffer in group:
+            counts.append(sys.getrefcount(buffer))
+        return counts
+
+    def acquire(self) -> list[DeviceArray]:
+        """A group of buffers nothing else refers to: the next free one in ring order, or a fresh
+        replacement when every group is still held somewhere."""
+        for _ in range(len(self._groups)):
+            i = self._next
+            self._next = (self._next + 1) % len(self._groups)
+            if max(self._references(self._groups[i])) <= self._baseline:
+                return self._groups[i]
+        i = self._next
+        self._next = (self._next + 1) % len(self._groups)
+        self._groups[i] = self._new_group()  # the held one now belongs to whoever holds it
+        self.replaced += 1
+        return self._groups[i]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the ring holds."""
+        return len(self._groups) * sum(self._round_bytes)
