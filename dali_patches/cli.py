@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("folder", help="folder to write to (created)")
     s.add_argument("--count", type=int, default=64, help="number of images [64]")
     s.add_argument("--size", default="1536x2048", help="HEIGHTxWIDTH (±25%% per image) [1536x2048]")
-    s.add_argument("--format", default="jpg", choices=["jpg", "png"], help="[jpg]")
+    s.add_argument("--format", default="jpg", choices=["jpg", "png", "mixed"],
+                   help="mixed: 70%% baseline JPEG, 20%% progressive JPEG, 10%% PNG, like a photo collection [jpg]")
     s.add_argument("--seed", type=int, default=0, help="[0]")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(run=commands.cmd_synth)

@@ -147,7 +147,7 @@ class Producer:
         return self._ring.nbytes if self._ring is not None else 0
 
     def start(self) -> None:
-        if not self._thread.is_alive() and not self._stop.is_set():
+        if self._thread.ident is None and not self._stop.is_set():  # never started: a thread runs once
             self._thread.start()
 
     def get(self) -> PatchBatch:
@@ -267,8 +267,9 @@ class Producer:
         self.warmup_images = self.decoder.images_decoded
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
 
-    def _cut(self, draw: RoundDraw) -> list[DeviceArray]:
-        """One gather per part for the whole round: ``(n, B, h, w, C)`` per part."""
+    def _cut(self, draw: RoundDraw) -> list[Any]:
+        """Every patch of the round, per part: ``(n, B, h, w, C)`` (GPU: one kernel launch per part)
+        or a list of ``n`` ``(B, h, w, C)`` batches (host: one pass per batch)."""
         n, b = draw.slots.shape
         slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
         if self._table_uploaded is not None:
@@ -285,8 +286,14 @@ class Producer:
                 self.backend.wait(self._stream, self.backend.record(self.consumer_stream))
         out = []
         for k, part in enumerate(self.config.parts):
-            cut = self.cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
-            out.append(cut.reshape(n, b, *part.patch_shape))
+            if self._ring is not None:  # one kernel launch for the whole round
+                cut = self.cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
+                out.append(cut.reshape(n, b, *part.patch_shape))
+                continue
+            # Host: one pass per batch. A round-sized result would be a fresh multi-MiB allocation that
+            # glibc maps anew, page by page, every round (while the last round is still held); batch-sized
+            # ones are recycled by the allocator.
+            out.append([self.cache.cut(k, tables[k][j * b: (j + 1) * b]) for j in range(n)])
         return out
 
     def _make_round(self) -> list[PatchBatch]:

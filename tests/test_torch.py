@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dali_patches import PatchSampler
-from dali_patches.torch import PatchIterator
+from dali_patches.torch import DirectIterator, PatchIterator
 
 
 def test_iterator_yields_torch_tensors_on_the_sampler_device(device: str, image_dir: Path) -> None:
@@ -20,8 +20,33 @@ def test_iterator_yields_torch_tensors_on_the_sampler_device(device: str, image_
         assert data["patches"].shape == (8, 16, 32, 3) and data["patches"].dtype == torch.uint8
         assert data["source"].shape == (8,) and data["source"].dtype == torch.int64
         assert data["anchor"].shape == (8, 2) and data["anchor"].dtype == torch.int32
-        assert {t.device.type for t in data.values()} == {expected}
+        assert data["patches"].device.type == expected
+        assert data["source"].device.type == data["anchor"].device.type == "cpu"  # provenance stays on the host
         assert len(set(data["source"].tolist())) == 8
+
+
+def test_direct_iterator_is_zero_copy_and_the_same_stream(device: str, image_dir: Path) -> None:
+    settings = {"patch_size": (16, 24), "batch_size": 8, "reuse": 4, "cache_images": 12, "device": device, "seed": 1}
+    with PatchSampler(image_dir, **settings) as reference:
+        expected = [next(reference) for _ in range(6)]
+        expected = [(reference.backend.to_host(b.patches), b.source.copy(), b.anchor.copy()) for b in expected]
+    with PatchSampler(image_dir, **settings) as s:
+        iterator = DirectIterator(s, batches_per_epoch=3)
+        steps = [*iterator, *iterator]  # two epochs of 3
+        assert len(iterator) == 3 and len(steps) == 6
+        for data, (patches, source, anchor) in zip(steps, expected, strict=True):
+            assert data["patches"].dtype == torch.uint8 and data["patches"].shape == (8, 16, 24, 3)
+            assert data["patches"].device.type == ("cuda" if device == "gpu" else "cpu")
+            assert torch.equal(data["patches"].cpu(), torch.from_numpy(patches))
+            assert data["source"].tolist() == source.tolist() and data["anchor"].tolist() == anchor.tolist()
+        # zero copy: the tensor is the sampler's own batch memory
+        batch_memory = s.backend.xp.asarray(steps[-1]["patches"])
+        assert batch_memory.__array_interface__["data"][0] == steps[-1]["patches"].data_ptr() if device == "cpu" \
+            else batch_memory.data.ptr == steps[-1]["patches"].data_ptr()
+        state = iterator.state_dict()
+    with PatchSampler(image_dir, **settings) as resumed:
+        resumed.load_state_dict(state)
+        assert next(resumed).index == 6
 
 
 def test_endless_iterator_has_no_length(image_dir: Path) -> None:
