@@ -7,8 +7,8 @@ patches on average, so throughput is ``reuse × decode rate`` while batches stay
 from .catalog import Catalog, CatalogWarning
 from .config import Device, SamplerConfig, format_bytes, parse_bytes
 from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, Layout
-from .sampler import OUTPUT_NAMES, PatchSampler
 from .outputs import PatchBatch
+from .sampler import OUTPUT_NAMES, PatchSampler
 from .sources import Problem
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Any
 
 from nvidia.dali import fn, types
 
-from .options import Augment, Companion, CompanionKind, Layout
+from .options import Augment, CompanionKind, Layout, Part
 
 __all__ = ["DALI_OUT_DTYPES", "augment_outputs", "output_dtype"]
 
@@ -22,18 +22,18 @@ DALI_OUT_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "uint8": ty
                    "int32": types.INT32}
 
 
-def output_dtype(part: Companion, augment: Augment) -> str:
+def output_dtype(part: Part, augment: Augment) -> str:
     """The dtype name a patch output of ``part`` has after ``augment``."""
     if part.kind is CompanionKind.MASK:
-        return part.dtype  # type: ignore[return-value]
-    return augment.dtype or ("float32" if augment.normalize else part.dtype)  # type: ignore[return-value]
+        return part.dtype
+    return augment.dtype or ("float32" if augment.normalize else part.dtype)
 
 
 def _per_channel(values: tuple[float, ...], channels: int) -> list[float]:
     return list(values) * channels if len(values) == 1 else list(values)
 
 
-def augment_outputs(patches: Sequence[Any], parts: Sequence[Companion], augment: Augment) -> list[Any]:
+def augment_outputs(patches: Sequence[Any], parts: Sequence[Part], augment: Augment) -> list[Any]:
     """Apply ``augment`` to the ``HWC`` patch outputs ``patches`` (one DALI node per part); returns
     the new nodes in the same order."""
     if not augment.active:
@@ -51,8 +51,8 @@ def augment_outputs(patches: Sequence[Any], parts: Sequence[Companion], augment:
         dtype = DALI_OUT_DTYPES[output_dtype(part, augment)]
         if image and augment.normalize:
             node = fn.crop_mirror_normalize(node, dtype=dtype, output_layout=augment.layout.value,
-                                            mean=_per_channel(augment.mean, part.channels),
-                                            std=_per_channel(augment.std, part.channels))
+                                            mean=_per_channel(augment.mean or (0.0,), part.channels),
+                                            std=_per_channel(augment.std or (1.0,), part.channels))
             out.append(node)
             continue
         if image and augment.dtype is not None:

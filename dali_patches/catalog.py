@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .options import Companion, CompanionKind, scaled
+from .options import Companion, CompanionKind, Part, scaled
 from .sources import IMAGE_SUFFIXES, Problem, pair_sources
 
 __all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES", "screen_file"]
@@ -146,7 +146,7 @@ class Catalog:
         return Catalog(take(self.files), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
                        self.padded, named, take(self.formats), take(self.modes))
 
-    def sample_bytes(self, parts: Sequence[Companion]) -> np.ndarray:
+    def sample_bytes(self, parts: Sequence[Part]) -> np.ndarray:
         """``(N,) int64`` cache bytes of each image with its companions (``SamplerConfig.parts``)."""
         return sum(scaled(self.heights, p.scale) * scaled(self.widths, p.scale) * p.pixel_bytes for p in parts)
 

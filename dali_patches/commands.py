@@ -197,7 +197,7 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     catalog = Catalog.scan(source, min_size=config.patch_size, progress=not args.no_progress, pad=config.pad,
                            companions=config.companions, check=False)
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
-    at_least, typical = images_held(sizes, config.cache_bytes)
+    at_least, typical = images_held(sizes, int(config.cache_bytes or 0))
     return {**catalog.summary(), "seconds": time.perf_counter() - t0,
             "cache": {"cache_bytes": config.cache_bytes, "images_at_least": at_least, "images_typical": typical,
                       "bytes_per_image_mean": float(sizes.mean()) if len(sizes) else 0.0},

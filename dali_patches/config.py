@@ -88,7 +88,7 @@ def _patch_hw(value: int | tuple[int, int]) -> tuple[int, int]:
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
         msg = f"patch_size={value!r} must be a positive int or a (height, width) pair of them, e.g. 64"
         raise ValueError(msg)
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,8 @@ class SamplerConfig:
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
             msg = f"device_id={self.device_id!r} must be a non-negative int"
             raise ValueError(msg)
-        if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) or not 0 <= self.shard_id < self.num_shards:
+        shards = int(self.num_shards or 1)
+        if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) or not 0 <= self.shard_id < shards:
             msg = f"{self.shard_id=} must be in [0, {self.num_shards=})"
             raise ValueError(msg)
         self._check_companions()

@@ -49,7 +49,9 @@ def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuf
     shard and shuffle seed, so they yield the same rows in the same order; each with its own decoder
     settings ``(channels, dtype)``. Returns ``(*images, *labels)``; the labels (row indices) of
     every reader are returned so that :class:`DecodeStage` can check that the rows stay aligned."""
-    outputs, labels = [], []
+    outputs: list[Any] = []
+    labels: list[Any] = []
+    shuffling: dict[str, Any] = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
     for column, (channels, dtype) in zip(columns, parts):
         encoded, label = fn.readers.file(
             files=list(column),
@@ -57,7 +59,7 @@ def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuf
             shard_id=shard_id,
             num_shards=num_shards,
             name=f"Reader{len(labels) or ''}",
-            **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}),
+            **shuffling,
         )
         labels.append(label)
         if not decode:  # the same reader, for finding out which files a batch held; "Decoder" is a no-op
@@ -101,7 +103,8 @@ class DecodeStage:
     ) -> None:
         self._backend = backend
         # What the readers read, per column: broken rows swapped for a stand-in row.
-        self._columns = [list(c) for c in columns] if columns and not isinstance(columns[0], str) else [list(columns)]
+        self._columns: list[list[str]] = ([list(c) for c in columns] if columns and not isinstance(columns[0], str)
+                                          else [[str(c) for c in columns]])
         self._pending: deque[tuple[int, list[Any]]] = deque()
         self._run_checkpoint: str | None = None  # reader state before the run that filled _pending (base64)
         self._taken_from_run = 0
@@ -112,7 +115,7 @@ class DecodeStage:
         self.broken: dict[int, str] = {}  # source index → why it cannot be decoded
         self.skipped_decodes = 0  # reads of broken files (their stand-in's decode is discarded)
         self._failed_in_a_row = 0
-        self._output = {"exif": exif, "parts": tuple(parts)}
+        self._output: dict[str, Any] = {"exif": exif, "parts": tuple(parts)}
         self._options = {"decoder_device": backend.decoder_device, "shuffle_seed": seed, "shard_id": shard_id,
                          "num_shards": num_shards, **self._output, "batch_size": batch_size,
                          "num_threads": num_threads, "device_id": backend.dali_device_id,
@@ -129,7 +132,7 @@ class DecodeStage:
         self.shard_size = -(-self.epoch_size // num_shards) if num_shards > 1 else self.epoch_size
 
     def _build(self, checkpoint: bytes | None) -> None:
-        self._pipe = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, **self._options)
+        self._pipe: Any = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, **self._options)
         self._pipe.build()
 
     def peek(self) -> tuple[int, list[Any]]:

@@ -102,9 +102,9 @@ def patch_grid(patches: np.ndarray, source: Sequence[int], anchor: np.ndarray, f
     for i in range(count):
         left, top = _GAP_PX * 2 + (i % cols) * pitch_x, _GAP_PX * 2 + (i // cols) * pitch_y
         size = (pw * zoom, ph * zoom)
-        canvas.paste(_displayable(patches[i]).resize(size, Image.NEAREST), (left, top))
+        canvas.paste(_displayable(patches[i]).resize(size, Image.Resampling.NEAREST), (left, top))
         for k, (name, part) in enumerate(companions.items(), start=1):
-            shown = _displayable(part[i], stretch=name in masks).resize(size, Image.NEAREST)
+            shown = _displayable(part[i], stretch=name in masks).resize(size, Image.Resampling.NEAREST)
             canvas.paste(shown, (left + k * (size[0] + _GAP_PX), top))
         boxes.append((left, top, left + size[0], top + size[1]))
         name = Path(files[int(source[i])]).name
@@ -127,7 +127,8 @@ def pick_images(run: Provenance, count: int = 4) -> list[int]:
 def _thumbnail(path: str, exif: bool, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The image as the sampler saw it (EXIF-rotated when ``exif``) as RGB, shrunk to about
     ``max_px`` a side, and its full ``(height, width)``."""
-    with Image.open(path) as im:
+    with Image.open(path) as opened:
+        im: Image.Image = opened
         full_w = im.width
         im.draft("RGB", (max_px, max_px))  # JPEG: decode at 1/2..1/8 scale, fast for huge files
         factor = full_w / im.width

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["AnchorMode", "Augment", "Companion", "CompanionKind", "DTYPES", "Device", "ImageChoice", "Layout", "Part",
            "RESERVED_NAMES", "enum_value", "scaled"]
@@ -75,7 +75,7 @@ class ImageChoice(str, enum.Enum):
 
 def _scale(value: object, name: str) -> Fraction:
     try:
-        scale = Fraction(value).limit_denominator(1000) if not isinstance(value, bool) else None
+        scale = Fraction(cast(Any, value)).limit_denominator(1000) if not isinstance(value, bool) else None
     except (TypeError, ValueError, ZeroDivisionError):
         scale = None
     if scale is None or scale <= 0 or (scale.numerator != 1 and scale.denominator != 1):

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .anchors import MaskAnchors, PointAnchors, UniformAnchors
-from .backend import Backend, DeviceArray, HostArray
+from .backend import Backend, HostArray
 from .cache import CachePlan, RingCache
 from .config import SamplerConfig
 from .decode import DecodeStage, decode_files
@@ -87,10 +87,10 @@ class Producer:
         self.backend = backend
         self.columns = columns
         self.files = columns[0]
-        self._output = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts]}
+        self._output: dict[str, Any] = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts]}
         self.decoder = self._new_decoder()
         self.cache = RingCache(backend, plan.capacity_bytes, plan.max_slots, parts=config.parts)
-        rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id]))
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id or 0]))
         self.draws = Draws(config.batch_size, config.allow_repeats, rng, self._anchor_policy(rng, points),
                            config.image_choice)
         self.schedule = RefillSchedule(config.batch_size, config.reuse)

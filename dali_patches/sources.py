@@ -108,7 +108,7 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def _keyed(source: Any, name: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+def _keyed(source: Any, name: str) -> tuple[dict[str, str], list[tuple[str, Problem]]]:
     """``{key: path}`` for a folder (key: relative path without extension) or a glob (key: the text
     its wildcards matched), and the files whose key is taken twice."""
     text = os.fspath(source)
@@ -117,12 +117,13 @@ def _keyed(source: Any, name: str) -> tuple[dict[str, str], list[tuple[str, str]
         keys = [Path(os.path.relpath(p, text)).with_suffix("").as_posix() for p in paths]
     elif glob.has_magic(text):
         regex = _glob_regex(text)
-        keys = ["/".join(g or "" for g in regex.match(p).groups()) if regex.match(p) else p for p in paths]
+        matches = [(p, regex.match(p)) for p in paths]
+        keys = ["/".join(g or "" for g in m.groups()) if m else p for p, m in matches]
     else:
         msg = f"{name!r}: {text!r} must be a folder or a glob to be matched by name (or give explicit lists)"
         raise ValueError(msg)
     found: dict[str, str] = {}
-    clashes = []
+    clashes: list[tuple[str, Problem]] = []
     for key, path in zip(keys, paths):
         if key in found:
             clashes.append((path, Problem(f"{name!r} key {key!r} is also {found[key]!r}; keep one file per key",
