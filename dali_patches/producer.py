@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .anchors import MaskAnchors, PointAnchors, UniformAnchors
-from .backend import Backend, HostArray
+from .backend import Backend, DeviceArray, HostArray
 from .cache import CachePlan, RingCache
 from .config import SamplerConfig
 from .decode import DecodeStage, decode_files
@@ -100,7 +100,11 @@ class Producer:
                       if backend.is_gpu else None)
         self._pinned_table = backend.pinned((len(config.parts), self.round_batches * config.batch_size, 4), np.int64)
         self._table_uploaded: Any = None  # GPU: event after the last table upload from pinned memory
-        self.queue: queue.Queue = queue.Queue(maxsize=config.queue_depth)
+        # Whole rounds cross the queue (one hand-off per round, not per batch: each blocking put or get
+        # costs both threads a wake-up and a turn of the GIL); the consumer pops their batches locally.
+        self.queue_rounds = -(-config.queue_depth // self.round_batches)
+        self.queue: queue.Queue = queue.Queue(maxsize=self.queue_rounds)
+        self._ready: deque[PatchBatch] = deque()  # consumer side: batches of the round being taken
         self.batches_made = 0
         self.distinct_batches = 0
         self.warmup_images = 0
@@ -156,7 +160,7 @@ class Producer:
             msg = "this sampler is closed; create a new PatchSampler"
             raise RuntimeError(msg)
         self.start()
-        while True:
+        while not self._ready:
             try:
                 item = self.queue.get(timeout=_POLL_S)
             except queue.Empty:
@@ -167,8 +171,10 @@ class Producer:
             if isinstance(item, _Failure):
                 self.queue.put(item)  # every later call fails the same way
                 raise item.error
-            self.last_delivered = item.index
-            return item
+            self._ready.extend(item)
+        batch = self._ready.popleft()
+        self.last_delivered = batch.index
+        return batch
 
     def close(self) -> None:
         """Stop the thread, drop the queue, the decode pipeline, the output ring and the arena."""
@@ -183,6 +189,7 @@ class Producer:
                 pass
             self._thread.join(timeout=_POLL_S)
         self.queue = queue.Queue()
+        self._ready.clear()
         self.decoder.close()
         self._held.clear()
         self._ring = None
@@ -198,8 +205,7 @@ class Producer:
                 while not self._stop.is_set():
                     batches = self._make_round()
                     skip, self._skip = self._skip, 0
-                    for batch in batches[skip:]:
-                        self._put(batch)
+                    self._put(batches[skip:])
         except BaseException as e:  # handed to the consumer, which re-raises it
             if not self._stop.is_set():
                 log.exception("producer failed")
@@ -267,9 +273,10 @@ class Producer:
         self.warmup_images = self.decoder.images_decoded
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
 
-    def _cut(self, draw: RoundDraw) -> list[Any]:
-        """Every patch of the round, per part: ``(n, B, h, w, C)`` (GPU: one kernel launch per part)
-        or a list of ``n`` ``(B, h, w, C)`` batches (host: one pass per batch)."""
+    def _cut(self, draw: RoundDraw) -> list[DeviceArray]:
+        """Every patch of the round, per part: ``(n, B, h, w, C)``. On the host each part is one
+        NumPy pass (it releases the GIL; fewer, longer calls also mean fewer waits for it while the
+        consumer runs Python); on a GPU one kernel launch into the output ring."""
         n, b = draw.slots.shape
         slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
         if self._table_uploaded is not None:
@@ -285,15 +292,9 @@ class Producer:
             if self.consumer_stream is not None:  # work the consumer queued on a released buffer comes first
                 self.backend.wait(self._stream, self.backend.record(self.consumer_stream))
         out = []
-        for k, part in enumerate(self.config.parts):
-            if self._ring is not None:  # one kernel launch for the whole round
-                cut = self.cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
-                out.append(cut.reshape(n, b, *part.patch_shape))
-                continue
-            # Host: one pass per batch. A round-sized result would be a fresh multi-MiB allocation that
-            # glibc maps anew, page by page, every round (while the last round is still held); batch-sized
-            # ones are recycled by the allocator.
-            out.append([self.cache.cut(k, tables[k][j * b: (j + 1) * b]) for j in range(n)])
+        for k, part in enumerate(self.config.parts):  # one gather per part: a kernel launch, or one host pass
+            cut = self.cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
+            out.append(cut.reshape(n, b, *part.patch_shape))
         return out
 
     def _make_round(self) -> list[PatchBatch]:

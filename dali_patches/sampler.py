@@ -185,12 +185,12 @@ class PatchSampler:
     def max_memory(self) -> int:
         """Bytes this sampler will hold on its device: the arena, DALI's decode queue
         (``decode_batch × 3`` of the largest images with companions), and the output batches (the
-        queue, two rounds being cut or handed over, and on GPU the output ring)."""
+        rounds in the queue, the one being cut and the one being taken; on GPU the output ring)."""
         cfg = self.config
         largest = int(self.catalog.sample_bytes(cfg.parts).max())
-        rounds = self._producer.round_batches
-        batches = (cfg.queue_depth + 2 * rounds + 2) * cfg.batch_size * cfg.patch_bytes
-        ring = self._producer.ring_bytes
+        producer = self._producer
+        batches = (producer.queue_rounds + 2) * producer.round_batches * cfg.batch_size * cfg.patch_bytes
+        ring = producer.ring_bytes
         return self.cache_bytes + 3 * (cfg.decode_batch or 1) * largest + max(batches, ring)
 
     def __iter__(self) -> PatchSampler:
