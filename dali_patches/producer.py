@@ -20,6 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .anchors import MaskAnchors, PointAnchors, UniformAnchors
-from .backend import Backend, DeviceArray, HostArray
+from .backend import Backend, HostArray
 from .cache import CachePlan, RingCache
 from .config import SamplerConfig
 from .decode import DecodeStage, decode_files
@@ -121,6 +122,8 @@ class Producer:
         self._held: deque[tuple[Any, list[Any]]] = deque()  # GPU: (event, decoded views copied before it)
         self._holding: list[Any] = []
         self.host_s = {"refill": 0.0, "round": 0.0}  # producer time: inserting, and draw + gather + snapshot
+        self._helper = (ThreadPoolExecutor(1, thread_name_prefix="dali-patches-gather")
+                        if not backend.is_gpu and (config.num_threads or 1) > 1 else None)
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dali-patches-producer", daemon=True)
@@ -190,6 +193,8 @@ class Producer:
             self._thread.join(timeout=_POLL_S)
         self.queue = queue.Queue()
         self._ready.clear()
+        if self._helper is not None:
+            self._helper.shutdown()
         self.decoder.close()
         self._held.clear()
         self._ring = None
@@ -273,10 +278,12 @@ class Producer:
         self.warmup_images = self.decoder.images_decoded
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
 
-    def _cut(self, draw: RoundDraw) -> list[DeviceArray]:
-        """Every patch of the round, per part: ``(n, B, h, w, C)``. On the host each part is one
-        NumPy pass (it releases the GIL; fewer, longer calls also mean fewer waits for it while the
-        consumer runs Python); on a GPU one kernel launch into the output ring."""
+    def _cut(self, draw: RoundDraw) -> list[Any]:
+        """Every patch of the round, per part: ``n`` batches of ``(B, h, w, C)``. On a GPU one kernel
+        launch per part into the output ring. On the host NumPy passes, which release the GIL: half
+        the round on a helper thread, half on this one (random row reads are bound by memory
+        latency, so two threads copy faster than one), and few, long calls mean few waits for the GIL
+        while the consumer runs Python."""
         n, b = draw.slots.shape
         slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
         if self._table_uploaded is not None:
@@ -292,7 +299,13 @@ class Producer:
             if self.consumer_stream is not None:  # work the consumer queued on a released buffer comes first
                 self.backend.wait(self._stream, self.backend.record(self.consumer_stream))
         out = []
-        for k, part in enumerate(self.config.parts):  # one gather per part: a kernel launch, or one host pass
+        for k, part in enumerate(self.config.parts):  # one gather per part: a kernel launch, or host passes
+            if self._helper is not None and n > 1:  # host: the round's first half on the helper thread
+                half = n // 2
+                first = self._helper.submit(self.cache.cut, k, tables[k][: half * b])
+                second = self.cache.cut(k, tables[k][half * b:]).reshape(n - half, b, *part.patch_shape)
+                out.append([*first.result().reshape(half, b, *part.patch_shape), *second])
+                continue
             cut = self.cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
             out.append(cut.reshape(n, b, *part.patch_shape))
         return out
