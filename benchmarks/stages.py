@@ -23,7 +23,6 @@ from common import image_source, timed, versions, write_json
 from dali_patches import Catalog, PatchSampler
 from dali_patches.backend import resolve_backend
 from dali_patches.decode import DecodeStage
-from dali_patches.gather import gather_patches, row_starts
 
 
 def _rate(timing: Any, per_step: int) -> float:
@@ -61,12 +60,11 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
         sync = backend.xp.cuda.runtime.deviceSynchronize if backend.is_gpu else (lambda: None)
         next(sampler)  # warm: the producer now idles on a full queue (no refill at this reuse)
         producer = sampler._producer  # a benchmark may look inside
-        cache, draw, stream = producer.cache, producer.sampler.draw, backend.new_stream()
+        cache, draws, stream = producer.cache, producer.draws, backend.new_stream()
 
-        def gather_once() -> None:
-            d = draw(cache)
-            starts = row_starts(cache.offset[d.slots], cache.width[d.slots], d.y, d.x, args.patch)
-            gather_patches(backend.xp, cache.arena, starts, (args.patch, args.patch))
+        def gather_once() -> None:  # one batch: draw, table, one gather
+            d = draws.draw_round(cache, 1)
+            cache.cut(0, cache.table(0, d.slots.reshape(-1), d.y.reshape(-1), d.x.reshape(-1)))
 
         with backend.use(stream):
             out["gather"] = _rate(timed(gather_once, args.seconds, warmup_steps=5,

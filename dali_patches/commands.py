@@ -96,6 +96,9 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float, cache: str | in
         "files": end["files"],
         "skipped_files": end["skipped_files"],
         "decode_failed_batches": end["decode_failed_batches"],
+        "round_batches": end["round_batches"],
+        "host_us_per_batch": {"producer": end["producer_us_per_batch"], "refill": end["refill_us_per_batch"],
+                              "handover": end["handover_us_per_batch"]},
         "config": {"patch": patch, "batch": batch, "reuse": reuse, "cache_bytes": parse_bytes(cache),
                    "device": end["device"], "via": via, "seed": seed},
         "versions": _versions(),
@@ -118,6 +121,9 @@ def _summary_text(r: dict[str, Any]) -> str:
         f"distinct fraction  {r['distinct_fraction']:>12.3f}   (batches whose patches all come from different images)",
         f"mean reuse         {r['mean_reuse']:>12.2f}   (patches per decoded image; asked {c['reuse']})",
         f"peak RSS           {r['peak_rss_mb']:>12,.0f} MB",
+        (f"host µs per batch  producer {r['host_us_per_batch']['producer']:,.0f} (draw, gather, state; rounds of "
+         f"{r['round_batches']}), refill {r['host_us_per_batch']['refill']:,.0f}, hand-over "
+         f"{r['host_us_per_batch']['handover']:,.0f} (waits included)"),
     ]
     return "\n".join(lines) + "\n"
 

@@ -25,8 +25,11 @@ def test_bench_runs_on_generated_images_and_writes_json(tmp_path: Path, capsys) 
     for key in ("patches_per_s", "decodes_per_s", "distinct_fraction", "mean_reuse", "peak_rss_mb"):
         assert key in result and result[key] > 0
     assert result["distinct_fraction"] == 1.0
+    assert result["round_batches"] >= 1
+    assert set(result["host_us_per_batch"]) == {"producer", "refill", "handover"}
+    assert all(v > 0 for v in result["host_us_per_batch"].values())
     text = capsys.readouterr().out
-    assert "patches/s" in text and "mean reuse" in text and "peak RSS" in text
+    assert "patches/s" in text and "mean reuse" in text and "peak RSS" in text and "host µs per batch" in text
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
