@@ -255,7 +255,7 @@ class RingCache:
     def state_dict(self) -> dict[str, Any]:
         """The ring's bookkeeping and the identity of every resident image, oldest first (ints and
         ``(resident,) int64`` copies of the slot table): enough, with the images re-decoded, to
-        rebuild it (:meth:`load_state_dict`, then :meth:`rewrite`). A few µs for hundreds of slots."""
+        rebuild it (:meth:`load_state_dict`, then :meth:`rewrite`). Cheap enough to take every round."""
         slots = self.resident_slots()
         return {"first": self._first, "next": self._next, "head": self._head, "used": self._used,
                 "evicted": self.evicted, "evicted_served": self.evicted_served,
@@ -282,6 +282,12 @@ class RingCache:
                        "the data set changed since")
                 raise ValueError(msg)
             self._write(int(self.offset[slot]), parts)
+
+    def release(self) -> None:
+        """Drop the arena (the sampler is closing); the cache holds nothing afterwards."""
+        self.arena = None
+        self._first = self._next
+        self._slot_of_source.clear()
 
     # -- internals ---------------------------------------------------------------------------
     def _write(self, offset: int, parts: Sequence[Any]) -> None:

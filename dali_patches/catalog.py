@@ -38,7 +38,7 @@ class CatalogWarning(UserWarning):
 
 
 def screen_file(path: str) -> Problem | None:
-    """Cheap structural check (≈0.02 ms) that catches files which would break DALI's reader.
+    """Cheap structural check (a few reads per file) that catches files which would break DALI's reader.
 
     Returns ``None`` for a plausible image, else the reason. Zero-byte files make DALI's file reader
     fail for good; truncated JPEG/PNG files lose the whole decode batch.

@@ -96,9 +96,7 @@ class Producer:
                            config.image_choice)
         self.schedule = RefillSchedule(config.batch_size, config.reuse)
         self.round_batches = round_batches(config, plan.warmup_images)
-        self._ring = (OutputRing(backend, [self.round_batches * config.batch_size * p.patch_bytes for p in config.parts],
-                                 depth=-(-(config.queue_depth + 4) // self.round_batches) + 2)
-                      if backend.is_gpu else None)
+
         self._pinned_table = backend.pinned((len(config.parts), self.round_batches * config.batch_size, 4), np.int64)
         self._table_uploaded: Any = None  # GPU: event after the last table upload from pinned memory
         # Whole rounds cross the queue (one hand-off per round, not per batch: each blocking put or get
@@ -106,6 +104,10 @@ class Producer:
         self.queue_rounds = -(-config.queue_depth // self.round_batches)
         self.queue: queue.Queue = queue.Queue(maxsize=self.queue_rounds)
         self._ready: deque[PatchBatch] = deque()  # consumer side: batches of the round being taken
+        # GPU: rounds alive at once are those queued, the one being taken, the one being cut, and one
+        # DALI may still be copying from; more only if a consumer keeps batches (then the ring grows).
+        self._ring = (OutputRing(backend, [self.round_batches * config.batch_size * p.patch_bytes for p in config.parts],
+                                 depth=self.queue_rounds + 3) if backend.is_gpu else None)
         self.batches_made = 0
         self.distinct_batches = 0
         self.warmup_images = 0
@@ -198,7 +200,7 @@ class Producer:
         self.decoder.close()
         self._held.clear()
         self._ring = None
-        self.cache.arena = None
+        self.cache.release()
 
     # -- producer side -----------------------------------------------------------------------
     def _run(self) -> None:
