@@ -111,6 +111,29 @@ def timed(step: Callable[[], Any], seconds: float, warmup_steps: int = 3,
     return timing
 
 
+def rate(timing: Timing, per_step: int) -> float:
+    """Items per second of a :func:`timed` run that handled ``per_step`` items per step."""
+    return len(timing.steps) * per_step / timing.total_s
+
+
+def bare_decode_rate(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:
+    """Images/s of DALI's own ``readers.file → decoders.image`` alone (no sampler): the decode bound."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from dali_patches.backend import resolve_backend
+
+    backend = resolve_backend(device)
+
+    @pipeline_def(batch_size=batch, num_threads=threads, device_id=backend.dali_device_id, prefetch_queue_depth=2)
+    def decode():
+        jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True)
+        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
+
+    pipe = decode()
+    pipe.build()
+    return rate(timed(pipe.run, seconds, warmup_steps=3), batch)
+
+
 @contextmanager
 def image_source(args: Any):
     """The folder to benchmark: ``args.source``, or ``args.count`` synthetic JPEGs of about

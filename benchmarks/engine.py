@@ -32,14 +32,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import timed, versions, write_json
+from common import bare_decode_rate, rate, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
 from dali_patches.backend import resolve_backend
-
-
-def _rate(timing: Any, per_step: int) -> float:
-    return len(timing.steps) * per_step / timing.total_s
 
 
 def _floor(batch: int, patch: int, device: str, seconds: float) -> float:
@@ -58,7 +54,7 @@ def _floor(batch: int, patch: int, device: str, seconds: float) -> float:
 
     pipe = floor()
     pipe.build()
-    return _rate(timed(pipe.run, seconds, warmup_steps=5), batch)
+    return rate(timed(pipe.run, seconds, warmup_steps=5), batch)
 
 
 def _copy_bound(patch_bytes: int) -> tuple[float, float]:
@@ -67,21 +63,6 @@ def _copy_bound(patch_bytes: int) -> tuple[float, float]:
     timing = timed(lambda: np.copyto(dst, src), 2.0, warmup_steps=2)
     bandwidth = len(timing.steps) * src.nbytes / timing.total_s
     return bandwidth, bandwidth / patch_bytes
-
-
-def _bare_decode(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:
-    from nvidia.dali import fn, pipeline_def, types
-
-    backend = resolve_backend(device)
-
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=backend.dali_device_id, prefetch_queue_depth=2)
-    def decode():
-        jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True)
-        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
-
-    pipe = decode()
-    pipe.build()
-    return _rate(timed(pipe.run, seconds, warmup_steps=2), batch)
 
 
 def _multicrop(files: list[str], args: argparse.Namespace, k: int, decode_batch: int) -> dict[str, float]:
@@ -137,15 +118,15 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
     with _sampler(files, args, 1e12) as sampler:
         sync = sampler.backend.xp.cuda.runtime.deviceSynchronize if sampler.backend.is_gpu else (lambda: None)
         next(sampler)  # warm: no refill at this reuse
-        out["warm_arrays"] = _rate(timed(lambda: next(sampler), args.seconds, warmup_steps=20, sync=sync), args.batch)
+        out["warm_arrays"] = rate(timed(lambda: next(sampler), args.seconds, warmup_steps=20, sync=sync), args.batch)
         pipe = sampler.pipeline()
-        out["warm_dali"] = _rate(timed(pipe.run, args.seconds, warmup_steps=20, sync=sync), args.batch)
+        out["warm_dali"] = rate(timed(pipe.run, args.seconds, warmup_steps=20, sync=sync), args.batch)
         try:
             from dali_patches.torch import DirectIterator
         except ImportError:
             return out
         direct = iter(DirectIterator(sampler))
-        out["warm_direct"] = _rate(timed(lambda: next(direct), args.seconds, warmup_steps=20, sync=sync), args.batch)
+        out["warm_direct"] = rate(timed(lambda: next(direct), args.seconds, warmup_steps=20, sync=sync), args.batch)
         stats = sampler.stats()
         out["round_batches"] = stats["round_batches"]
         out["producer_us_per_batch"] = stats["producer_us_per_batch"]
@@ -204,12 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         r["floor"] = _floor(args.batch, args.patch, args.device, args.seconds)
         r.update(_warm(files, args))
         r["copy_bandwidth_bytes_s"], r["copy_bound"] = _copy_bound(args.patch * args.patch * 3)
-        bare = [_bare_decode(files, args.device, decode_batch, args.threads, args.seconds)]
+        bare = [bare_decode_rate(files, args.device, decode_batch, args.threads, args.seconds)]
         for reuse in args.reuse:
             r[f"reuse_{reuse:g}"] = _end_to_end(files, args, reuse)
             if args.multicrop:
                 r[f"multicrop_{reuse:g}"] = _multicrop(files, args, int(reuse), decode_batch)
-        bare.append(_bare_decode(files, args.device, decode_batch, args.threads, args.seconds))
+        bare.append(bare_decode_rate(files, args.device, decode_batch, args.threads, args.seconds))
         r["bare_decode"], r["bare_decode_runs"] = float(np.mean(bare)), bare
     rows = [("DALI hand-over floor (constant arrays)", r["floor"], ""),
             ("warm cache, sampler.pipeline()", r["warm_dali"], f"{r['warm_dali'] / r['floor']:.2f} × floor"),

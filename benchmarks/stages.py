@@ -18,36 +18,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import image_source, timed, versions, write_json
+from common import bare_decode_rate, image_source, rate, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
 from dali_patches.backend import resolve_backend
 from dali_patches.decode import DecodeStage
 
 
-def _rate(timing: Any, per_step: int) -> float:
-    return len(timing.steps) * per_step / timing.total_s
-
-
-def _bare_dali(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:
-    from nvidia.dali import fn, pipeline_def, types
-
-    backend = resolve_backend(device)
-
-    @pipeline_def(batch_size=batch, num_threads=threads, device_id=backend.dali_device_id, prefetch_queue_depth=2)
-    def pipe_def():
-        jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=True)
-        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
-
-    pipe = pipe_def()
-    pipe.build()
-    return _rate(timed(pipe.run, seconds, warmup_steps=3), batch)
-
-
 def _decode_stage(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:
     stage = DecodeStage(files, resolve_backend(device), batch_size=batch, num_threads=threads, seed=0)
     try:
-        return _rate(timed(stage.next, seconds, warmup_steps=2 * batch), 1)
+        return rate(timed(stage.next, seconds, warmup_steps=2 * batch), 1)
     finally:
         stage.close()
 
@@ -67,16 +48,16 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
             cache.cut(0, cache.table(0, d.slots.reshape(-1), d.y.reshape(-1), d.x.reshape(-1)))
 
         with backend.use(stream):
-            out["gather"] = _rate(timed(gather_once, args.seconds, warmup_steps=5,
+            out["gather"] = rate(timed(gather_once, args.seconds, warmup_steps=5,
                                         sync=lambda: backend.synchronize(stream)), args.batch)
-        out["warm_arrays"] = _rate(timed(lambda: next(sampler), args.seconds, warmup_steps=5, sync=sync), args.batch)
+        out["warm_arrays"] = rate(timed(lambda: next(sampler), args.seconds, warmup_steps=5, sync=sync), args.batch)
         pipe = sampler.pipeline()
-        out["warm_dali"] = _rate(timed(pipe.run, args.seconds, warmup_steps=5, sync=sync), args.batch)
+        out["warm_dali"] = rate(timed(pipe.run, args.seconds, warmup_steps=5, sync=sync), args.batch)
         try:
             from dali_patches.torch import PatchIterator
 
             iterator = iter(PatchIterator(sampler))
-            out["warm_torch"] = _rate(timed(lambda: next(iterator), args.seconds, warmup_steps=5, sync=sync),
+            out["warm_torch"] = rate(timed(lambda: next(iterator), args.seconds, warmup_steps=5, sync=sync),
                                       args.batch)
         except ImportError:
             pass
@@ -101,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         files = list(Catalog.scan(source, min_size=(args.patch, args.patch)).files)
         results: dict[str, Any] = {}
         for b in args.decode_batch:
-            results[f"bare_dali_img_s@{b}"] = _bare_dali(files, args.device, b, args.threads, args.seconds)
+            results[f"bare_dali_img_s@{b}"] = bare_decode_rate(files, args.device, b, args.threads, args.seconds)
             results[f"decode_stage_img_s@{b}"] = _decode_stage(files, args.device, b, args.threads, args.seconds)
         results.update({f"{k}_patches_s": v for k, v in _warm(files, args).items()})
     for key, value in results.items():
