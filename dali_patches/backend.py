@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from .options import Device
 
-__all__ = ["Backend", "DeviceArray", "HostArray", "cuda_available", "resolve_backend"]
+__all__ = ["Backend", "DeviceArray", "DeviceUnavailableError", "HostArray", "cuda_available", "resolve_backend"]
 
 HostArray: TypeAlias = npt.NDArray[Any]
 # An array on the sampler's device: numpy.ndarray in CPU mode, cupy.ndarray in GPU mode (CuPy ships
@@ -27,6 +27,10 @@ HostArray: TypeAlias = npt.NDArray[Any]
 DeviceArray: TypeAlias = Any
 
 log = logging.getLogger(__name__)
+
+
+class DeviceUnavailableError(RuntimeError):
+    """``device="gpu"`` was asked for where no usable GPU is: CuPy missing, no CUDA device, no driver."""
 
 
 def _import_cupy() -> types.ModuleType | None:
@@ -131,9 +135,10 @@ class Backend:
         kernel allows it (copies of decoded images into it are faster than into 4 KiB pages; see
         benchmarks/RESULTS.md). Pages are committed as the cache first fills them.
         """
-        if self.is_gpu:
+        if self.is_gpu:  # straight from the driver, not CuPy's pool: freed to the device when dropped
             with self.xp.cuda.Device(self.dali_device_id):
-                return self.xp.empty(nbytes, dtype=self.xp.uint8)
+                memory = self.xp.cuda.Memory(nbytes)
+                return self.xp.ndarray((nbytes,), self.xp.uint8, self.xp.cuda.MemoryPointer(memory, 0))
         buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         with contextlib.suppress(AttributeError, OSError):  # no THP on this kernel: plain pages
             buffer.madvise(mmap.MADV_HUGEPAGE)
@@ -154,8 +159,13 @@ class Backend:
         return self.xp.asnumpy(array) if self.is_gpu else np.asarray(array)
 
 
-def resolve_backend(device: Device | str, device_id: int = 0) -> Backend:
-    """Pick the backend for ``device``; ``"auto"`` means GPU when one is usable, else CPU."""
+def resolve_backend(device: Device | str, device_id: int = 0, from_local_rank: bool = False) -> Backend:
+    """Pick the backend for ``device``; ``"auto"`` means GPU when one is usable, else CPU.
+
+    ``from_local_rank``: ``device_id`` is the launcher's ``LOCAL_RANK`` rather than the user's choice.
+    Launchers that give each rank its own visible GPU (``CUDA_VISIBLE_DEVICES`` per rank) make the
+    local rank larger than the visible device count; the rank then takes ``local_rank % count``.
+    """
     device = Device(device)
     if device is Device.AUTO:
         device = Device.GPU if cuda_available() else Device.CPU
@@ -164,11 +174,15 @@ def resolve_backend(device: Device | str, device_id: int = 0) -> Backend:
         cupy = _import_cupy()
         if cupy is None:
             msg = "device='gpu' needs CuPy: pip install 'dali-patches[gpu]' (cupy-cuda13x), or use device='cpu'"
-            raise RuntimeError(msg)
+            raise DeviceUnavailableError(msg)
         if not cuda_available():
             msg = "device='gpu' but CuPy sees no CUDA device; check the driver or use device='cpu'"
-            raise RuntimeError(msg)
+            raise DeviceUnavailableError(msg)
         count = cupy.cuda.runtime.getDeviceCount()
+        if device_id >= count and from_local_rank:
+            log.info("LOCAL_RANK=%d but %d CUDA device(s) are visible: using device %d", device_id, count,
+                     device_id % count)
+            device_id %= count
         if device_id >= count:
             msg = f"{device_id=} but only {count} CUDA device(s) are visible; pass device_id < {count}"
             raise ValueError(msg)

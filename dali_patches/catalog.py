@@ -11,7 +11,7 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .options import Companion, CompanionKind, Part, scaled
-from .sources import IMAGE_SUFFIXES, Problem, pair_sources
+from .sources import IMAGE_SUFFIXES, Problem, distinct_files, pair_sources
 
 __all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES", "screen_file"]
 
@@ -212,7 +212,12 @@ class Catalog:
             FileNotFoundError: a path does not exist.
             ValueError: nothing usable is left; the message says why and what to change.
         """
+        if isinstance(source, Iterator):  # a generator of paths: read it once
+            source = list(source)
         rows, skipped = pair_sources(source, [c.name for c in companions])
+        distinct, merged = distinct_files(rows)
+        rows = [tuple(row) for row in distinct]
+        skipped += merged
         paths = [p for row in rows for p in row]
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
         bomb_limit = Image.MAX_IMAGE_PIXELS

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 
 from . import commands
+from .backend import DeviceUnavailableError
 from .config import Device
 
 __all__ = ["main"]
@@ -121,15 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, least in (("patches", 1), ("batch", 1), ("images", 1), ("columns", 1), ("count", 1), ("skip", 0),
                         ("seconds", 0)):
         value = getattr(args, name, None)
-        if value is not None and value < least:
-            sys.stderr.write(f"dali-patches: error: --{name} {value} must be at least {least}\n")
+        if value is not None and not (math.isfinite(value) and value >= least):
+            sys.stderr.write(f"dali-patches: error: --{name} {value} must be at least {least} (and a finite number)\n")
             return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
+    except (ValueError, FileNotFoundError, TypeError, ImportError, DeviceUnavailableError) as e:
         sys.stderr.write(f"dali-patches: error: {e}\n")
         return 2
+    except OSError as e:  # the machine, not the arguments: a full disk, a file-size limit, ...
+        sys.stderr.write(f"dali-patches: error: {e}\n")
+        return 1
     except KeyboardInterrupt:
+        # A second Ctrl-C must not cut the clean-up short (that is what aborted DALI at exit).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stderr.write("dali-patches: interrupted\n")
         return 130
 

@@ -58,6 +58,8 @@ def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuf
             labels=list(range(len(column))),
             shard_id=shard_id,
             num_shards=num_shards,
+            # Read, don't map: a file rewritten in place under a mapping kills the process with SIGBUS.
+            dont_use_mmap=True,
             name=f"Reader{len(labels) or ''}",
             **shuffling,
         )
@@ -82,6 +84,8 @@ class DecodeStage:
         num_threads: DALI worker threads.
         seed: seeds the reader's per-epoch shuffle.
         prefetch: decode batches DALI keeps in flight; each holds ``batch_size`` decoded images.
+        min_good: fewer files of the shard than this left decodable (deleted, broken or changed
+            during the run) stop the run with a :class:`DecodeError` that says so.
         position: a :meth:`position` of an earlier stage over the same files and seed: continue there.
         exif: apply EXIF orientation.
         parts: ``(channels, dtype)`` of each column: 3 (RGB) or 1 (gray), ``"uint8"``/``"uint16"``.
@@ -97,6 +101,7 @@ class DecodeStage:
         shard_id: int = 0,
         num_shards: int = 1,
         prefetch: int = 2,
+        min_good: int = 1,
         position: dict[str, Any] | None = None,
         exif: bool = True,
         parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
@@ -105,6 +110,8 @@ class DecodeStage:
         # What the readers read, per column: broken rows swapped for a stand-in row.
         self._columns: list[list[str]] = ([list(c) for c in columns] if columns and not isinstance(columns[0], str)
                                           else [[str(c) for c in columns]])
+        self._paths = [list(c) for c in self._columns]  # as given; _columns swaps stand-ins in
+        self._min_good = min_good
         self._pending: deque[tuple[int, list[Any]]] = deque()
         self._run_checkpoint: str | None = None  # reader state before the run that filled _pending (base64)
         self._taken_from_run = 0
@@ -185,15 +192,19 @@ class DecodeStage:
         batch is lost (counted); ``_MAX_FAILED_RUNS_IN_A_ROW`` such failures in a row end the run."""
         text = str(error)
         self.failed_runs += 1
-        self._failed_in_a_row += 1
-        if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
-            msg = f"{self._failed_in_a_row} decode batches failed in a row; last error: {text}"
-            raise DecodeError(msg) from error
         named = [(len(path), i) for column in self._columns for i, path in enumerate(column)
                  if path in text and i not in self.broken]
         if named:  # the reader names the file (missing, unreadable); the longest match is the full path
             self._mark_broken(max(named)[1], _cause(error))
-        elif not self._find_undecodable(checkpoint):
+            self._failed_in_a_row = 0  # a file was found and set aside: progress, not a failing reader
+        elif self._find_undecodable(checkpoint):
+            self._failed_in_a_row = 0
+        else:
+            self._failed_in_a_row += 1
+            if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
+                msg = (f"{self._failed_in_a_row} decode batches failed in a row and no file could be blamed; "
+                       f"last error: {text}")
+                raise DecodeError(msg) from error
             self.errors.append(text.splitlines()[0] if text else repr(error))
             log.warning("decode batch failed and was skipped (no file could be blamed): %s", text)
             # A failed pipeline may be dead for good: rebuild it just past the lost batch.
@@ -227,12 +238,25 @@ class DecodeStage:
                 found = True
         return found
 
+    def mark_broken(self, source: int, reason: str) -> None:
+        """Set file ``source`` aside from now on (e.g. it changed during the run): reported once, its
+        later reads are replaced by a stand-in whose decodes are dropped."""
+        if source not in self.broken:
+            self._mark_broken(source, reason)
+
     def _mark_broken(self, source: int, reason: str, quiet: bool = False) -> None:
-        path = self._columns[0][source]
+        path = self._paths[0][source]
         self.broken[source] = reason
         good = [i for i in range(len(self._columns[0])) if i not in self.broken and self._columns[0][i] != path]
         if not good:
-            msg = f"every file failed to decode; the last one, {path!r}: {reason}"
+            msg = f"every file failed to decode or changed during the run; the last one, {path!r}: {reason}"
+            raise DecodeError(msg)
+        left = self.shard_size - len(self.broken) if hasattr(self, "shard_size") else len(good)
+        if left < self._min_good:
+            examples = "; ".join(f"{self._paths[0][i]}: {why}" for i, why in list(self.broken.items())[-3:])
+            msg = (f"only {left} files of this shard still decode, fewer than the {self._min_good} distinct images "
+                   f"a batch needs: {len(self.broken)} were deleted, broken or changed during the run (e.g. {examples}). "
+                   "Restore them, or restart the sampler on the data as it is now")
             raise DecodeError(msg)
         stand_in = good[0]
         for i, current in enumerate(list(self._columns[0])):  # also rows that used ``path`` as their stand-in

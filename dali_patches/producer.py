@@ -16,6 +16,7 @@ own; batches carry an event that the consumer's stream waits on, and gathers wri
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -78,16 +79,22 @@ class Producer:
         config: the resolved :class:`~dali_patches.config.SamplerConfig`.
         backend: the device.
         plan: the cache's :class:`~dali_patches.cache.CachePlan`.
+        sizes: ``(heights, widths)`` of every main image as the catalog measured them (padded):
+            a decode of another size means the file changed during the run, and it is set aside.
         progress: progress bar for the warm-up (``None``: only for long ones).
         points: ``POINTS`` anchors: source → ``(K, 2)`` centres.
     """
 
     def __init__(self, columns: list[list[str]], config: SamplerConfig, backend: Backend, plan: CachePlan,
-                 progress: bool | None = None, points: dict[int, HostArray] | None = None) -> None:
+                 sizes: tuple[HostArray, HostArray], progress: bool | None = None,
+                 points: dict[int, HostArray] | None = None) -> None:
         self.config = config
         self.backend = backend
         self.columns = columns
         self.files = columns[0]
+        self._heights, self._widths = (np.asarray(v, np.int64) for v in sizes)
+        self._pid = os.getpid()
+        self.changed_files = 0  # set aside because they decoded to another size than measured
         self._output: dict[str, Any] = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts]}
         self.decoder = self._new_decoder()
         self.cache = RingCache(backend, plan.capacity_bytes, plan.max_slots, parts=config.parts)
@@ -161,6 +168,12 @@ class Producer:
 
     def get(self) -> PatchBatch:
         """The next finished batch; re-raises whatever stopped the producer, with its own type."""
+        if os.getpid() != self._pid:
+            msg = (f"this PatchSampler was created in process {self._pid} and is used in a forked child "
+                   f"({os.getpid()}, e.g. a DataLoader worker): its producer thread and DALI pipelines do not "
+                   "survive a fork. Iterate it in the main process (DataLoader num_workers=0, or "
+                   "dali_patches.torch.DirectIterator), or create the sampler inside the worker")
+            raise RuntimeError(msg)
         if self._closed:
             msg = "this sampler is closed; create a new PatchSampler"
             raise RuntimeError(msg)
@@ -169,6 +182,9 @@ class Producer:
             try:
                 item = self.queue.get(timeout=_POLL_S)
             except queue.Empty:
+                if self._closed:
+                    msg = "this sampler was closed (close() from another thread) while waiting for a batch"
+                    raise RuntimeError(msg) from None
                 if not self._thread.is_alive():
                     msg = "the producer thread stopped without a reason; create a new PatchSampler"
                     raise RuntimeError(msg) from None
@@ -234,7 +250,17 @@ class Producer:
         if self.cache.holds(source):
             self.duplicate_decodes += 1
             return
-        slot = self.cache.insert(self._padded(images), source)
+        images = self._padded(images)
+        h, w = images[0].shape[:2]
+        expected = self.cache.part_bytes(self._heights[source], self._widths[source])
+        if (h, w) != (self._heights[source], self._widths[source]) or [p.nbytes for p in images] != expected:
+            shapes = "x".join(map(str, images[0].shape[:2])) if len(images) == 1 else [tuple(p.shape) for p in images]
+            self.decoder.mark_broken(source, f"changed during the run: it decodes to {shapes}, not the "
+                                             f"{self._heights[source]}x{self._widths[source]} measured at the start "
+                                             "(restart the sampler to sample its new contents)")
+            self.changed_files += 1
+            return
+        slot = self.cache.insert(images, source)
         self.draws.anchors.on_insert(self.cache, slot)
         if self.backend.asynchronous:  # DALI's buffers must outlive the asynchronous copies
             self._holding += images
@@ -338,6 +364,7 @@ class Producer:
     def _new_decoder(self, position: dict[str, Any] | None = None) -> DecodeStage:
         cfg = self.config
         return DecodeStage(self.columns, self.backend, batch_size=cfg.decode_batch or 1,
+                           min_good=1 if cfg.allow_repeats else cfg.batch_size,
                            num_threads=cfg.num_threads or 1, seed=cfg.seed, shard_id=cfg.shard_id or 0,
                            num_shards=cfg.num_shards or 1, position=position, **self._output)
 
@@ -424,6 +451,7 @@ class Producer:
             "producer_us_per_batch": 1e6 * self.host_s["round"] / made if made else 0.0,
             "refill_us_per_batch": 1e6 * self.host_s["refill"] / made if made else 0.0,
             "decode_failed_batches": self.decoder.failed_runs,
+            "changed_files": self.changed_files,
             "anchor_fallbacks": self.draws.anchors.fallbacks,
             "broken_files": [(self.files[i], why) for i, why in sorted(self.decoder.broken.items())],
             "decode_errors": list(self.decoder.errors),

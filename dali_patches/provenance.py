@@ -2,9 +2,11 @@
 
 Format (little-endian): the magic ``b"DPPROV1\\n"``, an 8-byte header length, a JSON header (files,
 image sizes, patch size, settings), then fixed-size records of :data:`RECORD` — 16 bytes per patch,
-written with one ``tofile`` per batch (≈ 4 KiB at B 256), so a run of 100 M patches takes 1.6 GB and
-a crashed run leaves every batch written before the crash readable. :func:`dali_patches.review.load`
-reads it back.
+written and flushed to the operating system once per batch (4 KiB at B 256), so a run of 100 M
+patches takes 1.6 GB and a crashed run leaves every batch written before the crash readable; the
+header is on disk from construction on. A write that fails (full disk, file-size limit) raises
+:class:`OSError` naming the log, so that no delivered patch goes unrecorded without the run knowing.
+:func:`dali_patches.review.load` reads it back.
 """
 
 from __future__ import annotations
@@ -37,10 +39,22 @@ class ProvenanceWriter:
         big = max(max(header["heights"], default=0), max(header["widths"], default=0)) > np.iinfo(np.int16).max
         self.record = _BIG if big else RECORD
         text = json.dumps({**header, "record": "int32" if big else "int16"}).encode()
-        self._file = open(path, "wb")  # noqa: SIM115 - kept open for the run, closed by close()
-        self._file.write(MAGIC + len(text).to_bytes(8, "little") + text)
+        self.path = os.fspath(path)
         self._lock = threading.Lock()
         self.patches = 0
+        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - kept open for the run, closed by close()
+        self._write(MAGIC + len(text).to_bytes(8, "little") + text, "its header")
+
+    def _write(self, data: bytes, what: str) -> None:
+        try:
+            view = memoryview(data)
+            while view:  # an unbuffered write may take part of the bytes
+                view = view[self._file.write(view):]
+        except OSError as e:
+            msg = (f"provenance log {self.path!r}: writing {what} failed ({e.strerror or e}) after {self.patches} "
+                   "patches were recorded; free space on its disk or put the log elsewhere (provenance=...). "
+                   "The run stops here so that no delivered patch goes unrecorded")
+            raise OSError(e.errno, msg) from e
 
     def write(self, batch: int, source: np.ndarray, anchor: np.ndarray) -> None:
         """Record one batch: ``source`` ``(B,)`` and ``anchor`` ``(B, 2)`` host arrays."""
@@ -48,7 +62,7 @@ class ProvenanceWriter:
         rows["batch"], rows["source"], rows["y"], rows["x"] = batch, source, anchor[:, 0], anchor[:, 1]
         with self._lock:
             if not self._file.closed:
-                rows.tofile(self._file)
+                self._write(rows.tobytes(), f"batch {batch}")
                 self.patches += len(rows)
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -130,6 +130,8 @@ class PatchSampler:
             valid = sorted(set(SamplerConfig.__dataclass_fields__) - {"parts"})
             msg = f"unknown option(s) {sorted(unknown)}; valid: {valid}"
             raise TypeError(msg)
+        if isinstance(source, Iterator):  # a generator of paths: read it once, here
+            source = list(source)
         if points is not None:
             options["anchors"] = AnchorMode.POINTS
         config = SamplerConfig(patch_size=patch_size, batch_size=batch_size, reuse=reuse,  # type: ignore[arg-type]
@@ -138,7 +140,7 @@ class PatchSampler:
         if config.anchors is AnchorMode.POINTS and points is None:
             msg = "anchors='points' needs points=[(file, y, x), ...]"
             raise ValueError(msg)
-        self.backend = resolve_backend(config.device, config.device_id or 0)
+        self.backend = resolve_backend(config.device, config.device_id or 0, from_local_rank="device_id" not in options)
         self.config = config.resolved(self.backend.device)  # every default worked out once, here
         cfg = self.config
         self.catalog = Catalog.scan(source, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
@@ -157,7 +159,8 @@ class PatchSampler:
                                    self.backend.device.value)
         self.cache_bytes = self.plan.capacity_bytes
         columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
-        self._producer = Producer(columns, cfg, self.backend, self.plan, progress=progress, points=self._points)
+        self._producer = Producer(columns, cfg, self.backend, self.plan, (self.catalog.heights, self.catalog.widths),
+                                  progress=progress, points=self._points)
         self._pipelines: list[tuple[Any, sample_pipeline.Feed]] = []
         self._handover_s = 0.0  # consumer time in next(): taking a batch (waits included) and logging it
         self._provenance = None

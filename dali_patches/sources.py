@@ -23,7 +23,7 @@ from typing import Any
 
 from .options import Companion
 
-__all__ = ["IMAGE_SUFFIXES", "MAIN", "Problem", "declared_companions", "expand", "pair_sources"]
+__all__ = ["IMAGE_SUFFIXES", "MAIN", "Problem", "declared_companions", "distinct_files", "expand", "pair_sources"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 MAIN = "image"  # key of the main image in a dict source
@@ -33,7 +33,7 @@ class Problem(str):
     """Why a file was left out: the message itself (a ``str``), plus ``kind``, a short stable label
     for counting (``"empty"``, ``"truncated"``, ``"not an image"``, ``"unreadable"``, ``"too small"``,
     ``"no partner"``, ``"orphan companion"``, ``"duplicate key"``, ``"size mismatch"``,
-    ``"palette mask"``)."""
+    ``"palette mask"``, ``"duplicate"``, ``"too large"``)."""
 
     kind: str
 
@@ -51,16 +51,13 @@ def expand(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if os.path.isdir(text):
-            found = [
-                os.path.join(root, name)
-                for root, _, names in os.walk(text, followlinks=True)
-                for name in names
-                if name.lower().endswith(IMAGE_SUFFIXES)
-            ]
+            found = _walk(text)
             if not found:
                 msg = f"no images in folder {text!r} (searched recursively for {', '.join(IMAGE_SUFFIXES)})"
                 raise ValueError(msg)
             return sorted(found)
+        if os.path.isfile(text):  # a literal path first, even when it holds '[', '*' or '?'
+            return [text]
         if glob.has_magic(text):
             found = sorted(p for p in glob.glob(text, recursive=True) if os.path.isfile(p))
             if not found:
@@ -80,6 +77,43 @@ def expand(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
         msg = f"{len(missing)} listed file(s) do not exist, e.g. {missing[:3]}; fix the list or remove them"
         raise FileNotFoundError(msg)
     return paths
+
+
+def _walk(folder: str) -> list[str]:
+    """Image files below ``folder``, following symbolic links to folders but entering each real
+    folder once (a link back up the tree, ``ln -s .. sub/up``, would otherwise repeat it forever)."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        found += [os.path.join(root, name) for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
+    return found
+
+
+def distinct_files(rows: Sequence[Sequence[str]]) -> tuple[list[Sequence[str]], list[tuple[str, Problem]]]:
+    """``rows`` with every main image that is the same file as an earlier one (listed twice, a
+    symbolic or hard link: same device and inode) taken out and reported, so that "distinct images
+    per batch" means distinct files."""
+    keep: list[Sequence[str]] = []
+    merged: list[tuple[str, Problem]] = []
+    first: dict[tuple[int, int], str] = {}
+    for row in rows:
+        try:
+            stat = os.stat(row[0])
+        except OSError:  # missing or unreadable: the header scan reports it
+            keep.append(row)
+            continue
+        key = (stat.st_dev, stat.st_ino)
+        if key in first:
+            merged.append((row[0], Problem(f"the same file as {first[key]!r} (listed twice, or a link to it); "
+                                           "merged into one", "duplicate")))
+            continue
+        first[key] = row[0]
+        keep.append(row)
+    return keep, merged
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
