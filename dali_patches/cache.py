@@ -107,12 +107,13 @@ class RingCache:
     @staticmethod
     def plan(sample_bytes: HostArray, batch_size: int, shard_images: int, allow_repeats: bool,
              free_bytes: int, cache_bytes: int | None = None, cache_images: int | None = None,
-             device: str = "cpu") -> CachePlan:
+             device: str = "cpu", largest: str = "") -> CachePlan:
         """Size the ring for a data set whose images take ``sample_bytes`` each (companions
         included); fail now, with the size needed, if it cannot serve ``batch_size`` distinct
         images or does not fit in ``free_bytes`` of device memory."""
         sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
-        largest, slack = int(sizes[0]), _SLACK_IMAGES * int(sizes[0])
+        biggest, slack = int(sizes[0]), _SLACK_IMAGES * int(sizes[0])
+        named = f" ({largest})" if largest else ""
         capacity = int(sizes[:cache_images].sum()) + slack if cache_images is not None else int(cache_bytes or 0)
         if not allow_repeats:
             if shard_images < batch_size:
@@ -122,17 +123,18 @@ class RingCache:
             needed = int(sizes[:batch_size].sum()) + slack
             if capacity < needed:
                 msg = (f"cache_bytes={format_bytes(capacity)} cannot hold batch_size={batch_size} distinct "
-                       f"images of this data set (largest {format_bytes(largest)} each); it needs at least "
+                       f"images of this data set (the largest takes {format_bytes(biggest)}{named}); it needs at least "
                        f"{format_bytes(needed)} ({needed} bytes). Raise cache_bytes, lower batch_size, "
-                       "or pass allow_repeats=True")
+                       "leave the largest images out, or pass allow_repeats=True")
                 raise ValueError(msg)
-        elif capacity < largest:
+        elif capacity < biggest:
             msg = (f"cache_bytes={format_bytes(capacity)} cannot hold even the largest image "
-                   f"({format_bytes(largest)}); raise cache_bytes to at least {largest}")
+                   f"({format_bytes(biggest)}{named}); raise cache_bytes to at least {biggest}")
             raise ValueError(msg)
         if capacity > free_bytes:
-            msg = (f"cache_bytes={format_bytes(capacity)} exceeds the free {device} memory ({format_bytes(free_bytes)}); "
-                   "lower cache_bytes")
+            why = f" (cache_images={cache_images} of the largest images{named})" if cache_images is not None else ""
+            msg = (f"cache_bytes={format_bytes(capacity)}{why} exceeds the free {device} memory "
+                   f"({format_bytes(free_bytes)}); lower it, or leave the largest images out")
             raise ValueError(msg)
         return CachePlan(capacity, int(capacity // int(sizes[-1]) + 1), images_held(sizes, capacity)[1])
 

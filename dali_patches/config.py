@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import enum
 import math
+import numbers
 import os
 import re
 import sys
 from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Any
+
+import numpy as np
 
 from .options import DTYPES as _DTYPES
 from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, enum_value, scaled
@@ -76,19 +79,41 @@ def distributed_defaults() -> tuple[int, int, int]:
     return 0, 1, local_rank
 
 
+_MAX_DECODE_BATCH = 1024  # DALI holds about 3 decode batches of decoded images: beyond this, memory is the limit
+_MAX_SEED = 2**63 - 1  # DALI's seeds are 64-bit signed
+_THREADS_PER_CORE = 4  # num_threads beyond this many per core only adds threads
+
+
+def _is_int(value: object) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _int(name: str, value: object, least: int = 1, most: int | None = None, hint: str = "") -> int:
+    """``value`` as a Python int in ``[least, most]``; NumPy integers are accepted."""
+    if not _is_int(value):
+        kind = type(value).__name__
+        msg = f"{name}={value!r} must be an int (got {kind}){hint}"
+        raise ValueError(msg)
+    number = int(value)  # type: ignore[call-overload]
+    if number < least or (most is not None and number > most):
+        bound = f"between {least} and {most}" if most is not None else f"at least {least}"
+        msg = f"{name}={number} must be {bound}{hint}"
+        raise ValueError(msg)
+    return number
+
+
 def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        msg = f"{name}={value!r} must be a positive int"
-        raise ValueError(msg)
-    return value
+    return _int(name, value)
 
 
-def _patch_hw(value: int | tuple[int, int]) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in pair):
-        msg = f"patch_size={value!r} must be a positive int or a (height, width) pair of them, e.g. 64"
+def _patch_hw(value: object) -> tuple[int, int]:
+    pair = (value, value) if not isinstance(value, (tuple, list, np.ndarray)) else tuple(value)
+    if len(pair) != 2 or not all(_is_int(v) and int(v) > 0 for v in pair):
+        msg = (f"patch_size={value!r} must be a positive int or a (height, width) pair of positive ints, e.g. 64 "
+               "or (64, 96)")
         raise ValueError(msg)
-    return pair
+    return int(pair[0]), int(pair[1])
 
 
 @dataclass(frozen=True)
@@ -182,10 +207,13 @@ class SamplerConfig:
             if self.device_id is None:
                 set_(self, "device_id", local_rank)
         set_(self, "patch_size", _patch_hw(self.patch_size))
-        _positive_int("batch_size", self.batch_size)
-        if isinstance(self.reuse, bool) or not isinstance(self.reuse, (int, float)) or not self.reuse >= 1:
-            msg = f"reuse={self.reuse!r} must be a number >= 1 (patches served per decoded image; 1 = decode per patch)"
+        set_(self, "batch_size", _positive_int("batch_size", self.batch_size))
+        if isinstance(self.reuse, (bool, np.bool_)) or not isinstance(self.reuse, numbers.Real) \
+                or not math.isfinite(float(self.reuse)) or not float(self.reuse) >= 1:
+            msg = (f"reuse={self.reuse!r} must be a finite number >= 1 (patches served per decoded image; "
+                   "1 = decode per patch)")
             raise ValueError(msg)
+        set_(self, "reuse", int(self.reuse) if _is_int(self.reuse) else float(self.reuse))
         if (self.cache_bytes is None) == (self.cache_images is None):
             msg = (
                 f"give exactly one of cache_bytes and cache_images (got {self.cache_bytes=}, "
@@ -198,19 +226,21 @@ class SamplerConfig:
                 msg = f"cache_bytes={self.cache_bytes!r} must be positive, e.g. '2GiB'"
                 raise ValueError(msg)
         else:
-            _positive_int("cache_images", self.cache_images)
+            set_(self, "cache_images", _positive_int("cache_images", self.cache_images))
         try:
             set_(self, "device", Device(self.device))
         except ValueError:
             msg = f"device={self.device!r} is not one of {[d.value for d in Device]}"
             raise ValueError(msg) from None
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            msg = f"seed={self.seed!r} must be a non-negative int"
-            raise ValueError(msg)
-        for name in ("decode_batch", "num_threads"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
-        _positive_int("queue_depth", self.queue_depth)
+        set_(self, "seed", _int("seed", self.seed, 0, _MAX_SEED))
+        if self.decode_batch is not None:
+            set_(self, "decode_batch", _int("decode_batch", self.decode_batch, 1, _MAX_DECODE_BATCH,
+                                            "; DALI keeps about 3 decode batches of decoded images in memory"))
+        if self.num_threads is not None:
+            most = _THREADS_PER_CORE * max(2, os.cpu_count() or 1)
+            set_(self, "num_threads", _int("num_threads", self.num_threads, 1, most,
+                                           f" ({_THREADS_PER_CORE} per core of this machine); None uses every core"))
+        set_(self, "queue_depth", _int("queue_depth", self.queue_depth, 1, 4096))
         if self.channels not in (1, 3) or isinstance(self.channels, bool):
             msg = f"channels={self.channels!r} must be 3 (RGB) or 1 (grayscale)"
             raise ValueError(msg)
@@ -221,14 +251,13 @@ class SamplerConfig:
             if not isinstance(getattr(self, name), bool):
                 msg = f"{name}={getattr(self, name)!r} must be True or False"
                 raise TypeError(msg)
-        _positive_int("num_shards", self.num_shards)
-        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
-            msg = f"device_id={self.device_id!r} must be a non-negative int"
-            raise ValueError(msg)
+        set_(self, "num_shards", _positive_int("num_shards", self.num_shards))
+        set_(self, "device_id", _int("device_id", self.device_id, 0))
         shards = int(self.num_shards or 1)
-        if isinstance(self.shard_id, bool) or not isinstance(self.shard_id, int) or not 0 <= self.shard_id < shards:
+        if not _is_int(self.shard_id) or not 0 <= int(self.shard_id) < shards:
             msg = f"{self.shard_id=} must be in [0, {self.num_shards=})"
             raise ValueError(msg)
+        set_(self, "shard_id", int(self.shard_id))
         self._check_companions()
         self._check_sampling()
         main = Part("patches", Fraction(1), CompanionKind.IMAGE, self.channels, self.dtype, self.patch_size)

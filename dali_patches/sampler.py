@@ -13,8 +13,10 @@ import hashlib
 import logging
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,13 +24,13 @@ import numpy as np
 from . import pipeline as sample_pipeline
 from .backend import HostArray, resolve_backend
 from .cache import RingCache
-from .catalog import Catalog
+from .catalog import Catalog, CatalogWarning
 from .config import Device, SamplerConfig, format_bytes
 from .options import AnchorMode, Companion
 from .outputs import PatchBatch
 from .producer import Producer
 from .provenance import ProvenanceWriter
-from .sources import declared_companions
+from .sources import Problem, declared_companions
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
@@ -63,6 +65,17 @@ def _points_by_source(points: Iterable[tuple[Any, int, int]], files: Sequence[st
         msg = "points is empty; give (file, y, x) patch centres, or leave points=None for uniform anchors"
         raise ValueError(msg)
     return {s: np.asarray(v, dtype=np.int64) for s, v in found.items()}
+
+
+def _files_digest(files: Sequence[str]) -> str:
+    """A digest of the data set that survives moving it: each file's path relative to the folder
+    that holds them all, its size and its modification time (whole seconds)."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ""
+    digest = hashlib.sha256()
+    for f in files:
+        stat = os.stat(f)
+        digest.update(f"{os.path.relpath(os.path.abspath(f), root)}\0{stat.st_size}\0{int(stat.st_mtime)}\n".encode())
+    return digest.hexdigest()
 
 
 class PatchSampler:
@@ -153,11 +166,16 @@ class PatchSampler:
             self.catalog = self.catalog.subset(sorted(by_source))
             self._points = dict(enumerate(by_source[s] for s in sorted(by_source)))
             self._points_sha = hashlib.sha256(repr(sorted(map(repr, points))).encode()).hexdigest()
-        self.plan = RingCache.plan(self.catalog.sample_bytes(cfg.parts), cfg.batch_size,
-                                   len(self.catalog.files) // (cfg.num_shards or 1), cfg.allow_repeats,
+        self._check_data_fits()
+        cat = self.catalog
+        sizes = cat.sample_bytes(cfg.parts)
+        big = int(np.argmax(sizes))
+        self.plan = RingCache.plan(sizes, cfg.batch_size, len(cat.files) // (cfg.num_shards or 1), cfg.allow_repeats,
                                    self.backend.free_bytes(), cfg.cache_bytes, cfg.cache_images,
-                                   self.backend.device.value)
+                                   self.backend.device.value,
+                                   largest=f"{cat.files[big]!r} ({cat.heights[big]}x{cat.widths[big]})")
         self.cache_bytes = self.plan.capacity_bytes
+        self._files_sha = _files_digest(self.catalog.files)
         columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
         self._producer = Producer(columns, cfg, self.backend, self.plan, (self.catalog.heights, self.catalog.widths),
                                   progress=progress, points=self._points)
@@ -171,6 +189,39 @@ class PatchSampler:
                 "patch_size": list(cfg.patch_size), "settings": self._fingerprint()})
         # A sampler dropped without close() still stops its thread (the producer does not refer back).
         self._finalizer = weakref.finalize(self, _close, self._producer, self._provenance)
+
+    def _check_data_fits(self) -> None:
+        """Before planning: images that could never enter a ring of ``cache_bytes`` are skipped and
+        reported (a decompression bomb must not refuse a whole data set); too many shards and a
+        decode queue larger than the free memory are refused, each with the fix."""
+        cfg, cat = self.config, self.catalog
+        if cfg.num_shards and cfg.num_shards > len(cat.files):
+            msg = (f"num_shards={cfg.num_shards} exceeds the {len(cat.files)} usable images: every shard needs files; "
+                   "use fewer shards (ranks) or more data")
+            raise ValueError(msg)
+        sizes = cat.sample_bytes(cfg.parts)
+        if cfg.cache_bytes is not None and (sizes > cfg.cache_bytes).any():
+            fits = np.flatnonzero(sizes <= cfg.cache_bytes)
+            if not len(fits):
+                msg = (f"cache_bytes={format_bytes(cfg.cache_bytes)} cannot hold any image of this data set (the "
+                       f"smallest takes {format_bytes(int(sizes.min()))}); raise cache_bytes")
+                raise ValueError(msg)
+            large = [(cat.files[i], Problem(f"{cat.heights[i]}x{cat.widths[i]} takes {format_bytes(int(sizes[i]))} "
+                                            f"decoded, more than the whole cache ({format_bytes(cfg.cache_bytes)}); "
+                                            "raise cache_bytes to sample it, or leave it out of the source",
+                                            "too large")) for i in np.flatnonzero(sizes > cfg.cache_bytes)]
+            warnings.warn(f"skipped {len(large)} image(s) larger than the cache, e.g. {large[0][0]}: {large[0][1]}",
+                          CatalogWarning, stacklevel=3)
+            subset = cat.subset(fits.tolist())
+            self.catalog = replace(subset, skipped=(*subset.skipped, *large))
+            sizes = sizes[fits]
+        queue_bytes = 3 * (cfg.decode_batch or 1) * int(sizes.max())
+        free = self.backend.free_bytes()
+        if queue_bytes > free:
+            msg = (f"decode_batch={cfg.decode_batch}: DALI's decode queue would hold about {format_bytes(queue_bytes)} "
+                   f"(3 batches of images up to {format_bytes(int(sizes.max()))}), more than the free "
+                   f"{self.backend.device.value} memory ({format_bytes(free)}); lower decode_batch")
+            raise ValueError(msg)
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -232,8 +283,7 @@ class PatchSampler:
     def _fingerprint(self) -> dict[str, Any]:
         """What a state must match to resume here: every stream-shaping config field, the resolved
         cache size, and digests of the file lists and points."""
-        paths = hashlib.sha256("\n".join(self.files).encode()).hexdigest()
-        return {**self.config.stream_fields(), "files": len(self.files), "files_sha256": paths,
+        return {**self.config.stream_fields(), "files": len(self.files), "files_sha256": self._files_sha,
                 "cache_bytes": self.cache_bytes,
                 "companion_files_sha256": hashlib.sha256(repr(self.catalog.companions).encode()).hexdigest(),
                 "points_sha256": self._points_sha}
@@ -256,6 +306,9 @@ class PatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict` of a sampler over the same files with the same settings.
         Call before the first batch; re-decodes the images the cache held (a warm-up's worth)."""
+        if self._producer.closed:
+            msg = "this sampler is closed; load the state into a new PatchSampler"
+            raise RuntimeError(msg)
         if state.get("format") != _STATE_FORMAT:
             msg = (f"state format {state.get('format')!r} is not {_STATE_FORMAT}; "
                    "was it made by PatchSampler.state_dict() of this version?")

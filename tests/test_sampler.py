@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_patches import OUTPUT_NAMES, PatchSampler
+from dali_patches import OUTPUT_NAMES, CatalogWarning, PatchSampler
 
 from .conftest import reference_decode
 
@@ -141,8 +141,8 @@ def test_bad_parameters_fail_before_any_work(image_dir: Path) -> None:
         PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_size="64MiB")
     with pytest.raises(ValueError, match="exceeds every image"):
         PatchSampler(image_dir, patch_size=4096, batch_size=8, reuse=2, cache_bytes="64MiB", device="cpu")
-    with pytest.raises(ValueError, match=r"cannot hold even the largest image .*raise cache_bytes to at least"):
-        PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="100KiB", device="cpu",
+    with pytest.raises(ValueError, match=r"cannot hold any image of this data set .*raise cache_bytes"):
+        PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="10KiB", device="cpu",
                      allow_repeats=True)
     with pytest.raises(ValueError, match="exceeds the free cpu memory"):
         PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=2, cache_bytes="64TiB", device="cpu")
@@ -204,3 +204,57 @@ def test_creating_and_closing_samplers_in_a_loop_does_not_leak(many_images: Path
     assert all(ref() is None for ref in arenas), "an arena outlived close()"
     assert _os_threads() <= threads, "DALI or producer threads outlive close()"
     assert _rss_mib() - rss < 64, f"RSS grew by {_rss_mib() - rss:.0f} MiB over 12 samplers"
+
+
+def test_an_image_larger_than_the_cache_is_skipped_and_named(image_dir: Path) -> None:
+    """A decompression bomb (or any image bigger than the whole cache) is left out and reported,
+    instead of refusing the whole data set."""
+    with pytest.warns(CatalogWarning, match=r"skipped 1 image\(s\) larger than the cache, e\.g\. .*big\.jpg: 480x640"):
+        sampler = PatchSampler(image_dir, patch_size=32, batch_size=4, reuse=2, cache_bytes="700KiB", device="cpu",
+                               allow_repeats=True)
+    with sampler:
+        assert not any(f.endswith("big.jpg") for f in sampler.files)
+        assert [(Path(p).name, r.kind) for p, r in sampler.catalog.skipped if r.kind == "too large"] == \
+            [("big.jpg", "too large")]
+        next(sampler)
+
+
+def test_numpy_numbers_are_accepted_and_nonsense_is_named(image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=np.int64(16), batch_size=np.int32(4), reuse=np.float32(2.5),
+                      cache_images=np.int64(8), seed=np.uint32(7), device="cpu") as s:
+        assert s.config.patch_size == (16, 16) and type(s.config.batch_size) is int and s.config.reuse == 2.5
+        assert next(s).patches.shape == (4, 16, 16, 3)
+    for bad, match in [({"patch_size": 32.0}, r"patch_size=32\.0 must be a positive int"),
+                       ({"seed": 2**64}, "seed=18446744073709551616 must be between 0 and"),
+                       ({"decode_batch": 10**6}, "decode_batch=1000000 must be between 1 and 1024"),
+                       ({"num_threads": 10000}, "num_threads=10000 must be between 1 and"),
+                       ({"reuse": float("nan")}, "reuse=nan must be a finite number"),
+                       ({"shard_id": 0, "num_shards": 100}, "num_shards=100 exceeds the 24 usable images")]:
+        settings = {"patch_size": 16, "batch_size": 4, "reuse": 2, "cache_images": 8, "device": "cpu", **bad}
+        with pytest.raises(ValueError, match=match):
+            PatchSampler(image_dir, allow_repeats=True, **settings)
+
+
+def test_a_literal_path_with_brackets_and_a_generator_of_paths(tmp_path: Path, image_dir: Path) -> None:
+    folder = tmp_path / "shots [2024]"
+    folder.mkdir()
+    files = sorted(image_dir.glob("a/*.jpg"))[:6]
+    for f in files:
+        (folder / f.name).write_bytes(f.read_bytes())
+    one = folder / files[0].name
+    with PatchSampler(str(one), patch_size=16, batch_size=2, reuse=2, cache_images=2, device="cpu",
+                      allow_repeats=True) as s:
+        assert s.files == (str(one),)
+    with PatchSampler((str(p) for p in folder.iterdir()), patch_size=16, batch_size=4, reuse=2, cache_images=6,
+                      device="cpu") as s:
+        assert len(s.files) == 6
+
+
+def test_after_close_every_entry_point_refuses(image_dir: Path) -> None:
+    s = PatchSampler(image_dir, patch_size=16, batch_size=4, reuse=2, cache_images=8, device="cpu")
+    next(s)
+    state = s.state_dict()
+    s.close()
+    for call in (lambda: next(s), s.pipeline, lambda: s.load_state_dict(state)):
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
