@@ -268,8 +268,9 @@ class Catalog:
         if skipped and check:
             examples = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
             warnings.warn(
-                f"skipped {len(skipped)} of {len(paths)} files ({too_small} smaller than the patch"
-                f"{'; pad=True keeps those' if too_small else ''}), e.g. {examples}. Catalog.skipped lists them all.",
+                f"skipped {len(skipped)} of {len(paths) + len(merged)} files ({too_small} smaller than the patch"
+                f"{'; pad=True keeps those' if too_small else ''}; {len(merged)} duplicates of other files merged), "
+                f"e.g. {examples}. Catalog.skipped lists them all.",
                 CatalogWarning,
                 stacklevel=2,
             )

@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 
 from . import commands
 from .backend import DeviceUnavailableError
@@ -127,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and not (math.isfinite(value) and value >= least):
             sys.stderr.write(f"dali-patches: error: --{name} {value} must be at least {least} (and a finite number)\n")
             return 2
+    def interrupt(signum: int, frame: object) -> None:
+        # The first Ctrl-C stops the command; later ones must not cut its clean-up short (closing the
+        # sampler, DALI's pipelines), which is what aborted DALI at exit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, interrupt)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, TypeError, ImportError, DeviceUnavailableError) as e:
@@ -136,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"dali-patches: error: {e}\n")
         return 1
     except KeyboardInterrupt:
-        # A second Ctrl-C must not cut the clean-up short (that is what aborted DALI at exit).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         sys.stderr.write("dali-patches: interrupted\n")
-        return 130
+        return 130  # Ctrl-C stays ignored: the process is on its way out
+    finally:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ header is on disk from construction on. A write that fails (full disk, file-size
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -46,11 +47,14 @@ class ProvenanceWriter:
         self._write(MAGIC + len(text).to_bytes(8, "little") + text, "its header")
 
     def _write(self, data: bytes, what: str) -> None:
+        start = self._file.tell()
         try:
             view = memoryview(data)
             while view:  # an unbuffered write may take part of the bytes
                 view = view[self._file.write(view):]
         except OSError as e:
+            with contextlib.suppress(OSError):  # no partial batch is left behind: the log ends on whole batches
+                self._file.truncate(start)
             msg = (f"provenance log {self.path!r}: writing {what} failed ({e.strerror or e}) after {self.patches} "
                    "patches were recorded; free space on its disk or put the log elsewhere (provenance=...). "
                    "The run stops here so that no delivered patch goes unrecorded")
