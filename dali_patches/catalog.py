@@ -269,7 +269,8 @@ class Catalog:
             examples = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
             warnings.warn(
                 f"skipped {len(skipped)} of {len(paths) + len(merged)} files ({too_small} smaller than the patch"
-                f"{'; pad=True keeps those' if too_small else ''}; {len(merged)} duplicates of other files merged), "
+                f"{'; pad=True keeps those' if too_small else ''}"
+                f"{f'; {len(merged)} duplicates of other files merged' if merged else ''}), "
                 f"e.g. {examples}. Catalog.skipped lists them all.",
                 CatalogWarning,
                 stacklevel=2,
