@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "file would be skipped, 2 when none is usable.")
     _data_args(i)
     i.add_argument("--cache", default="2GiB", help="cache size to check the data against [2GiB]")
+    i.add_argument("--verify", action="store_true",
+                   help="also decode every JPEG once and report those with corrupt data (libjpeg decodes them to "
+                        "partly grey pixels without an error); costs a full decode")
     _json_arg(i, "the report (every bad file included)")
     i.set_defaults(run=commands.cmd_inspect)
 

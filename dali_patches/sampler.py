@@ -26,6 +26,7 @@ from .backend import HostArray, resolve_backend
 from .cache import RingCache
 from .catalog import Catalog, CatalogWarning
 from .config import Device, SamplerConfig, format_bytes
+from .decode import find_corrupt
 from .options import AnchorMode, Companion
 from .outputs import PatchBatch
 from .producer import Producer
@@ -99,6 +100,9 @@ class PatchSampler:
             image's points), and only images with points are sampled.
         provenance: a file to record every delivered patch's ``(batch, source, y, x)`` in (16
             bytes per patch, appended per batch); read it with :func:`dali_patches.review.load`.
+        verify: decode every JPEG once before sampling and leave out those whose data is corrupt
+            (libjpeg decodes them to partly grey pixels, with a warning on stderr at every decode and
+            no error). Costs one full decode of the data set; off by default.
 
     The producer works in rounds: it refills the cache, draws and cuts ``round_batches`` batches
     at once (``stats()["round_batches"]``, chosen from the batch size and the cache), which keeps the
@@ -135,6 +139,7 @@ class PatchSampler:
         companions: Mapping[str, Any] | Sequence[Companion] | None = None,
         points: Iterable[tuple[Any, int, int]] | None = None,
         provenance: str | os.PathLike | None = None,
+        verify: bool = False,
         **options: Any,
     ) -> None:
         unknown = set(options) - {f for f in SamplerConfig.__dataclass_fields__ if f != "parts"} \
@@ -158,6 +163,8 @@ class PatchSampler:
         cfg = self.config
         self.catalog = Catalog.scan(source, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
                                     pad=cfg.pad, companions=cfg.companions)
+        if verify:
+            self._skip_corrupt(progress)
         self._points: dict[int, HostArray] | None = None
         self._points_sha: str | None = None
         if points is not None:
@@ -189,6 +196,22 @@ class PatchSampler:
                 "patch_size": list(cfg.patch_size), "settings": self._fingerprint()})
         # A sampler dropped without close() still stops its thread (the producer does not refer back).
         self._finalizer = weakref.finalize(self, _close, self._producer, self._provenance)
+
+    def _skip_corrupt(self, progress: bool | None) -> None:
+        """``verify=True``: decode every JPEG once and leave out (and report) those whose data is
+        corrupt, which libjpeg would otherwise decode to grey rows with a warning at every decode."""
+        cat = self.catalog
+        corrupt = find_corrupt(cat.files, self.config.num_threads or 1, progress is not False)
+        if corrupt:
+            keep = [i for i, f in enumerate(cat.files) if f not in corrupt]
+            if not keep:
+                msg = f"every JPEG of the source has corrupt data, e.g. {next(iter(corrupt))}: {next(iter(corrupt.values()))}"
+                raise ValueError(msg)
+            example = next(iter(corrupt.items()))
+            warnings.warn(f"skipped {len(corrupt)} JPEG(s) with corrupt data, e.g. {example[0]}: {example[1]}",
+                          CatalogWarning, stacklevel=3)
+            subset = cat.subset(keep)
+            self.catalog = replace(subset, skipped=(*subset.skipped, *corrupt.items()))
 
     def _check_data_fits(self) -> None:
         """Before planning: images that could never enter a ring of ``cache_bytes`` are skipped and

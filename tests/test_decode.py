@@ -3,6 +3,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dali_patches.catalog import Catalog
 from dali_patches.decode import DecodeStage
@@ -55,3 +56,43 @@ def test_files_broken_during_the_run_are_skipped_reported_once_and_lose_nothing(
     for _ in range(2):
         assert sorted(stage.next()[0] for _ in good) == good
     stage.close()
+
+
+def _corrupt_set(folder: Path) -> list[Path]:
+    """Four good JPEGs, one with a truncated body and an end marker appended, one with bytes of its
+    entropy-coded data overwritten: both pass the structural screen and decode without an error."""
+    from PIL import Image
+
+    from dali_patches.synth import synthetic_image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(synthetic_image(120, 160, rng)).save(folder / f"good_{i}.jpg", quality=90)
+    data = (folder / "good_0.jpg").read_bytes()
+    (folder / "truncated_eoi.jpg").write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    corrupt = bytearray(data)
+    for k in range(1500, len(corrupt) - 10, 397):
+        corrupt[k] = int(rng.integers(0, 256))
+    (folder / "corrupt.jpg").write_bytes(bytes(corrupt))
+    return sorted(folder.iterdir())
+
+
+def test_verify_leaves_out_jpegs_with_corrupt_data(tmp_path: Path, capfd) -> None:
+    from dali_patches import CatalogWarning, PatchSampler
+    from dali_patches.cli import main
+    from dali_patches.decode import find_corrupt
+
+    paths = [str(p) for p in _corrupt_set(tmp_path / "data")]
+    found = find_corrupt(paths)
+    assert sorted(Path(p).name for p in found) == ["corrupt.jpg", "truncated_eoi.jpg"]
+    assert all(r.kind == "corrupt data" and "Corrupt JPEG data" in r for r in found.values())
+    assert "Corrupt JPEG data" not in capfd.readouterr().err  # captured per file, not shown
+    with pytest.warns(CatalogWarning, match="skipped 2 JPEG"):
+        sampler = PatchSampler(tmp_path / "data", patch_size=16, batch_size=2, reuse=2, cache_images=4,
+                               device="cpu", verify=True)
+    with sampler:
+        assert sorted(Path(f).name for f in sampler.files) == [f"good_{i}.jpg" for i in range(4)]
+        next(sampler)
+    assert main(["inspect", str(tmp_path / "data"), "--patch", "16", "--verify", "--no-progress"]) == 3
+    assert "corrupt data 2" in capfd.readouterr().out
