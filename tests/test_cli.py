@@ -37,6 +37,29 @@ def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", str(tmp_path), "--cache", "lots", "--no-progress"]) == 2
     assert "cache_bytes='lots'" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path), "--seconds", "nan", "--no-progress"]) == 2
+    assert "--seconds nan must be at least 0" in capsys.readouterr().err
+
+
+def test_gpu_without_a_gpu_exits_2_with_the_fix(image_dir: Path, capsys) -> None:
+    from dali_patches.backend import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", str(image_dir), "--device", "gpu", "--seconds", "1", "--no-progress"]) == 2
+    assert "device='gpu'" in capsys.readouterr().err
+
+
+def test_coverage_on_a_full_disk_exits_1_naming_the_log(many_images: Path, tmp_path: Path) -> None:
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))\n"
+            "from dali_patches.cli import main\n"
+            f"sys.exit(main(['coverage', {str(many_images)!r}, '--patches', '20000', '--batch', '16', '--reuse', '4',"
+            f" '--cache', '8MiB', '--device', 'cpu', '--out', {str(tmp_path / 'c.png')!r}, '--log',"
+            f" {str(tmp_path / 'run.prov')!r}, '--no-progress']))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=300)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "run.prov" in run.stderr and "free space" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_console_script_help_lists_commands() -> None:

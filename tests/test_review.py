@@ -55,3 +55,13 @@ def test_a_cut_short_log_loads_up_to_its_last_whole_record(tmp_path: Path, many_
     (tmp_path / "other.prov").write_bytes(b"not a log")
     with pytest.raises(ValueError, match="other.prov' is not a dali_patches provenance log"):
         review.load(tmp_path / "other.prov")
+
+
+def test_a_log_is_readable_before_the_first_batch(many_images: Path, tmp_path: Path) -> None:
+    """The header is on disk from construction on: a run killed before its first batch leaves a log."""
+    log = tmp_path / "early.prov"
+    sampler = PatchSampler(many_images, patch_size=16, batch_size=4, reuse=2, cache_images=8, device="cpu",
+                           provenance=log)
+    run = review.load(log)  # read while the sampler is still open, as after a kill
+    assert len(run.files) == len(sampler.files) and len(run.source) == 0
+    sampler.close()
