@@ -13,7 +13,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,13 @@ class Catalog:
         named = {name: take(paths) for name, paths in self.companions.items()}
         return Catalog(take(self.files), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
                        self.padded, named, take(self.formats), take(self.modes))
+
+    def without(self, problems: dict[str, Problem]) -> Catalog:
+        """This catalog without the images named in ``problems`` (path → why), which join
+        :attr:`skipped`."""
+        keep = [i for i, f in enumerate(self.files) if f not in problems]
+        subset = self.subset(keep)
+        return replace(subset, skipped=(*subset.skipped, *problems.items()))
 
     def sample_bytes(self, parts: Sequence[Part]) -> np.ndarray:
         """``(N,) int64`` cache bytes of each image with its companions (``SamplerConfig.parts``)."""

@@ -203,14 +203,9 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     catalog = Catalog.scan(source, min_size=config.patch_size, progress=not args.no_progress, pad=config.pad,
                            companions=config.companions, check=False)
     if args.verify:
-        from dataclasses import replace
-
         from .decode import find_corrupt
 
-        corrupt = find_corrupt(catalog.files, os.cpu_count() or 1, progress=not args.no_progress)
-        keep = [i for i, f in enumerate(catalog.files) if f not in corrupt]
-        subset = catalog.subset(keep)
-        catalog = replace(subset, skipped=(*subset.skipped, *corrupt.items()))
+        catalog = catalog.without(find_corrupt(catalog.files, os.cpu_count() or 1, progress=not args.no_progress))
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
     at_least, typical = images_held(sizes, int(config.cache_bytes or 0))
     return {**catalog.summary(), "seconds": time.perf_counter() - t0,

@@ -16,7 +16,6 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -203,15 +202,13 @@ class PatchSampler:
         cat = self.catalog
         corrupt = find_corrupt(cat.files, self.config.num_threads or 1, progress is not False)
         if corrupt:
-            keep = [i for i, f in enumerate(cat.files) if f not in corrupt]
-            if not keep:
-                msg = f"every JPEG of the source has corrupt data, e.g. {next(iter(corrupt))}: {next(iter(corrupt.values()))}"
-                raise ValueError(msg)
             example = next(iter(corrupt.items()))
+            if len(corrupt) == len(cat.files):
+                msg = f"every image of the source has corrupt data, e.g. {example[0]}: {example[1]}"
+                raise ValueError(msg)
             warnings.warn(f"skipped {len(corrupt)} JPEG(s) with corrupt data, e.g. {example[0]}: {example[1]}",
                           CatalogWarning, stacklevel=3)
-            subset = cat.subset(keep)
-            self.catalog = replace(subset, skipped=(*subset.skipped, *corrupt.items()))
+            self.catalog = cat.without(corrupt)
 
     def _check_data_fits(self) -> None:
         """Before planning: images that could never enter a ring of ``cache_bytes`` are skipped and
@@ -229,14 +226,14 @@ class PatchSampler:
                 msg = (f"cache_bytes={format_bytes(cfg.cache_bytes)} cannot hold any image of this data set (the "
                        f"smallest takes {format_bytes(int(sizes.min()))}); raise cache_bytes")
                 raise ValueError(msg)
-            large = [(cat.files[i], Problem(f"{cat.heights[i]}x{cat.widths[i]} takes {format_bytes(int(sizes[i]))} "
+            large = {cat.files[i]: Problem(f"{cat.heights[i]}x{cat.widths[i]} takes {format_bytes(int(sizes[i]))} "
                                             f"decoded, more than the whole cache ({format_bytes(cfg.cache_bytes)}); "
                                             "raise cache_bytes to sample it, or leave it out of the source",
-                                            "too large")) for i in np.flatnonzero(sizes > cfg.cache_bytes)]
-            warnings.warn(f"skipped {len(large)} image(s) larger than the cache, e.g. {large[0][0]}: {large[0][1]}",
+                                           "too large") for i in np.flatnonzero(sizes > cfg.cache_bytes)}
+            example = next(iter(large.items()))
+            warnings.warn(f"skipped {len(large)} image(s) larger than the cache, e.g. {example[0]}: {example[1]}",
                           CatalogWarning, stacklevel=3)
-            subset = cat.subset(fits.tolist())
-            self.catalog = replace(subset, skipped=(*subset.skipped, *large))
+            self.catalog = cat.without(large)
             sizes = sizes[fits]
         queue_bytes = 3 * (cfg.decode_batch or 1) * int(sizes.max())
         free = self.backend.free_bytes()
