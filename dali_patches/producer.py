@@ -36,34 +36,15 @@ from .decode import DecodeStage, decode_files
 from .draw import Draws, RefillSchedule, RoundDraw
 from .options import AnchorMode, scaled
 from .outputs import OutputRing, PatchBatch
+from .rounds import RoundStates, round_batches
 
-__all__ = ["Producer", "round_batches"]
+__all__ = ["Producer"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a blocked thread checks for close()
-_ROUND_PATCHES = 8192  # a round cuts about this many patches ...
-_MAX_ROUND = 16  # ... in at most this many batches ...
-_ROUND_REFILL_SHARE = 8  # ... and inserts at most 1/8 of the images the cache typically holds
 _HELD_ROUNDS = 8  # GPU: decoded views kept for pending copies before the oldest is waited for
-_SNAPSHOTS_KEPT = 64  # batches behind the newest whose state state_dict() can still give
 _PROGRESS_MIN_IMAGES = 500  # with progress=None, a warm-up this long gets a progress bar
-
-
-def round_batches(config: SamplerConfig, typical_resident: int) -> int:
-    """Batches per round, from the config and the cache's typical occupancy (deterministic, so a
-    resumed sampler cuts the same rounds): enough to amortise the host's fixed cost, few enough
-    that a round's refill (``n × B / reuse`` images) stays a small share of the cache — images
-    inserted and evicted within one refill would never be drawn."""
-    by_refill = int(typical_resident * config.reuse // (_ROUND_REFILL_SHARE * config.batch_size))
-    return max(1, min(_MAX_ROUND, _ROUND_PATCHES // config.batch_size, by_refill))
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with NumPy arrays turned into lists, recursively (JSON- and ``torch.save``-able)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
 @dataclass(frozen=True)
@@ -121,8 +102,7 @@ class Producer:
         self.duplicate_decodes = 0  # decoded while still resident (cache ≳ shard), not inserted
         self.last_delivered = -1  # index of the last batch handed to a consumer
         self.consumer_stream: Any = None  # GPU: the stream the consumer reads batches on
-        self._snapshots: dict[int, dict[str, Any]] = {}  # round start → state before that round
-        self._snapshots_lock = threading.Lock()
+        self._states = RoundStates(self.round_batches)  # the state before each recent round
         self._skip = 0  # batches of the first round not to deliver (resumed mid-round)
         self._restored = False
         self._warmup_estimate = plan.warmup_images
@@ -369,35 +349,18 @@ class Producer:
                            num_shards=cfg.num_shards or 1, position=position, **self._output)
 
     def _snapshot(self, start: int) -> None:
-        """Record the state before the round that starts at batch ``start`` (a few KiB); keep those
-        of the latest ``_SNAPSHOTS_KEPT`` batches."""
-        snapshot = {
+        """Record the state before the round that starts at batch ``start`` (a few KiB)."""
+        self._states.record(start, {
             "batches_made": self.batches_made, "distinct_batches": self.distinct_batches,
             "duplicate_decodes": self.duplicate_decodes, "warmup_images": self.warmup_images,
             "draws": self.draws.state_dict(), "refill": self.schedule.state_dict(),
             "decoder": self.decoder.position(), "cache": self.cache.state_dict(),
-        }
-        with self._snapshots_lock:
-            self._snapshots[start] = snapshot
-            for old in [s for s in self._snapshots if s < start - _SNAPSHOTS_KEPT - self.round_batches]:
-                del self._snapshots[old]
+        })
 
     def state_after(self, index: int) -> dict[str, Any] | None:
-        """The state after batch ``index`` as plain Python values: the snapshot of the round that
-        holds batch ``index + 1`` and how many of its batches were already delivered; ``None``
-        before the first batch."""
-        if index < 0:
-            return None
-        with self._snapshots_lock:
-            starts = [s for s in self._snapshots if s <= index + 1]
-            snapshots = dict(self._snapshots)
-        if not starts or index + 1 - max(starts) >= self.round_batches or index >= self.batches_made:
-            newest = self.batches_made - 1
-            msg = (f"the state after batch {index} is not kept (batches {max(0, newest - _SNAPSHOTS_KEPT)}..{newest} "
-                   "are); take state_dict() closer to the batches you consumed")
-            raise RuntimeError(msg)
-        start = max(starts)
-        return {"round": _plain(snapshots[start]), "skip": index + 1 - start}
+        """The state after batch ``index`` as plain Python values (see :class:`RoundStates`);
+        ``None`` before the first batch."""
+        return self._states.after(index, self.batches_made)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_after` of an earlier producer over the same files and config.

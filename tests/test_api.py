@@ -45,7 +45,7 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
 
 
 FLOW = ["options", "config", "backend", "sources", "catalog", "decode", "gather", "cache", "anchors", "draw",
-        "augment", "outputs", "producer", "provenance", "pipeline", "sampler", "torch", "tf", "review", "figures",
+        "augment", "outputs", "rounds", "producer", "provenance", "pipeline", "sampler", "torch", "tf", "review", "figures",
         "synth", "commands", "cli"]
 
 
