@@ -103,10 +103,6 @@ def _int(name: str, value: object, least: int = 1, most: int | None = None, hint
     return number
 
 
-def _positive_int(name: str, value: object) -> int:
-    return _int(name, value)
-
-
 def _patch_hw(value: object) -> tuple[int, int]:
     pair = (value, value) if not isinstance(value, (tuple, list, np.ndarray)) else tuple(value)
     if len(pair) != 2 or not all(_is_int(v) and int(v) > 0 for v in pair):
@@ -207,7 +203,7 @@ class SamplerConfig:
             if self.device_id is None:
                 set_(self, "device_id", local_rank)
         set_(self, "patch_size", _patch_hw(self.patch_size))
-        set_(self, "batch_size", _positive_int("batch_size", self.batch_size))
+        set_(self, "batch_size", _int("batch_size", self.batch_size))
         if isinstance(self.reuse, (bool, np.bool_)) or not isinstance(self.reuse, numbers.Real) \
                 or not math.isfinite(float(self.reuse)) or not float(self.reuse) >= 1:
             msg = (f"reuse={self.reuse!r} must be a finite number >= 1 (patches served per decoded image; "
@@ -226,7 +222,7 @@ class SamplerConfig:
                 msg = f"cache_bytes={self.cache_bytes!r} must be positive, e.g. '2GiB'"
                 raise ValueError(msg)
         else:
-            set_(self, "cache_images", _positive_int("cache_images", self.cache_images))
+            set_(self, "cache_images", _int("cache_images", self.cache_images))
         try:
             set_(self, "device", Device(self.device))
         except ValueError:
@@ -251,7 +247,7 @@ class SamplerConfig:
             if not isinstance(getattr(self, name), bool):
                 msg = f"{name}={getattr(self, name)!r} must be True or False"
                 raise TypeError(msg)
-        set_(self, "num_shards", _positive_int("num_shards", self.num_shards))
+        set_(self, "num_shards", _int("num_shards", self.num_shards))
         set_(self, "device_id", _int("device_id", self.device_id, 0))
         shards = int(self.num_shards or 1)
         if not _is_int(self.shard_id) or not 0 <= int(self.shard_id) < shards:

@@ -172,9 +172,8 @@ class PatchSampler:
             self.catalog = self.catalog.subset(sorted(by_source))
             self._points = dict(enumerate(by_source[s] for s in sorted(by_source)))
             self._points_sha = hashlib.sha256(repr(sorted(map(repr, points))).encode()).hexdigest()
-        self._check_data_fits()
+        sizes = self._check_data_fits()
         cat = self.catalog
-        sizes = cat.sample_bytes(cfg.parts)
         big = int(np.argmax(sizes))
         self.plan = RingCache.plan(sizes, cfg.batch_size, len(cat.files) // (cfg.num_shards or 1), cfg.allow_repeats,
                                    self.backend.free_bytes(), cfg.cache_bytes, cfg.cache_images,
@@ -210,10 +209,11 @@ class PatchSampler:
                           CatalogWarning, stacklevel=3)
             self.catalog = cat.without(corrupt)
 
-    def _check_data_fits(self) -> None:
+    def _check_data_fits(self) -> HostArray:
         """Before planning: images that could never enter a ring of ``cache_bytes`` are skipped and
         reported (a decompression bomb must not refuse a whole data set); too many shards and a
-        decode queue larger than the free memory are refused, each with the fix."""
+        decode queue larger than the free memory are refused, each with the fix. Returns the cache
+        bytes of every image kept (companions included)."""
         cfg, cat = self.config, self.catalog
         if cfg.num_shards and cfg.num_shards > len(cat.files):
             msg = (f"num_shards={cfg.num_shards} exceeds the {len(cat.files)} usable images: every shard needs files; "
@@ -242,6 +242,7 @@ class PatchSampler:
                    f"(3 batches of images up to {format_bytes(int(sizes.max()))}), more than the free "
                    f"{self.backend.device.value} memory ({format_bytes(free)}); lower decode_batch")
             raise ValueError(msg)
+        return sizes
 
     # -- data --------------------------------------------------------------------------------
     @property
