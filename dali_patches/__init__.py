@@ -2,31 +2,47 @@
 
 Every batch holds patches of ``batch_size`` different images; each decoded image serves ``reuse``
 patches on average, so throughput is ``reuse × decode rate`` while batches stay diverse.
+
+The names below are imported on first use, so ``import dali_patches`` (and the header-scan worker
+processes, which import only :mod:`dali_patches.index`) does not load DALI.
 """
 
-from .catalog import Catalog, CatalogWarning
-from .config import Device, SamplerConfig, format_bytes, parse_bytes
-from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, Layout
-from .outputs import PatchBatch
-from .sampler import OUTPUT_NAMES, PatchSampler
-from .sources import Problem
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .catalog import Catalog, CatalogWarning
+    from .config import Device, SamplerConfig, format_bytes, parse_bytes
+    from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, Layout
+    from .outputs import PatchBatch
+    from .sampler import OUTPUT_NAMES, PatchSampler
+    from .sources import Problem
+
+_HOME = {
+    "Catalog": "catalog", "CatalogWarning": "catalog",
+    "Device": "config", "SamplerConfig": "config", "format_bytes": "config", "parse_bytes": "config",
+    "AnchorMode": "options", "Augment": "options", "Companion": "options", "CompanionKind": "options",
+    "ImageChoice": "options", "Layout": "options",
+    "PatchBatch": "outputs", "OUTPUT_NAMES": "sampler", "PatchSampler": "sampler", "Problem": "sources",
+}
 
 __all__ = [
-    "AnchorMode",
-    "Augment",
-    "Catalog",
-    "CatalogWarning",
-    "Companion",
-    "CompanionKind",
-    "Device",
-    "ImageChoice",
-    "Layout",
-    "OUTPUT_NAMES",
-    "PatchBatch",
-    "PatchSampler",
-    "Problem",
-    "SamplerConfig",
-    "format_bytes",
-    "parse_bytes",
+    "AnchorMode", "Augment", "Catalog", "CatalogWarning", "Companion", "CompanionKind", "Device",
+    "ImageChoice", "Layout", "OUTPUT_NAMES", "PatchBatch", "PatchSampler", "Problem", "SamplerConfig", "format_bytes", "parse_bytes",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    msg = f"module 'dali_patches' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME])

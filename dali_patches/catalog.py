@@ -1,12 +1,15 @@
-"""Catalog: a folder, glob or file list → the indexed, screened list of images to sample from.
+"""Catalog: a folder, glob, file list or ``s3://`` prefix → the indexed, screened list of images.
 
-Only headers are read (Pillow opens lazily), so a catalog of 100k files costs seconds, not a decode
-pass. Files that would break DALI's reader for good (zero-byte, truncated, not an image) or that are
-smaller than the patch are screened out here and reported, before any training starts.
+Only headers are read (:mod:`dali_patches.headers`: a few positioned reads a file, Pillow only for
+what it does not parse), in worker processes for large data sets, and kept in a persistent index
+(:mod:`dali_patches.index`) so that the next start only re-stats. Files that would break DALI's
+reader for good (zero-byte, truncated, not an image), duplicates of other files and images smaller
+than the patch are screened out here and reported, before any training starts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -14,81 +17,36 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
+from . import storage
+from .headers import Header, parse, pillow_header
+from .index import Columns, default_index_path, lookup, trusted_keys
 from .options import Companion, CompanionKind, Part, scaled
-from .sources import IMAGE_SUFFIXES, Problem, distinct_files, pair_sources
+from .sources import IMAGE_SUFFIXES, Problem, pair_sources
 
-__all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES", "screen_file"]
+__all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap height and width (DALI applies them)
 _PROGRESS_MIN_FILES = 2000  # below this a header scan takes well under a second: no bar
+_INDEX_MIN_FILES = 1000  # index=None keeps an index from this many files on (smaller scans are instant)
+_OBJECT_THREADS = 32  # concurrent ranged GETs for object headers (network-bound)
 
 
 class CatalogWarning(UserWarning):
     """Some files were skipped; ``Catalog.skipped`` lists each with its reason."""
 
 
-def screen_file(path: str) -> Problem | None:
-    """Cheap structural check (a few reads per file) that catches files which would break DALI's reader.
-
-    Returns ``None`` for a plausible image, else the reason. Zero-byte files make DALI's file reader
-    fail for good; truncated JPEG/PNG files lose the whole decode batch.
-    """
-    try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return Problem("empty file (0 bytes)", "empty")
-        with open(path, "rb") as f:
-            head = f.read(8)
-            f.seek(max(0, size - 64))
-            tail = f.read()
-    except OSError as e:
-        return Problem(f"unreadable: {e.strerror or e}", "unreadable")
-    if head[:3] == b"\xff\xd8\xff":
-        return None if b"\xff\xd9" in tail else Problem("truncated JPEG (no end-of-image marker)", "truncated")
-    if head == b"\x89PNG\r\n\x1a\n":
-        return None if b"IEND" in tail else Problem("truncated PNG (no IEND chunk)", "truncated")
-    if Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
-        return Problem(f"not a {Path(path).suffix.lower()[1:].upper()} file (bad signature {head[:4]!r})", "not an image")
-    return None
-
-
-def _decoded_shape(path: str, exif: bool = True) -> tuple[int, int, int, str, str] | Problem:
-    """``(height, width, source channels, Pillow mode, format)`` as DALI will decode it (EXIF
-    orientation applied when ``exif``; format e.g. ``"JPEG"``, ``"JPEG progressive"``, ``"PNG"``), or
-    the reason it is unusable."""
-    reason = screen_file(path)
-    if reason is not None:
-        return reason
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            channels, mode = len(im.getbands()), im.mode
-            fmt = f"{im.format} progressive" if im.info.get("progressive") else str(im.format)
-            if exif and im.format in ("JPEG", "TIFF", "WEBP") and im.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:
-                h, w = w, h
-    except PermissionError as e:
-        return Problem(f"not readable ({e.strerror}); fix its permissions", "unreadable")
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad headers
-        return Problem(f"cannot read image header: {e}", "not an image")
-    return h, w, channels, mode, fmt
-
-
-def _companion_problem(part: Companion, shape: tuple[int, int, int, str, str] | Problem,
-                       main: tuple[int, int]) -> Problem | None:
-    """Why a companion file cannot go with an image of decoded size ``main``, or ``None``."""
-    if isinstance(shape, str):
-        return shape
-    h, w, _, mode, _ = shape
+def _companion_problem(part: Companion, found: Problem | tuple[int, int, str], main: tuple[int, int]) -> Problem | None:
+    """Why a companion file (its problem, or decoded ``(height, width, mode)``) cannot go with an
+    image of decoded size ``main``, or ``None``."""
+    if isinstance(found, str):
+        return found
+    h, w, mode = found
     want = (main[0] * part.scale, main[1] * part.scale)
     if (h, w) != want:
         exact = "" if all(v.denominator == 1 for v in want) else f" (the image's size is not divisible by {part.scale.denominator})"
@@ -100,12 +58,61 @@ def _companion_problem(part: Companion, shape: tuple[int, int, int, str, str] | 
     return None
 
 
+def _object_reader(uris: Sequence[str], size_of: dict[str, int], bar: tqdm) -> Columns:
+    """Headers of objects (``size_of``: their sizes from the listing) from ranged reads of their
+    first and last bytes, in threads (network-bound)."""
+    out = Columns.empty(len(uris))
+
+    def one(i: int) -> Header | Problem:
+        uri, size = uris[i], size_of[uris[i]]
+        try:
+            found = parse(lambda offset, length: storage.read_range(uri, offset, length), size, os.path.splitext(uri)[1])
+            return pillow_header(storage.read_object(uri)) if found is None else found
+        except Exception as e:  # noqa: BLE001 - a refused or failed GET: the object is left out, named
+            return Problem(f"unreadable object: {e}", "unreadable")
+
+    with ThreadPoolExecutor(_OBJECT_THREADS) as pool:
+        for i, header in enumerate(pool.map(one, range(len(uris)))):
+            out.put(i, header)
+            out.size[i] = size_of[uris[i]]
+            bar.update(1)
+    return out
+
+
+def _root(source: Any, paths: Sequence[str]) -> str:
+    """The folder (or ``s3://`` prefix) that every path lies under, as the paths spell it."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(os.fspath(source)):
+        return os.fspath(source).rstrip("/") or "/"
+    if storage.is_uri(source):
+        return (source if isinstance(source, str) else os.path.commonprefix(list(source))).rpartition("/")[0]
+    try:
+        return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    except ValueError:  # absolute and relative paths mixed
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
+def relative_keys(paths: Sequence[str], root: str) -> list[str]:
+    """Each path relative to ``root`` (a prefix cut where it is one: fast for millions)."""
+    prefix = root if root.endswith("/") else root + "/"
+    n = len(prefix)
+    return [p[n:] if p.startswith(prefix) else os.path.relpath(os.path.abspath(p), os.path.abspath(root))
+            for p in paths]
+
+
+def _index_path(index: str | os.PathLike | bool | None, identity: str, count: int) -> str | None:
+    if index is False or (index is None and count < _INDEX_MIN_FILES):
+        return None
+    if index is None or index is True:
+        return default_index_path(identity)
+    return os.fspath(index)
+
+
 @dataclass(frozen=True)
 class Catalog:
     """The images to sample from, in index order, with their decoded sizes.
 
     Attributes:
-        files: paths; ``batch.source`` indexes this list.
+        files: paths (or ``s3://`` URIs); ``batch.source`` indexes this list.
         heights, widths: ``(N,) int64`` size in pixels as decoded (EXIF orientation applied unless
             scanned with ``exif=False``) and, with ``pad=True``, raised to ``min_size``: the size an
             image takes in the cache.
@@ -116,6 +123,9 @@ class Catalog:
         companions: companion name → ``(N,)`` paths aligned with ``files``.
         formats, modes: ``(N,)`` file format (``"JPEG"``, ``"JPEG progressive"``, ``"PNG"``, …) and
             Pillow mode (``"RGB"``, ``"L"``, ``"RGBA"``, ``"I;16"``, …) of each image.
+        file_bytes, stamps: ``(N,) int64`` size of each file and its modification time in ns (an
+            object's ETag digest): what identifies this version of the data set.
+        root: the folder (or ``s3://`` prefix) all files lie under.
     """
 
     files: tuple[str, ...]
@@ -127,6 +137,9 @@ class Catalog:
     companions: dict[str, tuple[str, ...]] = field(default_factory=dict)
     formats: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
+    file_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    stamps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    root: str = ""
 
     def __len__(self) -> int:
         return len(self.files)
@@ -144,7 +157,8 @@ class Catalog:
 
         named = {name: take(paths) for name, paths in self.companions.items()}
         return Catalog(take(self.files), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
-                       self.padded, named, take(self.formats), take(self.modes))
+                       self.padded, named, take(self.formats), take(self.modes), self.file_bytes[idx],
+                       self.stamps[idx], self.root)
 
     def without(self, problems: dict[str, Problem]) -> Catalog:
         """This catalog without the images named in ``problems`` (path → why), which join
@@ -185,28 +199,39 @@ class Catalog:
             "padded": self.padded,
         }
 
+    def digest(self) -> str:
+        """A digest of this version of the data set that survives moving it: every file's path
+        relative to :attr:`root`, its size and its stamp (whole seconds for files)."""
+        stamps = self.stamps if self.root.startswith("s3://") else self.stamps // 1_000_000_000
+        digest = hashlib.sha256("\0".join(relative_keys(self.files, self.root)).encode())
+        digest.update(self.file_bytes.astype("<i8").tobytes())
+        digest.update(stamps.astype("<i8").tobytes())
+        return digest.hexdigest()
+
     @classmethod
     def scan(
         cls,
         source: Any,
         min_size: tuple[int, int] = (1, 1),
         progress: bool | None = None,
-        workers: int = 8,
+        workers: int = 0,
         exif: bool = True,
         pad: bool = False,
         companions: Sequence[Companion] = (),
         check: bool = True,
+        index: str | os.PathLike | bool | None = None,
+        trust_index: bool = False,
     ) -> Catalog:
-        """Build a catalog, skipping (and reporting) bad files, unpaired or misfit companions, and
-        images smaller than ``min_size``.
+        """Build a catalog, skipping (and reporting) bad files, duplicates, unpaired or misfit
+        companions, and images smaller than ``min_size``.
 
         Args:
             source: a folder (searched recursively for JPEG, PNG, TIFF, WebP, BMP), a glob, one file,
-                a list of files, or, with ``companions``, a dict or list naming them
-                (see :mod:`dali_patches.sources`).
+                a list of files, ``s3://bucket/prefix`` or a list of ``s3://`` URIs, or, with
+                ``companions``, a dict or list naming them (see :mod:`dali_patches.sources`).
             min_size: ``(height, width)`` an image must reach, usually the patch size.
             progress: show a progress bar; ``None`` shows one for large data sets only.
-            workers: threads reading headers (I/O bound).
+            workers: processes reading headers of large local data sets (0: one per core).
             exif: report sizes with EXIF orientation applied (as the decoder will, by default).
             pad: keep images smaller than ``min_size`` (they will be zero-padded at the bottom and
                 right up to it) instead of skipping them.
@@ -214,6 +239,10 @@ class Catalog:
                 each partner must be exactly ``scale`` × its image's size.
             check: raise when nothing is usable and warn about skipped files; ``False`` returns
                 whatever is usable, possibly nothing (for reports such as ``dali-patches inspect``).
+            index: the persistent header index: ``None`` keeps one under the user's cache folder
+                for data sets of 1000 files or more, a path keeps it there, ``False`` keeps none.
+            trust_index: take a folder's file list and headers from its index without listing or
+                stat-ing (a read-only data set); files added since are not seen.
 
         Raises:
             FileNotFoundError: a path does not exist.
@@ -221,69 +250,117 @@ class Catalog:
         """
         if isinstance(source, Iterator):  # a generator of paths: read it once
             source = list(source)
-        rows, skipped = pair_sources(source, [c.name for c in companions])
-        distinct, merged = distinct_files(rows)
-        rows = [tuple(row) for row in distinct]
-        skipped += merged
-        paths = [p for row in rows for p in row]
+        names = [c.name for c in companions]
+        objects = storage.is_uri(source)
+        if objects and names:
+            msg = ("companions are not supported for s3:// sources yet; sample the images alone, or keep the "
+                   "pairs on a file system")
+            raise ValueError(msg)
+        identity: str | None = None
+        index_file = None
+        stamps = read = None
+        rows: list[tuple[str, ...]] | None = None
+        skipped: list[tuple[str, str]] = []
+        if objects:
+            listing = storage.list_objects(source)
+            rows = [(u,) for u in listing.uris]
+            stamps = Columns.empty(len(rows))
+            stamps.size[:], stamps.stamp[:] = listing.sizes, listing.stamps
+            size_of = dict(zip(listing.uris, listing.sizes.tolist()))
+            read = lambda some, bar: _object_reader(some, size_of, bar)
+        elif trust_index and not names and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            root = _root(source, [])
+            identity = os.path.abspath(root)
+            index_file = _index_path(index if index is not None else True, identity, 0)
+            keys = trusted_keys(index_file, identity) if index_file else None
+            rows = None if keys is None else [(os.path.join(root, k),) for k in keys]
+            if rows is None:
+                log.info("trust_index: no index for %s yet; listing and scanning it", root)
+        if rows is None:
+            rows, skipped = pair_sources(source, names)
+        paths = [row[0] for row in rows] + [row[i + 1] for i in range(len(names)) for row in rows]
+        root = _root(source, paths)
+        identity = root if objects else os.path.abspath(root)
+        index_file = _index_path(index, identity, len(paths))
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
-        bomb_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # sizes only: a 20k × 20k scan is legitimate data, not a bomb
-        try:
-            with ThreadPoolExecutor(max(1, workers)) as pool:
-                shapes = dict(zip(paths, tqdm(pool.map(lambda p: _decoded_shape(p, exif), paths, chunksize=64),
-                                              total=len(paths), desc="scanning headers", unit="file",
-                                              disable=not show)))
-        finally:
-            Image.MAX_IMAGE_PIXELS = bomb_limit
-        keep, sizes, formats, modes = [], [], [], []
-        too_small = padded = 0
-        largest = (0, 0)
-        for row in rows:
-            path, result = row[0], shapes[row[0]]
-            if isinstance(result, str):
-                skipped.append((path, result))
-                continue
-            h, w, c, mode, fmt = result
-            problems = [(p, Problem(f"{why} (image {path!r})", why.kind)) for part, p in zip(companions, row[1:])
-                        if (why := _companion_problem(part, shapes[p], (h, w)))]
-            if problems:
-                skipped += problems
-                continue
-            largest = max(largest, (h, w), key=lambda s: s[0] * s[1])
-            if (h < min_size[0] or w < min_size[1]) and pad:
-                h, w, padded = max(h, min_size[0]), max(w, min_size[1]), padded + 1
-            elif h < min_size[0] or w < min_size[1]:
-                skipped.append((path, Problem(f"{h}x{w} is smaller than the patch {min_size[0]}x{min_size[1]}",
-                                              "too small")))
-                too_small += 1
-                continue
-            keep.append(row)
-            sizes.append((h, w, c))
-            formats.append(fmt)
-            modes.append(mode)
-        if not keep and check:
+        cols = lookup(paths, relative_keys(paths, root), identity, index_file, trust_index, read=read, stamps=stamps,
+                      workers=workers, progress=bool(show))
+        return cls._build(rows, cols, skipped, root, min_size, exif, pad, companions, check)
+
+    @classmethod
+    def _build(cls, rows: Sequence[tuple[str, ...]], cols: Columns, skipped: list[tuple[str, str]], root: str,
+               min_size: tuple[int, int], exif: bool, pad: bool, companions: Sequence[Companion],
+               check: bool) -> Catalog:
+        """The catalog of ``rows`` from their scanned header columns (main images first, then each
+        companion's files, in row order)."""
+        n = len(rows)
+        h_all, w_all = cols.height.astype(np.int64), cols.width.astype(np.int64)
+        if exif:
+            turn = cols.transposed
+            h_all, w_all = np.where(turn, w_all, h_all), np.where(turn, h_all, w_all)
+        usable = cols.problem[:n] == b""
+        for i in np.flatnonzero(~usable).tolist():
+            skipped.append((rows[i][0], cols.problem_at(i)))
+        # the same file listed twice (or a link to it): keep the first, report the rest
+        linked = np.flatnonzero(usable & (cols.ino[:n] > 0))
+        if len(linked):
+            pairs = np.stack([cols.dev[linked], cols.ino[linked]], 1)
+            _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+            repeat = np.flatnonzero(first[inverse.ravel()] != np.arange(len(linked)))
+            for j in repeat.tolist():
+                earlier = rows[int(linked[first[inverse.ravel()[j]]])][0]
+                skipped.append((rows[int(linked[j])][0], Problem(
+                    f"the same file as {earlier!r} (listed twice, or a link to it); merged into one", "duplicate")))
+            usable[linked[repeat]] = False
+        merged = sum(1 for _, r in skipped if getattr(r, "kind", "") == "duplicate")
+        for c, part in enumerate(companions):  # each partner must fit its image
+            base = n * (c + 1)
+            for i in np.flatnonzero(usable).tolist():
+                j = base + i
+                found = cols.problem_at(j) or (int(h_all[j]), int(w_all[j]), cols.mode[j].decode())
+                why = _companion_problem(part, found, (int(h_all[i]), int(w_all[i])))
+                if why is not None:
+                    skipped.append((rows[i][c + 1], Problem(f"{why} (image {rows[i][0]!r})", why.kind)))
+                    usable[i] = False
+        h, w = h_all[:n], w_all[:n]
+        small = usable & ((h < min_size[0]) | (w < min_size[1]))
+        largest = int(np.argmax(np.where(usable, h * w, -1))) if n else 0
+        padded = int(small.sum()) if pad else 0
+        too_small = 0 if pad else int(small.sum())
+        if not pad:
+            for i in np.flatnonzero(small).tolist():
+                skipped.append((rows[i][0], Problem(f"{h[i]}x{w[i]} is smaller than the patch {min_size[0]}x{min_size[1]}",
+                                                    "too small")))
+            usable &= ~small
+        keep = np.flatnonzero(usable)
+        if not len(keep) and check:
             if too_small:
-                msg = (
-                    f"patch_size={min_size} exceeds every image (largest is {largest[0]}x{largest[1]}); "
-                    "lower patch_size or pass pad=True"
-                )
+                msg = (f"patch_size={min_size} exceeds every image (largest is {h[largest]}x{w[largest]}); "
+                       "lower patch_size or pass pad=True")
             else:
                 with_them = " with its companions" if companions else ""
-                msg = f"none of the {len(rows)} file(s) is a usable image{with_them}, e.g. {skipped[0][0]!r}: {skipped[0][1]}"
+                msg = f"none of the {n} file(s) is a usable image{with_them}, e.g. {skipped[0][0]!r}: {skipped[0][1]}"
             raise ValueError(msg)
         if skipped and check:
             examples = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
             warnings.warn(
-                f"skipped {len(skipped)} of {len(paths) + len(merged)} files ({too_small} smaller than the patch"
+                f"skipped {len(skipped)} of {len(cols.size)} files ({too_small} smaller than the patch"
                 f"{'; pad=True keeps those' if too_small else ''}"
-                f"{f'; {len(merged)} duplicates of other files merged' if merged else ''}), "
+                f"{f'; {merged} duplicates of other files merged' if merged else ''}), "
                 f"e.g. {examples}. Catalog.skipped lists them all.",
                 CatalogWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        arr = np.asarray(sizes, dtype=np.int64).reshape(-1, 3)
         log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
-        named = {c.name: tuple(row[i + 1] for row in keep) for i, c in enumerate(companions)}
-        return cls(tuple(row[0] for row in keep), arr[:, 0].copy(), arr[:, 1].copy(), arr[:, 2].copy(),
-                   tuple(skipped), padded, named, tuple(formats), tuple(modes))
+
+        def labels(column: np.ndarray) -> tuple[str, ...]:
+            names, inverse = np.unique(column[keep], return_inverse=True)
+            text = [v.decode() for v in names]
+            return tuple(text[i] for i in inverse.ravel().tolist())
+
+        listed = keep.tolist()
+        named = {c.name: tuple(rows[i][k + 1] for i in listed) for k, c in enumerate(companions)}
+        return cls(tuple(rows[i][0] for i in listed), np.maximum(h[keep], min_size[0]) if pad else h[keep],
+                   np.maximum(w[keep], min_size[1]) if pad else w[keep], cols.channels[keep].astype(np.int64),
+                   tuple(skipped), padded, named, labels(cols.format), labels(cols.mode), cols.size[keep].copy(),
+                   cols.stamp[keep].copy(), root)

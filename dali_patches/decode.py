@@ -144,8 +144,24 @@ class DecodeStage:
         self.shard_size = -(-self.epoch_size // num_shards) if num_shards > 1 else self.epoch_size
 
     def _build(self, checkpoint: bytes | None) -> None:
-        self._pipe: Any = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, **self._options)
-        self._pipe.build()
+        """(Re)build the reader at ``checkpoint``. Building prefetches, so a second missing file of
+        the same batch can fail the build itself: set it aside as well and build again."""
+        while True:
+            self._pipe: Any = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, **self._options)
+            try:
+                self._pipe.build()
+                return
+            except RuntimeError as e:
+                source = self._named_in(str(e))
+                if source is None:
+                    raise
+                self._mark_broken(source, _cause(e))
+
+    def _named_in(self, text: str) -> int | None:
+        """The row whose file an error message names (the longest matching path), if any."""
+        named = [(len(path), i) for column in self._columns for i, path in enumerate(column)
+                 if path in text and i not in self.broken]
+        return max(named)[1] if named else None
 
     def peek(self) -> tuple[int, list[Any]]:
         """The next ``(source index, [(H, W, C) image, *its companions]])`` without consuming it."""
@@ -197,10 +213,9 @@ class DecodeStage:
         batch is lost (counted); ``_MAX_FAILED_RUNS_IN_A_ROW`` such failures in a row end the run."""
         text = str(error)
         self.failed_runs += 1
-        named = [(len(path), i) for column in self._columns for i, path in enumerate(column)
-                 if path in text and i not in self.broken]
-        if named:  # the reader names the file (missing, unreadable); the longest match is the full path
-            self._mark_broken(max(named)[1], _cause(error))
+        named = self._named_in(text)
+        if named is not None:  # the reader names the file (missing, unreadable)
+            self._mark_broken(named, _cause(error))
             self._failed_in_a_row = 0  # a file was found and set aside: progress, not a failing reader
         elif self._find_undecodable(checkpoint):
             self._failed_in_a_row = 0

@@ -67,17 +67,6 @@ def _points_by_source(points: Iterable[tuple[Any, int, int]], files: Sequence[st
     return {s: np.asarray(v, dtype=np.int64) for s, v in found.items()}
 
 
-def _files_digest(files: Sequence[str]) -> str:
-    """A digest of the data set that survives moving it: each file's path relative to the folder
-    that holds them all, its size and its modification time (whole seconds)."""
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files]) if files else ""
-    digest = hashlib.sha256()
-    for f in files:
-        stat = os.stat(f)
-        digest.update(f"{os.path.relpath(os.path.abspath(f), root)}\0{stat.st_size}\0{int(stat.st_mtime)}\n".encode())
-    return digest.hexdigest()
-
-
 class PatchSampler:
     """Random patches from a bounded cache of decoded images, ``batch_size`` distinct images a batch.
 
@@ -180,7 +169,7 @@ class PatchSampler:
                                    self.backend.device.value,
                                    largest=f"{cat.files[big]!r} ({cat.heights[big]}x{cat.widths[big]})")
         self.cache_bytes = self.plan.capacity_bytes
-        self._files_sha = _files_digest(self.catalog.files)
+        self._files_sha = self.catalog.digest()
         columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
         self._producer = Producer(columns, cfg, self.backend, self.plan, (self.catalog.heights, self.catalog.widths),
                                   progress=progress, points=self._points)

@@ -23,7 +23,7 @@ from typing import Any
 
 from .options import Companion
 
-__all__ = ["IMAGE_SUFFIXES", "MAIN", "Problem", "declared_companions", "distinct_files", "expand", "pair_sources"]
+__all__ = ["IMAGE_SUFFIXES", "MAIN", "Problem", "declared_companions", "expand", "pair_sources"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 MAIN = "image"  # key of the main image in a dict source
@@ -91,29 +91,6 @@ def _walk(folder: str) -> list[str]:
         seen.add((stat.st_dev, stat.st_ino))
         found += [os.path.join(root, name) for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
     return found
-
-
-def distinct_files(rows: Sequence[Sequence[str]]) -> tuple[list[Sequence[str]], list[tuple[str, Problem]]]:
-    """``rows`` with every main image that is the same file as an earlier one (listed twice, a
-    symbolic or hard link: same device and inode) taken out and reported, so that "distinct images
-    per batch" means distinct files."""
-    keep: list[Sequence[str]] = []
-    merged: list[tuple[str, Problem]] = []
-    first: dict[tuple[int, int], str] = {}
-    for row in rows:
-        try:
-            stat = os.stat(row[0])
-        except OSError:  # missing or unreadable: the header scan reports it
-            keep.append(row)
-            continue
-        key = (stat.st_dev, stat.st_ino)
-        if key in first:
-            merged.append((row[0], Problem(f"the same file as {first[key]!r} (listed twice, or a link to it); "
-                                           "merged into one", "duplicate")))
-            continue
-        first[key] = row[0]
-        keep.append(row)
-    return keep, merged
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:

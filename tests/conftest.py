@@ -14,6 +14,15 @@ from dali_patches.synth import synthetic_image
 _DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Catalog indexes go to a folder of this test session, not the user's cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(params=_DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
     """Each test runs on the CPU, and again on the GPU when one is present (skipped otherwise)."""

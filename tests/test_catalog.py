@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_patches.catalog import Catalog, CatalogWarning, screen_file
+from dali_patches.catalog import Catalog, CatalogWarning
 
 from .conftest import make_image_set
 
@@ -96,9 +96,11 @@ def test_exif_rotation_swaps_reported_size(tmp_path: Path) -> None:
     assert (int(cat.heights[0]), int(cat.widths[0])) == (200, 100)
 
 
-def test_screen_file_accepts_other_formats(tmp_path: Path) -> None:
-    Image.new("RGB", (8, 8)).save(tmp_path / "x.bmp")
-    assert screen_file(os.fspath(tmp_path / "x.bmp")) is None
+def test_other_formats_are_measured(tmp_path: Path) -> None:
+    Image.new("RGB", (9, 8)).save(tmp_path / "x.bmp")
+    Image.new("RGB", (7, 6)).save(tmp_path / "y.webp")
+    cat = Catalog.scan(tmp_path)
+    assert cat.formats == ("BMP", "WEBP") and cat.heights.tolist() == [8, 6] and cat.widths.tolist() == [9, 7]
 
 
 def test_pad_keeps_small_images_at_their_padded_size(image_dir: Path) -> None:
@@ -127,19 +129,19 @@ def test_exif_orientation_swaps_the_size_unless_ignored(tmp_path: Path) -> None:
 
 
 def test_unreadable_files_are_listed_with_the_fix(image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Tests run as root here, where chmod cannot deny reading: simulate what Pillow raises.
-    real_open = Image.open
+    # Tests run as root here, where chmod cannot deny reading: simulate what the OS raises.
+    real_open = os.open
 
     def open_or_deny(path, *args, **kwargs):
         if str(path).endswith("base_1.jpg"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Image, "open", open_or_deny)
+    monkeypatch.setattr(os, "open", open_or_deny)
     with pytest.warns(CatalogWarning, match="skipped 1 of 24"):
         cat = Catalog.scan(image_dir)
     (path, reason), = cat.skipped
-    assert path.endswith("base_1.jpg") and reason == "not readable (Permission denied); fix its permissions"
+    assert path.endswith("base_1.jpg") and reason == "unreadable: Permission denied; fix its permissions or remove it"
 
 
 def test_problems_keep_their_kind_through_pickle_and_copy() -> None:
