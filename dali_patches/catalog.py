@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -252,7 +252,7 @@ class Catalog:
             source = list(source)
         names = [c.name for c in companions]
         objects = storage.is_uri(source)
-        if objects and names:
+        if (objects and names) or (isinstance(source, Mapping) and any(storage.is_uri(v) for v in source.values())):
             msg = ("companions are not supported for s3:// sources yet; sample the images alone, or keep the "
                    "pairs on a file system")
             raise ValueError(msg)
@@ -300,7 +300,7 @@ class Catalog:
             h_all, w_all = np.where(turn, w_all, h_all), np.where(turn, h_all, w_all)
         usable = cols.problem[:n] == b""
         for i in np.flatnonzero(~usable).tolist():
-            skipped.append((rows[i][0], cols.problem_at(i)))
+            skipped.append((rows[i][0], cols.problem_at(i) or Problem("unreadable", "unreadable")))
         # the same file listed twice (or a link to it): keep the first, report the rest
         linked = np.flatnonzero(usable & (cols.ino[:n] > 0))
         if len(linked):

@@ -11,6 +11,7 @@ a restarted stage continues from (a ~200-byte reader checkpoint plus the images 
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import sys
@@ -46,10 +47,36 @@ class DecodeError(RuntimeError):
     """The decode pipeline failed repeatedly; the message carries DALI's error (it names the file)."""
 
 
+_LIST_MIN_FILES = 10_000  # from here on DALI's reader gets a list file: it builds far faster than files=
+
+
+@contextlib.contextmanager
+def _list_files(columns: Sequence[Sequence[str]]) -> Iterator[list[str | None]]:
+    """For each long column of local paths without whitespace, a temporary DALI ``file_list``
+    (``path label`` lines) that lives while the pipeline is built; ``None`` where ``files=`` is used."""
+    made: list[str | None] = []
+    try:
+        for column in columns:
+            text = "\n".join(column)
+            if len(column) < _LIST_MIN_FILES or "s3://" in text or any(c in text for c in " \t\r\f\v"):
+                made.append(None)
+                continue
+            fd, path = tempfile.mkstemp(prefix="dali_patches_files_", suffix=".txt")
+            with os.fdopen(fd, "w") as f:
+                f.writelines(f"{p} {i}\n" for i, p in enumerate(column))
+            made.append(path)
+        yield made
+    finally:
+        for listed in made:
+            if listed is not None:
+                os.unlink(listed)
+
+
 @pipeline_def(enable_conditionals=False, enable_checkpointing=True)
 def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuffle_seed: int, shard_id: int,
                      num_shards: int, shuffle: bool = True, exif: bool = True,
-                     parts: Sequence[tuple[int, str]] = ((3, "uint8"),), decode: bool = True):
+                     parts: Sequence[tuple[int, str]] = ((3, "uint8"),), decode: bool = True,
+                     lists: Sequence[str | None] = ()):
     """One reader per column (the main images, then each companion), all with the same files count,
     shard and shuffle seed, so they yield the same rows in the same order; each with its own decoder
     settings ``(channels, dtype)``. Returns ``(*images, *labels)``; the labels (row indices) of
@@ -57,10 +84,10 @@ def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuf
     outputs: list[Any] = []
     labels: list[Any] = []
     shuffling: dict[str, Any] = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
-    for column, (channels, dtype) in zip(columns, parts):
+    for k, (column, (channels, dtype)) in enumerate(zip(columns, parts)):
+        listed = lists[k] if k < len(lists) else None
         encoded, label = fn.readers.file(
-            files=list(column),
-            labels=list(range(len(column))),
+            **({"file_list": listed} if listed else {"files": list(column), "labels": list(range(len(column)))}),
             shard_id=shard_id,
             num_shards=num_shards,
             # Read, don't map: a file rewritten in place under a mapping kills the process with SIGBUS.
@@ -147,9 +174,11 @@ class DecodeStage:
         """(Re)build the reader at ``checkpoint``. Building prefetches, so a second missing file of
         the same batch can fail the build itself: set it aside as well and build again."""
         while True:
-            self._pipe: Any = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, **self._options)
             try:
-                self._pipe.build()
+                with _list_files(self._columns) as lists:
+                    self._pipe: Any = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, lists=lists,
+                                                       **self._options)
+                    self._pipe.build()
                 return
             except RuntimeError as e:
                 source = self._named_in(str(e))
@@ -235,9 +264,10 @@ class DecodeStage:
     def _read_batch_at(self, checkpoint: bytes) -> tuple[np.ndarray, bytes]:
         """Source indices of the batch the reader yields at ``checkpoint`` (read, not decoded), and
         the reader's checkpoint after it."""
-        reader = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, decode=False,
-                                  **{**self._options, "prefetch_queue_depth": 1})
-        reader.build()
+        with _list_files(self._columns) as lists:
+            reader = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, decode=False, lists=lists,
+                                      **{**self._options, "prefetch_queue_depth": 1})
+            reader.build()
         _, labels = reader.run()
         return np.asarray(labels.as_tensor()).reshape(-1), reader.checkpoint()
 

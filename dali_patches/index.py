@@ -12,23 +12,27 @@ first scan: each reads every W-th of the files the index lacks and leaves its pa
 each merges all parts (the same result everywhere); local rank 0 writes the new index. A rank that
 waits too long for a peer's part reads that part itself, with a warning.
 
-Large lists are read and stat-ed in worker processes (``spawn``; they import only this module's
-dependencies), since the per-file Python would otherwise be GIL-bound.
+Large lists are read and stat-ed in worker processes (plain Python subprocesses that load neither
+DALI nor the user's script), since the per-file Python would otherwise be GIL-bound.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import pickle
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
-from multiprocessing import get_context
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -92,17 +96,17 @@ class Columns:
 
     def take(self, rows: np.ndarray) -> Columns:
         """The rows ``rows`` (``(M,) int``) in that order."""
-        where = {int(r): j for j, r in enumerate(rows.tolist()) if int(r) in self.messages}
         cols = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "messages"}
-        return Columns(**cols, messages={j: self.messages[r] for r, j in where.items()})
+        marked = np.flatnonzero(np.isin(rows, np.fromiter(self.messages, np.int64, len(self.messages))))
+        return Columns(**cols, messages={int(j): self.messages[int(rows[j])] for j in marked})
 
-    def assign(self, rows: np.ndarray, other: Columns) -> None:
-        """Rows ``rows`` of this table ← every row of ``other``."""
+    def assign(self, rows: np.ndarray | slice, other: Columns) -> None:
+        """Rows ``rows`` (indices, or a slice) of this table ← every row of ``other``."""
         for f in fields(self):
             if f.name != "messages":
                 getattr(self, f.name)[rows] = getattr(other, f.name)
         for j, text in other.messages.items():
-            self.messages[int(rows[j])] = text
+            self.messages[rows.start + j if isinstance(rows, slice) else int(rows[j])] = text
 
 
 def default_index_path(root: str) -> str:
@@ -143,20 +147,89 @@ def _stat_chunk(paths: Sequence[str]) -> Columns:
     return out
 
 
-def _executor(n: int, workers: int) -> Executor:
-    if n >= _PROCESS_MIN_FILES and workers > 1:
-        return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-    return ThreadPoolExecutor(1)  # a few files: the calling process, without start-up cost
+class _Workers:
+    """Worker processes (``dali_patches.index._worker("read"|"stat")``) that each take chunks of
+    paths on stdin and answer with their :class:`Columns`; a thread per worker keeps it busy. Plain
+    subprocesses rather than ``multiprocessing``: they never re-run the user's script (which
+    ``spawn`` does without an ``if __name__ == "__main__"`` guard) and never fork a threaded process."""
+
+    def __init__(self, mode: str, count: int) -> None:
+        self.errors = [tempfile.TemporaryFile() for _ in range(count)]  # noqa: SIM115 - closed in close()
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
+        command = [sys.executable, "-c", f"from {__name__} import _worker; _worker({mode!r})"]
+        self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
+                      for err in self.errors]
+
+    def map(self, chunks: Sequence[Sequence[str]]) -> Iterator[Columns]:
+        """Each chunk's columns, in order."""
+        results: dict[int, Columns | BaseException] = {}
+        ready = threading.Condition()
+        taken = iter(range(len(chunks)))
+        lock = threading.Lock()
+
+        def serve(proc: subprocess.Popen[bytes], errors: Any) -> None:
+            stdin, stdout = proc.stdin, proc.stdout
+            while stdin is not None and stdout is not None:
+                with lock:
+                    i = next(taken, None)
+                if i is None:
+                    return
+                try:
+                    data = "\0".join(chunks[i]).encode("utf-8", "surrogateescape")
+                    stdin.write(len(data).to_bytes(8, "little") + data)
+                    stdin.flush()
+                    size = int.from_bytes(stdout.read(8), "little")
+                    result: Columns | BaseException = pickle.loads(stdout.read(size))
+                except Exception as e:  # noqa: BLE001 - a dead worker: its stderr tells why
+                    errors.seek(0)
+                    text = errors.read().decode(errors="replace")[-2000:]
+                    result = RuntimeError(f"a header-scan worker process failed ({type(e).__name__}: {e}); its "
+                                          f"output: {text or 'none'}")
+                with ready:
+                    results[i] = result
+                    ready.notify_all()
+
+        threads = [threading.Thread(target=serve, args=(p, e), daemon=True) for p, e in zip(self.procs, self.errors)]
+        for t in threads:
+            t.start()
+        for i in range(len(chunks)):
+            with ready:
+                ready.wait_for(functools.partial(results.__contains__, i))
+                result = results.pop(i)
+            if isinstance(result, BaseException):
+                raise result
+            yield result
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for errors in self.errors:
+            errors.close()
 
 
 def _in_chunks(work: Callable[[Sequence[str]], Columns], paths: Sequence[str], workers: int,
                bar: tqdm) -> Columns:
     out = Columns.empty(len(paths))
-    with _executor(len(paths), workers) as pool:
-        starts = range(0, len(paths), _CHUNK)
-        for start, part in zip(starts, pool.map(work, [paths[s:s + _CHUNK] for s in starts])):
-            out.assign(np.arange(start, start + len(part.size)), part)
+    chunks = [paths[s:s + _CHUNK] for s in range(0, len(paths), _CHUNK)]
+    pool = _Workers("read" if work is _read_chunk else "stat", workers) \
+        if len(paths) >= _PROCESS_MIN_FILES and workers > 1 else None
+    try:
+        parts = pool.map(chunks) if pool is not None else map(work, chunks)
+        start = 0
+        for part in parts:
+            out.assign(slice(start, start + len(part.size)), part)
+            start += len(part.size)
             bar.update(len(part.size))
+    finally:
+        if pool is not None:
+            pool.close()
     return out
 
 
@@ -256,15 +329,15 @@ def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str]
     t0 = time.perf_counter()
     out = Columns.empty(len(paths))
     mine = np.arange(rank, len(paths), world)
-    out.assign(mine, read([paths[i] for i in mine], bar))
-    _save(part(rank), root, [keys[i] for i in mine], out.take(mine))
+    out.assign(mine, read([paths[i] for i in mine.tolist()], bar))
+    _save(part(rank), root, [keys[i] for i in mine.tolist()], out.take(mine))
     deadline = time.perf_counter() + 2 * (time.perf_counter() - t0) + _PATIENCE_S
     waiting = [r for r in range(world) if r != rank]
     while waiting:
         for r in list(waiting):
             loaded = _load(part(r), root) if os.path.exists(part(r)) else None
             rows = np.arange(r, len(paths), world)
-            if loaded is not None and loaded[0] == [keys[i] for i in rows]:
+            if loaded is not None and loaded[0] == [keys[i] for i in rows.tolist()]:
                 out.assign(rows, loaded[1])
                 waiting.remove(r)
                 bar.update(len(rows))
@@ -273,7 +346,7 @@ def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str]
                           "reading it here", IndexWarning, stacklevel=4)
             for r in waiting:
                 rows = np.arange(r, len(paths), world)
-                out.assign(rows, read([paths[i] for i in rows], bar))
+                out.assign(rows, read([paths[i] for i in rows.tolist()], bar))
             break
         if waiting:
             time.sleep(0.05)
@@ -302,8 +375,11 @@ def lookup(paths: Sequence[str], keys: Sequence[str], root: str, index: str | No
         out = Columns.empty(len(paths))
         fresh = np.ones(len(paths), bool)
         if loaded is not None:
-            position = {k: i for i, k in enumerate(loaded[0])}
-            where = np.fromiter((position.get(k, -1) for k in keys), np.int64, len(keys))
+            if loaded[0] == list(keys):  # the usual second start: the same listing
+                where = np.arange(len(keys))
+            else:
+                position = {k: i for i, k in enumerate(loaded[0])}
+                where = np.fromiter((position.get(k, -1) for k in keys), np.int64, len(keys))
             found = np.flatnonzero(where >= 0)
             old = loaded[1].take(where[found])
             if stamps is not None:
@@ -312,18 +388,30 @@ def lookup(paths: Sequence[str], keys: Sequence[str], root: str, index: str | No
             out.assign(found, old)
             fresh[found] = False
             bar.update(len(found))
-        if stamps is not None:  # where the files are now (a moved data set keeps its index rows)
-            out.size[:], out.stamp[:], out.dev[:], out.ino[:] = stamps.size, stamps.stamp, stamps.dev, stamps.ino
         stale = np.flatnonzero(fresh)
         if len(stale):
-            some = [paths[i] for i in stale]
+            some = [paths[i] for i in stale.tolist()]
             if index:
-                out.assign(stale, _read_shared(index, root, [keys[i] for i in stale], some, read, bar))
+                out.assign(stale, _read_shared(index, root, [keys[i] for i in stale.tolist()], some, read, bar))
             else:
                 out.assign(stale, read(some, bar))
+        if stamps is not None:  # where the files are now (a moved data set keeps its index rows)
+            out.size[:], out.stamp[:], out.dev[:], out.ino[:] = stamps.size, stamps.stamp, stamps.dev, stamps.ino
     if index and (len(stale) or loaded is None or len(loaded[0]) != len(keys)) and _local_rank()[0] == 0:
         listed = np.flatnonzero(out.stamp >= 0)
-        _save(index, root, [keys[i] for i in listed], out.take(listed))
+        _save(index, root, [keys[i] for i in listed.tolist()], out.take(listed))
         _remove_old_parts(index)
         log.info("index %s: %d files, %d read this time", index, len(listed), len(stale))
     return out
+
+
+def _worker(mode: str) -> None:
+    """A worker process: chunks of NUL-separated paths in (8-byte length first), pickled
+    :class:`Columns` out, until stdin closes."""
+    work = _read_chunk if mode == "read" else _stat_chunk
+    source, sink = sys.stdin.buffer, sys.stdout.buffer
+    while len(head := source.read(8)) == 8:
+        paths = source.read(int.from_bytes(head, "little")).decode("utf-8", "surrogateescape").split("\0")
+        payload = pickle.dumps(work(paths), protocol=pickle.HIGHEST_PROTOCOL)
+        sink.write(len(payload).to_bytes(8, "little") + payload)
+        sink.flush()

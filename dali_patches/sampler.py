@@ -91,6 +91,11 @@ class PatchSampler:
         verify: decode every JPEG once before sampling and leave out those whose data is corrupt
             (libjpeg decodes them to partly grey pixels, with a warning on stderr at every decode and
             no error). Costs one full decode of the data set; off by default.
+        index: the catalog's persistent header index (see :mod:`dali_patches.index`): ``None``
+            keeps one under the user's cache folder for 1000 files or more, a path keeps it there,
+            ``False`` keeps none. A second start then only stats the files.
+        trust_index: take a folder's file list and headers from its index without listing or
+            stat-ing it (read-only data sets: files added or changed since are not seen).
 
     The producer works in rounds: it refills the cache, draws and cuts ``round_batches`` batches
     at once (``stats()["round_batches"]``, chosen from the batch size and the cache), which keeps the
@@ -128,6 +133,8 @@ class PatchSampler:
         points: Iterable[tuple[Any, int, int]] | None = None,
         provenance: str | os.PathLike | None = None,
         verify: bool = False,
+        index: str | os.PathLike | bool | None = None,
+        trust_index: bool = False,
         **options: Any,
     ) -> None:
         unknown = set(options) - {f for f in SamplerConfig.__dataclass_fields__ if f != "parts"} \
@@ -150,7 +157,7 @@ class PatchSampler:
         self.config = config.resolved(self.backend.device)  # every default worked out once, here
         cfg = self.config
         self.catalog = Catalog.scan(source, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
-                                    pad=cfg.pad, companions=cfg.companions)
+                                    pad=cfg.pad, companions=cfg.companions, index=index, trust_index=trust_index)
         if verify:
             self._skip_corrupt(progress)
         self._points: dict[int, HostArray] | None = None

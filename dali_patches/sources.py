@@ -26,6 +26,7 @@ from .options import Companion
 __all__ = ["IMAGE_SUFFIXES", "MAIN", "Problem", "declared_companions", "expand", "pair_sources"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+_SUFFIXES_AS_WRITTEN = IMAGE_SUFFIXES + tuple(x.upper() for x in IMAGE_SUFFIXES)  # no lower() for most names
 MAIN = "image"  # key of the main image in a dict source
 
 
@@ -82,14 +83,25 @@ def expand(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
 def _walk(folder: str) -> list[str]:
     """Image files below ``folder``, following symbolic links to folders but entering each real
     folder once (a link back up the tree, ``ln -s .. sub/up``, would otherwise repeat it forever)."""
-    found, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        stat = os.stat(root)
-        if (stat.st_dev, stat.st_ino) in seen:
-            dirs[:] = []
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [folder]
+    while stack:
+        root = stack.pop()
+        try:
+            stat = os.stat(root)
+            if (stat.st_dev, stat.st_ino) in seen:
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            with os.scandir(root) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if entry.is_dir():
+                        stack.append(entry.path)
+                    elif name.endswith(_SUFFIXES_AS_WRITTEN) or name.lower().endswith(IMAGE_SUFFIXES):
+                        found.append(entry.path)
+        except OSError:  # a folder that vanished or cannot be read while listing: its files are not found
             continue
-        seen.add((stat.st_dev, stat.st_ino))
-        found += [os.path.join(root, name) for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
     return found
 
 
