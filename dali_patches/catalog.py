@@ -92,8 +92,11 @@ def _root(source: Any, paths: Sequence[str]) -> str:
 
 
 def relative_keys(paths: Sequence[str], root: str) -> list[str]:
-    """Each path relative to ``root`` (a prefix cut where it is one: fast for millions)."""
+    """Each path relative to ``root`` (for millions of paths under it, one string operation)."""
     prefix = root if root.endswith("/") else root + "/"
+    joined = "\0".join(paths)
+    if paths and joined.startswith(prefix) and joined.count("\0" + prefix) == len(paths) - 1:
+        return joined[len(prefix):].replace("\0" + prefix, "\0").split("\0")
     n = len(prefix)
     return [p[n:] if p.startswith(prefix) else os.path.relpath(os.path.abspath(p), os.path.abspath(root))
             for p in paths]
@@ -126,6 +129,9 @@ class Catalog:
         file_bytes, stamps: ``(N,) int64`` size of each file and its modification time in ns (an
             object's ETag digest): what identifies this version of the data set.
         root: the folder (or ``s3://`` prefix) all files lie under.
+        scan_report: how the headers were found: ``files``, ``from_index`` (unchanged since the
+            index was written), ``read_here``, ``read_by_peers`` (other local ranks), ``index`` (its
+            path, or ``None``) and ``seconds``.
     """
 
     files: tuple[str, ...]
@@ -140,6 +146,7 @@ class Catalog:
     file_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     stamps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     root: str = ""
+    scan_report: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -158,7 +165,7 @@ class Catalog:
         named = {name: take(paths) for name, paths in self.companions.items()}
         return Catalog(take(self.files), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
                        self.padded, named, take(self.formats), take(self.modes), self.file_bytes[idx],
-                       self.stamps[idx], self.root)
+                       self.stamps[idx], self.root, self.scan_report)
 
     def without(self, problems: dict[str, Problem]) -> Catalog:
         """This catalog without the images named in ``problems`` (path → why), which join
@@ -259,12 +266,12 @@ class Catalog:
         identity: str | None = None
         index_file = None
         stamps = read = None
-        rows: list[tuple[str, ...]] | None = None
+        columns: list[list[str]] | None = None
         skipped: list[tuple[str, str]] = []
         if objects:
             listing = storage.list_objects(source)
-            rows = [(u,) for u in listing.uris]
-            stamps = Columns.empty(len(rows))
+            columns = [listing.uris]
+            stamps = Columns.empty(len(listing.uris))
             stamps.size[:], stamps.stamp[:] = listing.sizes, listing.stamps
             size_of = dict(zip(listing.uris, listing.sizes.tolist()))
             read = lambda some, bar: _object_reader(some, size_of, bar)
@@ -273,34 +280,37 @@ class Catalog:
             identity = os.path.abspath(root)
             index_file = _index_path(index if index is not None else True, identity, 0)
             keys = trusted_keys(index_file, identity) if index_file else None
-            rows = None if keys is None else [(os.path.join(root, k),) for k in keys]
-            if rows is None:
+            prefix = root.rstrip("/") + "/"
+            columns = None if keys is None else [(prefix + ("\0" + prefix).join(keys)).split("\0") if keys else []]
+            if columns is None:
                 log.info("trust_index: no index for %s yet; listing and scanning it", root)
-        if rows is None:
-            rows, skipped = pair_sources(source, names)
-        paths = [row[0] for row in rows] + [row[i + 1] for i in range(len(names)) for row in rows]
+        if columns is None:
+            columns, skipped = pair_sources(source, names)
+        paths = [p for column in columns for p in column] if names else columns[0]
         root = _root(source, paths)
         identity = root if objects else os.path.abspath(root)
         index_file = _index_path(index, identity, len(paths))
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
+        report: dict[str, Any] = {}
         cols = lookup(paths, relative_keys(paths, root), identity, index_file, trust_index, read=read, stamps=stamps,
-                      workers=workers, progress=bool(show))
-        return cls._build(rows, cols, skipped, root, min_size, exif, pad, companions, check)
+                      workers=workers, progress=bool(show), report=report)
+        return replace(cls._build(columns, cols, skipped, root, min_size, exif, pad, companions, check), scan_report=report)
 
     @classmethod
-    def _build(cls, rows: Sequence[tuple[str, ...]], cols: Columns, skipped: list[tuple[str, str]], root: str,
+    def _build(cls, columns: Sequence[Sequence[str]], cols: Columns, skipped: list[tuple[str, str]], root: str,
                min_size: tuple[int, int], exif: bool, pad: bool, companions: Sequence[Companion],
                check: bool) -> Catalog:
-        """The catalog of ``rows`` from their scanned header columns (main images first, then each
-        companion's files, in row order)."""
-        n = len(rows)
+        """The catalog of ``columns`` (images, then each companion's files) from their scanned
+        header columns (the images' rows first, then each companion's, in the same order)."""
+        images = columns[0]
+        n = len(images)
         h_all, w_all = cols.height.astype(np.int64), cols.width.astype(np.int64)
         if exif:
             turn = cols.transposed
             h_all, w_all = np.where(turn, w_all, h_all), np.where(turn, h_all, w_all)
         usable = cols.problem[:n] == b""
         for i in np.flatnonzero(~usable).tolist():
-            skipped.append((rows[i][0], cols.problem_at(i) or Problem("unreadable", "unreadable")))
+            skipped.append((images[i], cols.problem_at(i) or Problem("unreadable", "unreadable")))
         # the same file listed twice (or a link to it): keep the first, report the rest
         linked = np.flatnonzero(usable & (cols.ino[:n] > 0))
         if len(linked):
@@ -308,8 +318,8 @@ class Catalog:
             _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
             repeat = np.flatnonzero(first[inverse.ravel()] != np.arange(len(linked)))
             for j in repeat.tolist():
-                earlier = rows[int(linked[first[inverse.ravel()[j]]])][0]
-                skipped.append((rows[int(linked[j])][0], Problem(
+                earlier = images[int(linked[first[inverse.ravel()[j]]])]
+                skipped.append((images[int(linked[j])], Problem(
                     f"the same file as {earlier!r} (listed twice, or a link to it); merged into one", "duplicate")))
             usable[linked[repeat]] = False
         merged = sum(1 for _, r in skipped if getattr(r, "kind", "") == "duplicate")
@@ -320,7 +330,7 @@ class Catalog:
                 found = cols.problem_at(j) or (int(h_all[j]), int(w_all[j]), cols.mode[j].decode())
                 why = _companion_problem(part, found, (int(h_all[i]), int(w_all[i])))
                 if why is not None:
-                    skipped.append((rows[i][c + 1], Problem(f"{why} (image {rows[i][0]!r})", why.kind)))
+                    skipped.append((columns[c + 1][i], Problem(f"{why} (image {images[i]!r})", why.kind)))
                     usable[i] = False
         h, w = h_all[:n], w_all[:n]
         small = usable & ((h < min_size[0]) | (w < min_size[1]))
@@ -329,7 +339,7 @@ class Catalog:
         too_small = 0 if pad else int(small.sum())
         if not pad:
             for i in np.flatnonzero(small).tolist():
-                skipped.append((rows[i][0], Problem(f"{h[i]}x{w[i]} is smaller than the patch {min_size[0]}x{min_size[1]}",
+                skipped.append((images[i], Problem(f"{h[i]}x{w[i]} is smaller than the patch {min_size[0]}x{min_size[1]}",
                                                     "too small")))
             usable &= ~small
         keep = np.flatnonzero(usable)
@@ -354,13 +364,17 @@ class Catalog:
         log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
 
         def labels(column: np.ndarray) -> tuple[str, ...]:
-            names, inverse = np.unique(column[keep], return_inverse=True)
-            text = [v.decode() for v in names]
-            return tuple(text[i] for i in inverse.ravel().tolist())
+            values = column[keep].tolist()
+            text = {v: v.decode() for v in set(values)}  # a handful of distinct labels
+            return tuple(map(text.__getitem__, values))
 
         listed = keep.tolist()
-        named = {c.name: tuple(rows[i][k + 1] for i in listed) for k, c in enumerate(companions)}
-        return cls(tuple(rows[i][0] for i in listed), np.maximum(h[keep], min_size[0]) if pad else h[keep],
+
+        def kept(paths: Sequence[str]) -> tuple[str, ...]:
+            return tuple(paths) if len(listed) == n else tuple(map(paths.__getitem__, listed))
+
+        named = {c.name: kept(columns[k + 1]) for k, c in enumerate(companions)}
+        return cls(kept(images), np.maximum(h[keep], min_size[0]) if pad else h[keep],
                    np.maximum(w[keep], min_size[1]) if pad else w[keep], cols.channels[keep].astype(np.int64),
                    tuple(skipped), padded, named, labels(cols.format), labels(cols.mode), cols.size[keep].copy(),
                    cols.stamp[keep].copy(), root)

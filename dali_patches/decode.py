@@ -62,8 +62,8 @@ def _list_files(columns: Sequence[Sequence[str]]) -> Iterator[list[str | None]]:
                 made.append(None)
                 continue
             fd, path = tempfile.mkstemp(prefix="dali_patches_files_", suffix=".txt")
-            with os.fdopen(fd, "w") as f:
-                f.writelines(f"{p} {i}\n" for i, p in enumerate(column))
+            with os.fdopen(fd, "w") as f:  # "path label" lines, built without a Python loop per line
+                f.write("\n".join(map(" ".join, zip(column, map(str, range(len(column)))))) + "\n")
             made.append(path)
         yield made
     finally:

@@ -240,17 +240,18 @@ def pillow_header(data: bytes | str) -> Header | Problem:
         Image.MAX_IMAGE_PIXELS = bomb_limit
 
 
-def read_local(path: str) -> tuple[Header | Problem, int, int]:
-    """``(header or problem, size in bytes, mtime in ns)`` of a local file, in a few positioned reads."""
+def read_local(path: str) -> tuple[Header | Problem, os.stat_result | None]:
+    """``(header or problem, the file's stat)`` of a local file, in a few positioned reads
+    (``None`` for the stat of a file that cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
-        return Problem(f"unreadable: {e.strerror or e}; fix its permissions or remove it", "unreadable"), -1, -1
+        return Problem(f"unreadable: {e.strerror or e}; fix its permissions or remove it", "unreadable"), None
     try:
         stat = os.fstat(fd)
         found = parse(lambda offset, length: os.pread(fd, length, offset), stat.st_size, os.path.splitext(path)[1])
     except OSError as e:
-        return Problem(f"unreadable: {e.strerror or e}", "unreadable"), -1, -1
+        return Problem(f"unreadable: {e.strerror or e}", "unreadable"), None
     finally:
         os.close(fd)
-    return (pillow_header(path) if found is None else found), stat.st_size, stat.st_mtime_ns
+    return (pillow_header(path) if found is None else found), stat

@@ -100,11 +100,11 @@ class Columns:
         marked = np.flatnonzero(np.isin(rows, np.fromiter(self.messages, np.int64, len(self.messages))))
         return Columns(**cols, messages={int(j): self.messages[int(rows[j])] for j in marked})
 
-    def assign(self, rows: np.ndarray | slice, other: Columns) -> None:
-        """Rows ``rows`` (indices, or a slice) of this table ← every row of ``other``."""
-        for f in fields(self):
-            if f.name != "messages":
-                getattr(self, f.name)[rows] = getattr(other, f.name)
+    def assign(self, rows: np.ndarray | slice, other: Columns, names: Sequence[str] = ()) -> None:
+        """Rows ``rows`` (indices, or a slice) of this table ← every row of ``other`` (only the
+        columns ``names``, if given)."""
+        for name in names or [f.name for f in fields(self) if f.name != "messages"]:
+            getattr(self, name)[rows] = getattr(other, name)
         for j, text in other.messages.items():
             self.messages[rows.start + j if isinstance(rows, slice) else int(rows[j])] = text
 
@@ -121,35 +121,33 @@ def default_index_path(root: str) -> str:
 def _read_chunk(paths: Sequence[str]) -> Columns:
     out = Columns.empty(len(paths))
     for i, path in enumerate(paths):
-        header, out.size[i], out.stamp[i] = read_local(path)
+        header, stat = read_local(path)
         out.put(i, header)
-    _stat_into(paths, out, follow=True)
+        if stat is not None:
+            out.size[i], out.stamp[i], out.dev[i], out.ino[i] = stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino
     return out
-
-
-def _stat_into(paths: Sequence[str], out: Columns, follow: bool) -> None:
-    for i, path in enumerate(paths):
-        try:
-            stat = os.stat(path)
-        except OSError as e:
-            out.size[i] = out.stamp[i] = -1
-            out.problem[i], out.messages[i] = b"unreadable", f"unreadable: {e.strerror or e}"
-            continue
-        out.dev[i], out.ino[i] = stat.st_dev, stat.st_ino
-        if follow:  # _read_chunk: size and stamp came from the open file
-            continue
-        out.size[i], out.stamp[i] = stat.st_size, stat.st_mtime_ns
 
 
 def _stat_chunk(paths: Sequence[str]) -> Columns:
     out = Columns.empty(len(paths))
-    _stat_into(paths, out, follow=False)
+    rows: list[tuple[int, int, int, int]] = []
+    for i, path in enumerate(paths):  # the hot loop of a second start: one list append per file
+        try:
+            stat = os.stat(path)
+        except OSError as e:
+            rows.append((-1, -1, 0, 0))
+            out.problem[i], out.messages[i] = b"unreadable", f"unreadable: {e.strerror or e}"
+            continue
+        rows.append((stat.st_size, stat.st_mtime_ns, stat.st_dev, stat.st_ino))
+    table = np.array(rows, dtype=np.uint64).reshape(-1, 4)
+    out.size[:], out.stamp[:] = table[:, 0].view(np.int64), table[:, 1].view(np.int64)
+    out.dev[:], out.ino[:] = table[:, 2], table[:, 3]
     return out
 
 
 class _Workers:
     """Worker processes (``dali_patches.index._worker("read"|"stat")``) that each take chunks of
-    paths on stdin and answer with their :class:`Columns`; a thread per worker keeps it busy. Plain
+    paths on stdin and answer with their :class:`Columns`. Plain
     subprocesses rather than ``multiprocessing``: they never re-run the user's script (which
     ``spawn`` does without an ``if __name__ == "__main__"`` guard) and never fork a threaded process."""
 
@@ -162,37 +160,47 @@ class _Workers:
                       for err in self.errors]
 
     def map(self, chunks: Sequence[Sequence[str]]) -> Iterator[Columns]:
-        """Each chunk's columns, in order."""
+        """Each chunk's columns, in order. Worker ``k`` takes chunks ``k, k + W, …``: a thread writes
+        them all to its stdin (the pipe paces it) while another reads its answers, so a worker never
+        waits for the parent."""
         results: dict[int, Columns | BaseException] = {}
         ready = threading.Condition()
-        taken = iter(range(len(chunks)))
-        lock = threading.Lock()
+        count = len(self.procs)
 
-        def serve(proc: subprocess.Popen[bytes], errors: Any) -> None:
-            stdin, stdout = proc.stdin, proc.stdout
-            while stdin is not None and stdout is not None:
-                with lock:
-                    i = next(taken, None)
-                if i is None:
-                    return
-                try:
+        def publish(i: int, result: Columns | BaseException) -> None:
+            with ready:
+                results[i] = result
+                ready.notify_all()
+
+        def write(k: int) -> None:
+            stdin = self.procs[k].stdin
+            try:
+                for i in range(k, len(chunks), count):
                     data = "\0".join(chunks[i]).encode("utf-8", "surrogateescape")
-                    stdin.write(len(data).to_bytes(8, "little") + data)
-                    stdin.flush()
-                    size = int.from_bytes(stdout.read(8), "little")
-                    result: Columns | BaseException = pickle.loads(stdout.read(size))
+                    stdin.write(len(data).to_bytes(8, "little") + data)  # type: ignore[union-attr]
+                stdin.flush()  # type: ignore[union-attr]
+            except (OSError, ValueError):
+                pass  # the worker died: its reader reports why
+
+        def read(k: int) -> None:
+            stdout, errors = self.procs[k].stdout, self.errors[k]
+            for i in range(k, len(chunks), count):
+                try:
+                    size = int.from_bytes(stdout.read(8), "little")  # type: ignore[union-attr]
+                    result: Columns | BaseException = pickle.loads(stdout.read(size))  # type: ignore[union-attr]
                 except Exception as e:  # noqa: BLE001 - a dead worker: its stderr tells why
                     errors.seek(0)
                     text = errors.read().decode(errors="replace")[-2000:]
                     result = RuntimeError(f"a header-scan worker process failed ({type(e).__name__}: {e}); its "
                                           f"output: {text or 'none'}")
-                with ready:
-                    results[i] = result
-                    ready.notify_all()
+                    for j in range(i, len(chunks), count):
+                        publish(j, result)
+                    return
+                publish(i, result)
 
-        threads = [threading.Thread(target=serve, args=(p, e), daemon=True) for p, e in zip(self.procs, self.errors)]
-        for t in threads:
-            t.start()
+        for k in range(count):
+            for target in (write, read):
+                threading.Thread(target=target, args=(k,), daemon=True).start()
         for i in range(len(chunks)):
             with ready:
                 ready.wait_for(functools.partial(results.__contains__, i))
@@ -217,6 +225,7 @@ class _Workers:
 def _in_chunks(work: Callable[[Sequence[str]], Columns], paths: Sequence[str], workers: int,
                bar: tqdm) -> Columns:
     out = Columns.empty(len(paths))
+    names = ("size", "stamp", "dev", "ino", "problem") if work is _stat_chunk else ()
     chunks = [paths[s:s + _CHUNK] for s in range(0, len(paths), _CHUNK)]
     pool = _Workers("read" if work is _read_chunk else "stat", workers) \
         if len(paths) >= _PROCESS_MIN_FILES and workers > 1 else None
@@ -224,7 +233,7 @@ def _in_chunks(work: Callable[[Sequence[str]], Columns], paths: Sequence[str], w
         parts = pool.map(chunks) if pool is not None else map(work, chunks)
         start = 0
         for part in parts:
-            out.assign(slice(start, start + len(part.size)), part)
+            out.assign(slice(start, start + len(part.size)), part, names)
             start += len(part.size)
             bar.update(len(part.size))
     finally:
@@ -315,11 +324,12 @@ def _local_rank() -> tuple[int, int]:
 
 
 def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str], read: Callable[[Sequence[str], tqdm], Columns],
-                 bar: tqdm) -> Columns:
+                 bar: tqdm, report: dict[str, Any]) -> Columns:
     """Headers of ``paths`` (keys ``keys``): this rank's share read here, the others' taken from
     their parts beside the index (read here too when a peer is too late)."""
     rank, world = _local_rank()
     if world == 1 or not paths:
+        report["read_here"] = len(paths)
         return read(paths, bar)
     token = hashlib.sha256("\0".join(keys).encode()).hexdigest()[:16]
 
@@ -330,6 +340,7 @@ def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str]
     out = Columns.empty(len(paths))
     mine = np.arange(rank, len(paths), world)
     out.assign(mine, read([paths[i] for i in mine.tolist()], bar))
+    report["read_here"], report["read_by_peers"] = len(mine), len(paths) - len(mine)
     _save(part(rank), root, [keys[i] for i in mine.tolist()], out.take(mine))
     deadline = time.perf_counter() + 2 * (time.perf_counter() - t0) + _PATIENCE_S
     waiting = [r for r in range(world) if r != rank]
@@ -347,6 +358,8 @@ def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str]
             for r in waiting:
                 rows = np.arange(r, len(paths), world)
                 out.assign(rows, read([paths[i] for i in rows.tolist()], bar))
+                report["read_here"] += len(rows)
+                report["read_by_peers"] -= len(rows)
             break
         if waiting:
             time.sleep(0.05)
@@ -355,7 +368,7 @@ def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str]
 
 def lookup(paths: Sequence[str], keys: Sequence[str], root: str, index: str | None, trust: bool,
            read: Callable[[Sequence[str], tqdm], Columns] | None = None, stamps: Columns | None = None,
-           workers: int = 0, progress: bool = False) -> Columns:
+           workers: int = 0, progress: bool = False, report: dict[str, Any] | None = None) -> Columns:
     """Headers of ``paths`` (``keys``: their paths relative to ``root``), from the index at ``index``
     where size and stamp still match, read (and the index updated) where not.
 
@@ -364,37 +377,46 @@ def lookup(paths: Sequence[str], keys: Sequence[str], root: str, index: str | No
         stamps: size/stamp/dev/ino already known (object listings); default: stat the files.
         trust: take the index's rows without stat-ing (read-only data sets).
         index: the index file, or ``None`` for none (every start reads every header).
+        report: filled with ``files``, ``from_index``, ``read_here``, ``read_by_peers`` (local
+            ranks) and ``seconds``.
     """
+    t0 = time.perf_counter()
+    report = {} if report is None else report
+    report.update(files=len(paths), from_index=0, read_here=0, read_by_peers=0, index=index)
     workers = workers or os.cpu_count() or 1
     read = read or (lambda some, bar: _in_chunks(_read_chunk, some, workers, bar))
     loaded = _load(index, root) if index else None
     bar = tqdm(total=len(paths), desc="scanning headers", unit="file", disable=not progress)
     with bar:
-        if stamps is None and not (trust and loaded is not None):
+        if stamps is None and loaded is not None and not trust:  # without an index, reading stats too
             stamps = _in_chunks(_stat_chunk, paths, workers, tqdm(disable=True))
         out = Columns.empty(len(paths))
         fresh = np.ones(len(paths), bool)
         if loaded is not None:
-            if loaded[0] == list(keys):  # the usual second start: the same listing
-                where = np.arange(len(keys))
+            table = loaded[1]
+            if loaded[0] == list(keys) and (stamps is None or (
+                    (table.size == stamps.size) & (table.stamp == stamps.stamp) & (stamps.size >= 0)).all()):
+                out, found = table, np.arange(len(keys))  # the usual second start: nothing changed
             else:
                 position = {k: i for i, k in enumerate(loaded[0])}
                 where = np.fromiter((position.get(k, -1) for k in keys), np.int64, len(keys))
-            found = np.flatnonzero(where >= 0)
-            old = loaded[1].take(where[found])
-            if stamps is not None:
-                same = (old.size == stamps.size[found]) & (old.stamp == stamps.stamp[found]) & (stamps.size[found] >= 0)
-                found, old = found[same], old.take(np.flatnonzero(same))
-            out.assign(found, old)
+                found = np.flatnonzero(where >= 0)
+                old = table.take(where[found])
+                if stamps is not None:
+                    same = (old.size == stamps.size[found]) & (old.stamp == stamps.stamp[found]) & (stamps.size[found] >= 0)
+                    found, old = found[same], old.take(np.flatnonzero(same))
+                out.assign(found, old)
             fresh[found] = False
             bar.update(len(found))
+            report["from_index"] = len(found)
         stale = np.flatnonzero(fresh)
         if len(stale):
             some = [paths[i] for i in stale.tolist()]
             if index:
-                out.assign(stale, _read_shared(index, root, [keys[i] for i in stale.tolist()], some, read, bar))
+                out.assign(stale, _read_shared(index, root, [keys[i] for i in stale.tolist()], some, read, bar, report))
             else:
                 out.assign(stale, read(some, bar))
+                report["read_here"] = len(stale)
         if stamps is not None:  # where the files are now (a moved data set keeps its index rows)
             out.size[:], out.stamp[:], out.dev[:], out.ino[:] = stamps.size, stamps.stamp, stamps.dev, stamps.ino
     if index and (len(stale) or loaded is None or len(loaded[0]) != len(keys)) and _local_rank()[0] == 0:
@@ -402,6 +424,7 @@ def lookup(paths: Sequence[str], keys: Sequence[str], root: str, index: str | No
         _save(index, root, [keys[i] for i in listed.tolist()], out.take(listed))
         _remove_old_parts(index)
         log.info("index %s: %d files, %d read this time", index, len(listed), len(stale))
+    report["seconds"] = time.perf_counter() - t0
     return out
 
 

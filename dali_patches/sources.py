@@ -198,8 +198,13 @@ def _check_rows(rows: list[Any], names: Sequence[str]) -> list[tuple[str, ...]]:
     return out
 
 
-def pair_sources(source: Any, names: Sequence[str]) -> tuple[list[tuple[str, ...]], list[tuple[str, str]]]:
-    """Rows ``(image, *companions in names order)`` and ``(path, reason)`` of every file left unpaired.
+def _columns(rows: Sequence[tuple[str, ...]], width: int) -> list[list[str]]:
+    return [list(column) for column in zip(*rows)] if rows else [[] for _ in range(width)]
+
+
+def pair_sources(source: Any, names: Sequence[str]) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """Columns of paths (the images, then each companion's files in ``names`` order, aligned: one
+    sample per position) and ``(path, reason)`` of every file left unpaired.
 
     Raises:
         ValueError: the source's form does not fit ``names`` (the message says which form to use).
@@ -214,19 +219,19 @@ def pair_sources(source: Any, names: Sequence[str]) -> tuple[list[tuple[str, ...
             if len(set(counts.values())) != 1:
                 msg = f"explicit lists must be equally long (one entry per sample), got {counts}"
                 raise ValueError(msg)
-            return _check_rows(list(zip(*(source[n] for n in (MAIN, *names)))), names), []
+            return _columns(_check_rows(list(zip(*(source[n] for n in (MAIN, *names)))), names), 1 + len(names)), []
         if any(lists):
             msg = "give every entry of a dict source as a folder/glob, or every entry as a list; not a mix"
             raise ValueError(msg)
-        return _rows_by_key(source, names)
+        rows, problems = _rows_by_key(source, names)
+        return _columns(rows, 1 + len(names)), problems
     if isinstance(source, (str, os.PathLike)) or not any(isinstance(r, (Mapping, tuple)) for r in source):
         if names:
             msg = (f"companions {list(names)} need a source that names them: a dict such as "
                    f"{{'image': 'hr/', {names[0]!r}: 'other/'}} or a list of dicts/tuples")
             raise ValueError(msg)
-        paths = expand(source if isinstance(source, (str, os.PathLike)) else list(source))
-        return [(p,) for p in paths], []
-    return _check_rows(list(source), names), []
+        return [expand(source if isinstance(source, (str, os.PathLike)) else list(source))], []
+    return _columns(_check_rows(list(source), names), 1 + len(names)), []
 
 
 def declared_companions(source: Any, companions: Mapping[str, Any] | Sequence[Companion] | None) -> tuple[Companion, ...]:

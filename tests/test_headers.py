@@ -86,9 +86,9 @@ def test_parser_agrees_with_pillow(case: str) -> None:
 def test_read_local_gives_size_and_mtime(tmp_path: Path) -> None:
     path = tmp_path / "a.jpg"
     path.write_bytes(CASES["jpeg exif rotated"]())
-    header, size, mtime_ns = read_local(os.fspath(path))
+    header, stat = read_local(os.fspath(path))
     assert header == Header(37, 53, 3, "RGB", "JPEG", True)
-    assert (size, mtime_ns) == (path.stat().st_size, path.stat().st_mtime_ns)
+    assert stat is not None and (stat.st_size, stat.st_mtime_ns) == (path.stat().st_size, path.stat().st_mtime_ns)
 
 
 @pytest.mark.parametrize(("name", "data", "kind"), [
@@ -103,13 +103,13 @@ def test_read_local_gives_size_and_mtime(tmp_path: Path) -> None:
 def test_broken_files_are_named(tmp_path: Path, name: str, data: bytes, kind: str) -> None:
     path = tmp_path / name
     path.write_bytes(data)
-    header, _, _ = read_local(os.fspath(path))
+    header, _ = read_local(os.fspath(path))
     assert isinstance(header, Problem)
     assert header.kind == kind
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
-    header, size, _ = read_local(os.fspath(tmp_path / "missing.jpg"))
+    header, stat = read_local(os.fspath(tmp_path / "missing.jpg"))
     assert isinstance(header, Problem)
     assert header.kind == "unreadable"
-    assert size == -1
+    assert stat is None
