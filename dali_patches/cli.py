@@ -25,7 +25,8 @@ __all__ = ["main"]
 
 def _data_args(p: argparse.ArgumentParser, patch: int = 64, also: str = "") -> None:
     p.add_argument("source", metavar="SOURCE",
-                   help=f"folder of images (searched recursively), glob such as 'data/**/*.jpg', or one image{also}")
+                   help=f"folder of images (searched recursively), glob such as 'data/**/*.jpg', s3://bucket/prefix, "
+                        f"or one image{also}")
     p.add_argument("--companion", action="append", default=[], metavar="NAME=PATH[,OPT=V]",
                    help="an aligned partner of every image, matched by relative path without extension "
                         "(folders) or by what the wildcards match (globs); options scale=2 or scale=1/2 "
@@ -35,6 +36,12 @@ def _data_args(p: argparse.ArgumentParser, patch: int = 64, also: str = "") -> N
     p.add_argument("--channels", type=int, default=3, choices=[1, 3], help="decoded channels: 3 RGB, 1 grey [3]")
     p.add_argument("--dtype", default="uint8", choices=["uint8", "uint16"], help="cached pixel type [uint8]")
     p.add_argument("--pad", action="store_true", help="keep images smaller than the patch, zero-padded")
+    p.add_argument("--index", default=None, metavar="PATH|off",
+                   help="the persistent header index: a file to keep it in, or 'off'; by default one under "
+                        "the user's cache folder for 1000 files or more, so the next start only re-stats")
+    p.add_argument("--trust-index", action="store_true",
+                   help="take the folder's file list and headers from its index without listing or stat-ing "
+                        "(read-only data sets)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

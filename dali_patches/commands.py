@@ -152,7 +152,9 @@ def _companion(spec: str) -> tuple[str, str, dict[str, Any]]:
 def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The source and the :class:`~dali_patches.PatchSampler` keyword options the flags ask for."""
     specs = [_companion(s) for s in args.companion]
-    options: dict[str, Any] = {"channels": args.channels, "dtype": args.dtype, "pad": args.pad}
+    index = False if args.index == "off" else args.index
+    options: dict[str, Any] = {"channels": args.channels, "dtype": args.dtype, "pad": args.pad, "index": index,
+                               "trust_index": args.trust_index}
     if not specs:
         return args.source, options
     source = {"image": args.source, **{name: path for name, path, _ in specs}}
@@ -201,14 +203,15 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
                            companions=declared_companions(source, options.get("companions")))
     t0 = time.perf_counter()
     catalog = Catalog.scan(source, min_size=config.patch_size, progress=not args.no_progress, pad=config.pad,
-                           companions=config.companions, check=False)
+                           companions=config.companions, check=False, index=options["index"],
+                           trust_index=options["trust_index"])
     if args.verify:
         from .decode import find_corrupt
 
         catalog = catalog.without(find_corrupt(catalog.files, os.cpu_count() or 1, progress=not args.no_progress))
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
     at_least, typical = images_held(sizes, int(config.cache_bytes or 0))
-    return {**catalog.summary(), "seconds": time.perf_counter() - t0,
+    return {**catalog.summary(), "seconds": time.perf_counter() - t0, "scan": catalog.scan_report,
             "cache": {"cache_bytes": config.cache_bytes, "images_at_least": at_least, "images_typical": typical,
                       "bytes_per_image_mean": float(sizes.mean()) if len(sizes) else 0.0},
             "bad_files": [{"path": p, "kind": getattr(r, "kind", "other"), "reason": str(r)} for p, r in catalog.skipped]}
@@ -221,6 +224,12 @@ def _counts(values: dict[Any, int]) -> str:
 def _inspect_text(r: dict[str, Any], cache: str, shown: int = 50) -> str:
     mp, c = r["megapixels"], r["cache"]
     lines = [f"{r['images']:,} usable images, {r['skipped']:,} files skipped ({r['seconds']:.1f} s)"]
+    scan = r["scan"]
+    if scan:
+        peers = f", {scan['read_by_peers']:,} by other local ranks" if scan["read_by_peers"] else ""
+        where = f"index {scan['index']}" if scan["index"] else "no index"
+        lines.append(f"headers     {scan['files']:,} files: {scan['from_index']:,} from the index, "
+                     f"{scan['read_here']:,} read{peers} ({where})")
     if r["images"]:
         size = (f"{mp['min']:.2f} / {mp['median']:.2f} / {mp['max']:.2f} MP (min / median / max), {mp['total']:,.1f} MP "
                 f"in all; smallest {r['sizes']['smallest']}, largest {r['sizes']['largest']}")
