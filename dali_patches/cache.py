@@ -167,6 +167,22 @@ class RingCache:
         """Bytes a ``h × w`` image takes in the ring with all its companions."""
         return int(sum(self.part_bytes(h, w)))
 
+    def padded_bytes(self, shape: tuple[int, ...], patch_size: tuple[int, int]) -> int:
+        """Bytes in the ring of a decoded main image of ``shape``, once padded to ``patch_size``."""
+        return self.image_bytes(max(shape[0], patch_size[0]), max(shape[1], patch_size[1]))
+
+    def padded(self, images: list[Any], patch_size: tuple[int, int]) -> list[Any]:
+        """``images`` (an image and its companions) zero-padded at the bottom and right to at least
+        ``patch_size``, scaled per part (``pad=True``); as they are when large enough."""
+        (h, w, _), (ph, pw) = images[0].shape, patch_size
+        if h >= ph and w >= pw:
+            return images
+        out = []
+        for image, part in zip(images, self.parts):
+            th, tw = scaled(max(h, ph), part.scale), scaled(max(w, pw), part.scale)
+            out.append(self.backend.xp.pad(image, ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0))))
+        return out
+
     def holds(self, source: int) -> bool:
         """Whether an image of ``source`` is resident."""
         return source in self._slot_of_source

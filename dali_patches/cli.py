@@ -45,9 +45,25 @@ def _data_args(p: argparse.ArgumentParser, patch: int = 64, also: str = "") -> N
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _stream_args(p: argparse.ArgumentParser, batch: int, reuse: float, cache: str) -> None:
+def _reuse(text: str) -> float | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        msg = f"{text!r} is neither a number nor 'auto'"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _stream_args(p: argparse.ArgumentParser, batch: int, reuse: float | str, cache: str) -> None:
     p.add_argument("--batch", type=int, default=batch, help=f"patches per batch, each from a different image [{batch}]")
-    p.add_argument("--reuse", type=float, default=reuse, help=f"mean patches per decoded image [{reuse:g}]")
+    p.add_argument("--reuse", type=_reuse, default=reuse,
+                   help=f"mean patches per decoded image, or 'auto': whatever the consumer's pace over the "
+                        f"decoder's gives [{reuse}]")
+    p.add_argument("--min-reuse", type=float, default=None, metavar="R",
+                   help="--reuse auto: below this the decoder pauses [1]")
+    p.add_argument("--max-reuse", type=float, default=None, metavar="R",
+                   help="--reuse auto: past this the consumer waits for decodes (a staleness bound) [none]")
     p.add_argument("--cache", default=cache, help=f"cache of decoded images, e.g. 512MiB, 2GiB [{cache}]")
     p.add_argument("--device", default="auto", choices=[d.value for d in Device],
                    help="where images are decoded and cached: gpu if CUDA is usable, else cpu [auto]")

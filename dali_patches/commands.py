@@ -52,7 +52,7 @@ def _consumer(sampler: Any, via: str) -> Any:
     return lambda: next(iterator)
 
 
-def run_bench(source: Any, patch: int, batch: int, reuse: float, cache: str | int, device: str = "auto",
+def run_bench(source: Any, patch: int, batch: int, reuse: float | str, cache: str | int, device: str = "auto",
               seconds: float = 30.0, via: str = "dali", seed: int = 0, progress: bool = True,
               **options: Any) -> dict[str, Any]:
     """Stream patches for ``seconds`` after the cache is warm; return throughput and quality metrics.
@@ -78,7 +78,7 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float, cache: str | in
                 bar.update(round(min(now, seconds) - elapsed, 3))
                 elapsed = now
                 if batches % 16 == 0:
-                    bar.set_postfix_str(f"{batches * batch / elapsed:,.0f} patches/s")
+                    bar.set_postfix_str(f"{batches * batch / elapsed:,.0f} patches/s, {_live(sampler)}")
         if sampler.backend.is_gpu:
             sampler.backend.xp.cuda.runtime.deviceSynchronize()
         elapsed = time.perf_counter() - t_start
@@ -86,6 +86,7 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float, cache: str | in
     return {
         "patches_per_s": batches * batch / elapsed,
         "decodes_per_s": (end["images_decoded"] - start["images_decoded"]) / elapsed,
+        "pace": {k: end[k] for k in _PACE_KEYS},
         "distinct_fraction": end["distinct_fraction"],
         "mean_reuse": _window_reuse(start, end),
         "peak_rss_mb": _peak_rss_mb(),
@@ -105,6 +106,17 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float, cache: str | in
     }
 
 
+_PACE_KEYS = ("reuse_mode", "effective_reuse", "effective_reuse_recent", "decoder_busy_fraction",
+              "decoder_busy_fraction_recent", "consumer_wait_fraction", "consumer_wait_fraction_recent", "consumer_wait_s")
+
+
+def _live(sampler: Any) -> str:
+    """The progress bar's live figures: effective reuse and decoder busy over the last seconds."""
+    stats = sampler.stats()
+    return (f"reuse {stats.get('effective_reuse_recent', float('nan')):.1f}, decoder busy "
+            f"{stats.get('decoder_busy_fraction_recent', float('nan')):.0%}")
+
+
 def _window_reuse(start: dict[str, Any], end: dict[str, Any]) -> float:
     """Patches served per image decoded between two ``stats()`` snapshots (no warm-up bias)."""
     decoded = end["images_decoded"] - start["images_decoded"]
@@ -120,6 +132,10 @@ def _summary_text(r: dict[str, Any]) -> str:
         f"decodes/s          {r['decodes_per_s']:>12,.1f}",
         f"distinct fraction  {r['distinct_fraction']:>12.3f}   (batches whose patches all come from different images)",
         f"mean reuse         {r['mean_reuse']:>12.2f}   (patches per decoded image; asked {c['reuse']})",
+        (f"pace               decoder busy {r['pace']['decoder_busy_fraction']:.0%}, consumer waited "
+         f"{r['pace']['consumer_wait_fraction']:.0%} of the time; last 5 s: reuse "
+         f"{r['pace']['effective_reuse_recent']:.1f}, busy {r['pace']['decoder_busy_fraction_recent']:.0%}, "
+         f"waited {r['pace']['consumer_wait_fraction_recent']:.0%}"),
         f"peak RSS           {r['peak_rss_mb']:>12,.0f} MB",
         (f"host µs per batch  producer {r['host_us_per_batch']['producer']:,.0f} (draw, gather, state; rounds of "
          f"{r['round_batches']}), refill {r['host_us_per_batch']['refill']:,.0f}, hand-over "
@@ -155,6 +171,9 @@ def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     index = False if args.index == "off" else args.index
     options: dict[str, Any] = {"channels": args.channels, "dtype": args.dtype, "pad": args.pad, "index": index,
                                "trust_index": args.trust_index}
+    for bound in ("min_reuse", "max_reuse"):
+        if getattr(args, bound, None) is not None:
+            options[bound] = getattr(args, bound)
     if not specs:
         return args.source, options
     source = {"image": args.source, **{name: path for name, path, _ in specs}}
@@ -282,9 +301,11 @@ def _sample_log(args: argparse.Namespace, log: str) -> None:
     with _open_sampler(args, provenance=log) as sampler:
         batches = -(-args.patches // args.batch)
         with tqdm(total=batches * args.batch, desc="sampling", unit="patch", disable=args.no_progress) as bar:
-            for _ in range(batches):
+            for i in range(batches):
                 next(sampler)
                 bar.update(args.batch)
+                if i % 32 == 31:
+                    bar.set_postfix_str(_live(sampler))
 
 
 def _is_log(path: str) -> bool:

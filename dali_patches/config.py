@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .options import DTYPES as _DTYPES
-from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, enum_value, scaled
+from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, Reuse, enum_value, scaled
 
 __all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "parse_bytes"]
 
@@ -84,6 +84,21 @@ _MAX_SEED = 2**63 - 1  # DALI's seeds are 64-bit signed
 _THREADS_PER_CORE = 4  # num_threads beyond this many per core only adds threads
 
 
+def _reuse(value: object, name: str = "reuse") -> float | Reuse:
+    """A patches-per-decode figure: a finite number >= 1 (an int stays an int), or ``"auto"`` for
+    ``reuse``."""
+    if name == "reuse" and isinstance(value, str) and value.lower() == Reuse.AUTO.value:
+        return Reuse.AUTO
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(float(value)) or not float(value) >= 1:
+        also = " or 'auto'" if name == "reuse" else ""
+        msg = (f"{name}={value!r} must be a finite number >= 1{also} (patches served per decoded image; "
+               "1 = decode per patch)")
+        raise ValueError(msg)
+    number = float(value)
+    return int(number) if _is_int(value) else number
+
+
 def _is_int(value: object) -> bool:
     """A Python or NumPy integer (not a bool)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
@@ -123,7 +138,15 @@ class SamplerConfig:
             ``batch_size`` *distinct* images, so the cache must hold at least that many.
         reuse: mean number of patches served per decoded image. Throughput is about
             ``reuse × decode rate``; diversity across the run falls as ``reuse`` grows (each image is
-            seen ``reuse`` times), diversity inside a batch does not.
+            seen ``reuse`` times), diversity inside a batch does not. ``"auto"``
+            (:class:`Reuse`): whatever the trainer's pace over the decoder's gives, within
+            ``min_reuse`` and ``max_reuse`` (the stream then depends on timing).
+        min_reuse: ``reuse="auto"``: fewest patches per decoded image; a trainer slower than
+            ``min_reuse ×`` the decode rate pauses the decoder (1: it pauses only when every cached
+            image would otherwise serve less than one patch).
+        max_reuse: ``reuse="auto"``: most patches per decoded image (a staleness bound); a trainer
+            faster than ``max_reuse ×`` the decode rate waits for decodes. ``None``: no bound, the
+            trainer never waits once the cache is warm.
         cache_bytes: size of the decoded-image ring arena, in bytes (``"2GiB"`` accepted). More cache
             = more distinct images to draw each batch from, at that much device (GPU) or host (CPU)
             memory, plus a warm-up that decodes enough images to fill it.
@@ -166,7 +189,7 @@ class SamplerConfig:
 
     patch_size: tuple[int, int]
     batch_size: int
-    reuse: float
+    reuse: float | Reuse
     cache_bytes: int | None = None
     cache_images: int | None = None
     device: Device = Device.AUTO
@@ -188,6 +211,8 @@ class SamplerConfig:
     anchor_mask: str | None = None
     pos_fraction: float = 0.5
     image_choice: ImageChoice = ImageChoice.UNIFORM
+    min_reuse: float = 1.0
+    max_reuse: float | None = None
     parts: tuple[Part, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -204,12 +229,17 @@ class SamplerConfig:
                 set_(self, "device_id", local_rank)
         set_(self, "patch_size", _patch_hw(self.patch_size))
         set_(self, "batch_size", _int("batch_size", self.batch_size))
-        if isinstance(self.reuse, (bool, np.bool_)) or not isinstance(self.reuse, numbers.Real) \
-                or not math.isfinite(float(self.reuse)) or not float(self.reuse) >= 1:
-            msg = (f"reuse={self.reuse!r} must be a finite number >= 1 (patches served per decoded image; "
-                   "1 = decode per patch)")
+        set_(self, "reuse", _reuse(self.reuse))
+        set_(self, "min_reuse", _reuse(self.min_reuse, "min_reuse"))
+        if self.max_reuse is not None:
+            set_(self, "max_reuse", _reuse(self.max_reuse, "max_reuse"))
+        if self.reuse is not Reuse.AUTO and (self.min_reuse != 1 or self.max_reuse is not None):
+            msg = (f"min_reuse={self.min_reuse!r} and max_reuse={self.max_reuse!r} bound reuse='auto'; with a fixed "
+                   f"reuse={self.reuse!r} leave them out")
             raise ValueError(msg)
-        set_(self, "reuse", int(self.reuse) if _is_int(self.reuse) else float(self.reuse))
+        if self.max_reuse is not None and self.max_reuse < self.min_reuse:
+            msg = f"max_reuse={self.max_reuse!r} is below min_reuse={self.min_reuse!r}; swap them"
+            raise ValueError(msg)
         if (self.cache_bytes is None) == (self.cache_images is None):
             msg = (
                 f"give exactly one of cache_bytes and cache_images (got {self.cache_bytes=}, "
@@ -250,10 +280,11 @@ class SamplerConfig:
         set_(self, "num_shards", _int("num_shards", self.num_shards))
         set_(self, "device_id", _int("device_id", self.device_id, 0))
         shards = int(self.num_shards or 1)
-        if not _is_int(self.shard_id) or not 0 <= int(self.shard_id) < shards:
+        shard = self.shard_id
+        if shard is None or not _is_int(shard) or not 0 <= int(shard) < shards:
             msg = f"{self.shard_id=} must be in [0, {self.num_shards=})"
             raise ValueError(msg)
-        set_(self, "shard_id", int(self.shard_id))
+        set_(self, "shard_id", int(shard))
         self._check_companions()
         self._check_sampling()
         main = Part("patches", Fraction(1), CompanionKind.IMAGE, self.channels, self.dtype, self.patch_size)

@@ -10,6 +10,7 @@ so each decoded image serves ``reuse`` patches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +38,27 @@ def inclusion_probabilities(weights: HostArray, k: int) -> HostArray:
 
 
 class RefillSchedule:
-    """How many freshly decoded images enter the cache before each batch: ``batch_size / reuse``
-    on average, as a deterministic running credit (e.g. reuse 32, B 256 → 8 per batch; B 100 →
-    3, 3, 3, 4, ...)."""
+    """How many freshly decoded images enter the cache before each round.
 
-    def __init__(self, batch_size: int, reuse: float) -> None:
-        self.rate = batch_size / reuse
+    A fixed ``reuse``: ``batch_size / reuse`` per batch on average, as a deterministic running credit
+    (e.g. reuse 32, B 256 → 8 per batch; B 100 → 3, 3, 3, 4, ...), the same count however fast the
+    decoder is. ``reuse=None`` (auto): any count within the bounds, kept as two running balances —
+    images still ``owed`` to stay at or under ``max_reuse`` patches per image, and images ``allowed``
+    before dropping under ``min_reuse`` — each banking at most ``slack`` images, so a fast phase
+    cannot pay for a later burst past ``max_reuse``, nor a pause for one under ``min_reuse``.
+    """
+
+    def __init__(self, batch_size: int, reuse: float | None, min_reuse: float = 1.0,
+                 max_reuse: float | None = None, slack: int = 16) -> None:
+        self.batch_size, self.auto = batch_size, reuse is None
+        self.rate = batch_size / reuse if reuse is not None else 0.0
+        self.min_reuse, self.max_reuse, self.slack = min_reuse, max_reuse, slack
         self.credit = 0.0
+        self.owed = 0.0  # auto: images to take before max_reuse is exceeded (negative: taken ahead)
+        self.allowed = 0.0  # auto: images that may be taken before min_reuse is undercut
 
     def next(self, batches: int = 1) -> int:
-        """Images to insert before the next ``batches`` batches."""
+        """Images to insert before the next ``batches`` batches (fixed reuse)."""
         total = 0
         for _ in range(batches):
             self.credit += self.rate
@@ -55,11 +67,32 @@ class RefillSchedule:
             total += n
         return total
 
+    def window(self, batches: int) -> tuple[int, int]:
+        """``(at least, at most)`` images to take before the next ``batches`` batches; equal with a
+        fixed reuse."""
+        if not self.auto:
+            n = self.next(batches)
+            return n, n
+        patches = batches * self.batch_size
+        least = math.ceil(self.owed + patches / self.max_reuse - 1e-9) if self.max_reuse else 0
+        most = math.floor(self.allowed + patches / self.min_reuse + 1e-9)
+        return max(0, least), max(0, least, most)
+
+    def record(self, batches: int, taken: int) -> None:
+        """A round of ``batches`` batches was drawn after taking ``taken`` images."""
+        if not self.auto:
+            return
+        patches = batches * self.batch_size
+        if self.max_reuse:
+            self.owed = max(self.owed + patches / self.max_reuse - taken, -self.slack)
+        self.allowed = min(self.allowed + patches / self.min_reuse - taken, self.slack)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"credit": self.credit}
+        return {"credit": self.credit, "owed": self.owed, "allowed": self.allowed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.credit = float(state["credit"])
+        self.owed, self.allowed = float(state.get("owed", 0.0)), float(state.get("allowed", 0.0))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from fractions import Fraction
 from typing import Any, cast
 
 __all__ = ["AnchorMode", "Augment", "Companion", "CompanionKind", "DTYPES", "Device", "ImageChoice", "Layout", "Part",
-           "RESERVED_NAMES", "enum_value", "scaled"]
+           "RESERVED_NAMES", "Reuse", "enum_value", "scaled"]
 
 DTYPES = {"uint8": 1, "uint16": 2}  # cached dtypes → bytes per channel
 _OUT_DTYPES = ("float32", "float16", "uint8", "uint16", "int32")  # what Augment.dtype may cast to
@@ -61,6 +61,15 @@ class AnchorMode(str, enum.Enum):
     WEIGHTS = "weights"
     POS_NEG = "pos_neg"
     POINTS = "points"
+
+
+class Reuse(str, enum.Enum):
+    """``AUTO``: no fixed ``reuse``. The decoder runs flat out and every image it finishes enters the
+    cache at once; the effective reuse is whatever the trainer's speed over the decoder's gives,
+    within ``min_reuse`` (below it the decoder pauses) and ``max_reuse`` (past it the trainer
+    waits). The stream then depends on timing."""
+
+    AUTO = "auto"
 
 
 class ImageChoice(str, enum.Enum):

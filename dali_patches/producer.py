@@ -21,7 +21,6 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +32,12 @@ from .backend import Backend, HostArray
 from .cache import CachePlan, RingCache
 from .config import SamplerConfig
 from .decode import DecodeStage, decode_files
-from .draw import Draws, RefillSchedule, RoundDraw
-from .options import AnchorMode, scaled
-from .outputs import OutputRing, PatchBatch
-from .rounds import RoundStates, round_batches
+from .draw import Draws, RefillSchedule
+from .feeder import DecodeFeeder
+from .options import AnchorMode, Reuse
+from .outputs import PatchBatch
+from .pace import Pace
+from .rounds import RoundCutter, RoundStates, round_batches
 
 __all__ = ["Producer"]
 
@@ -77,45 +78,49 @@ class Producer:
         self._pid = os.getpid()
         self.changed_files = 0  # set aside because they decoded to another size than measured
         self._output: dict[str, Any] = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts]}
+        self._stream = backend.new_stream()
         self.decoder = self._new_decoder()
+        self.feeder = DecodeFeeder(self.decoder, backend, self._stream, self.feeder_capacity(config))
         self.cache = RingCache(backend, plan.capacity_bytes, plan.max_slots, parts=config.parts)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id or 0]))
         self.draws = Draws(config.batch_size, config.allow_repeats, rng, self._anchor_policy(rng, points),
                            config.image_choice)
-        self.schedule = RefillSchedule(config.batch_size, config.reuse)
-        self.round_batches = round_batches(config, plan.warmup_images)
+        auto = config.reuse is Reuse.AUTO
+        self.schedule = RefillSchedule(config.batch_size, None if auto else float(config.reuse), config.min_reuse,
+                                       config.max_reuse, slack=self.feeder.capacity)
+        self.round_batches = round_batches(config, plan.warmup_images, self.feeder.capacity)
+        self.pace = Pace()
+        self.consumer_wait_s = 0.0  # time next() waited for the producer, after the first batch
+        self._since: dict[str, float] | None = None  # counters when the first batch was taken
 
-        self._pinned_table = backend.pinned((len(config.parts), self.round_batches * config.batch_size, 4), np.int64)
-        self._table_uploaded: Any = None  # GPU: event after the last table upload from pinned memory
         # Whole rounds cross the queue (one hand-off per round, not per batch: each blocking put or get
         # costs both threads a wake-up and a turn of the GIL); the consumer pops their batches locally.
         self.queue_rounds = -(-config.queue_depth // self.round_batches)
         self.queue: queue.Queue = queue.Queue(maxsize=self.queue_rounds)
         self._ready: deque[PatchBatch] = deque()  # consumer side: batches of the round being taken
-        # GPU: rounds alive at once are those queued, the one being taken, the one being cut, and one
-        # DALI may still be copying from; more only if a consumer keeps batches (then the ring grows).
-        self._ring = (OutputRing(backend, [self.round_batches * config.batch_size * p.patch_bytes for p in config.parts],
-                                 depth=self.queue_rounds + 3) if backend.is_gpu else None)
+        self.cutter = RoundCutter(backend, config, self.round_batches, self.queue_rounds)
         self.batches_made = 0
         self.distinct_batches = 0
         self.warmup_images = 0
         self.duplicate_decodes = 0  # decoded while still resident (cache ≳ shard), not inserted
         self.last_delivered = -1  # index of the last batch handed to a consumer
-        self.consumer_stream: Any = None  # GPU: the stream the consumer reads batches on
         self._states = RoundStates(self.round_batches)  # the state before each recent round
         self._skip = 0  # batches of the first round not to deliver (resumed mid-round)
         self._restored = False
         self._warmup_estimate = plan.warmup_images
         self._progress = plan.warmup_images >= _PROGRESS_MIN_IMAGES if progress is None else progress
-        self._stream = backend.new_stream()
         self._held: deque[tuple[Any, list[Any]]] = deque()  # GPU: (event, decoded views copied before it)
         self._holding: list[Any] = []
         self.host_s = {"refill": 0.0, "round": 0.0}  # producer time: inserting, and draw + gather + snapshot
-        self._helper = (ThreadPoolExecutor(1, thread_name_prefix="dali-patches-gather")
-                        if not backend.is_gpu and (config.num_threads or 1) > 1 else None)
         self._stop = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="dali-patches-producer", daemon=True)
+
+    @staticmethod
+    def feeder_capacity(config: SamplerConfig) -> int:
+        """Images decoded ahead of the cache at most (two decode batches): their memory is on top of
+        DALI's own queue (``max_memory`` counts it)."""
+        return 2 * (config.decode_batch or 1)
 
     def _anchor_policy(self, rng: np.random.Generator, points: dict[int, HostArray] | None) -> UniformAnchors:
         cfg = self.config
@@ -140,7 +145,7 @@ class Producer:
     @property
     def ring_bytes(self) -> int:
         """Device bytes of the output ring (GPU; 0 on CPU, where each round is allocated afresh)."""
-        return self._ring.nbytes if self._ring is not None else 0
+        return self.cutter.ring_bytes
 
     def start(self) -> None:
         if self._thread.ident is None and not self._stop.is_set():  # never started: a thread runs once
@@ -158,6 +163,7 @@ class Producer:
             msg = "this sampler is closed; create a new PatchSampler"
             raise RuntimeError(msg)
         self.start()
+        t0, fresh_round = time.perf_counter(), False
         while not self._ready:
             try:
                 item = self.queue.get(timeout=_POLL_S)
@@ -173,8 +179,15 @@ class Producer:
                 self.queue.put(item)  # every later call fails the same way
                 raise item.error
             self._ready.extend(item)
+            fresh_round = True
         batch = self._ready.popleft()
         self.last_delivered = batch.index
+        if self._since is None:  # the first batch waited for the warm-up: not counted as a wait
+            self._since = {**self._counters(), "time": time.perf_counter()}
+        else:
+            self.consumer_wait_s += time.perf_counter() - t0
+        if fresh_round:
+            self.pace.sample(self._counters())  # once a round, not once a batch
         return batch
 
     def close(self) -> None:
@@ -191,11 +204,10 @@ class Producer:
             self._thread.join(timeout=_POLL_S)
         self.queue = queue.Queue()
         self._ready.clear()
-        if self._helper is not None:
-            self._helper.shutdown()
+        self.cutter.close()
+        self.feeder.close()
         self.decoder.close()
         self._held.clear()
-        self._ring = None
         self.cache.release()
 
     # -- producer side -----------------------------------------------------------------------
@@ -222,22 +234,23 @@ class Producer:
             except queue.Full:
                 continue
 
-    def _insert_next(self) -> None:
-        """Move the next decoded image into the cache. A source still resident is not inserted twice
-        (same decoder, same pixels): the ring then holds only distinct images, and the decode still
-        counts towards the refill, so patches per decoded image stay ≈ ``reuse``."""
-        source, images = self.decoder.next()
+    def _insert(self, source: int, images: list[Any]) -> None:
+        """Move a decoded image into the cache. A source still resident is not inserted twice (same
+        decoder, same pixels): the ring then holds only distinct images, and the decode still counts
+        towards the refill, so patches per decoded image stay ≈ ``reuse``."""
         if self.cache.holds(source):
             self.duplicate_decodes += 1
             return
-        images = self._padded(images)
+        if source in self.decoder.broken:  # set aside (changed) after the feeder had decoded it again
+            return
+        images = self.cache.padded(images, self.config.patch_size)
         h, w = images[0].shape[:2]
         expected = self.cache.part_bytes(self._heights[source], self._widths[source])
         if (h, w) != (self._heights[source], self._widths[source]) or [p.nbytes for p in images] != expected:
             shapes = "x".join(map(str, images[0].shape[:2])) if len(images) == 1 else [tuple(p.shape) for p in images]
-            self.decoder.mark_broken(source, f"changed during the run: it decodes to {shapes}, not the "
-                                             f"{self._heights[source]}x{self._widths[source]} measured at the start "
-                                             "(restart the sampler to sample its new contents)")
+            self.feeder.mark_broken(source, f"changed during the run: it decodes to {shapes}, not the "
+                                            f"{self._heights[source]}x{self._widths[source]} measured at the start "
+                                            "(restart the sampler to sample its new contents)")
             self.changed_files += 1
             return
         slot = self.cache.insert(images, source)
@@ -254,79 +267,34 @@ class Producer:
         while self._held and (wait or len(self._held) > _HELD_ROUNDS or self._held[0][0].done):
             self._held.popleft()[0].synchronize()
 
-    def _cached_bytes(self, images: list[Any]) -> int:
-        (h, w, _), (ph, pw) = images[0].shape, self.config.patch_size
-        return self.cache.image_bytes(max(h, ph), max(w, pw))
-
-    def _padded(self, images: list[Any]) -> list[Any]:
-        """``images`` (an image and its companions) zero-padded at the bottom and right to at least
-        the patch size, scaled per part (``pad=True``)."""
-        (h, w, _), (ph, pw) = images[0].shape, self.config.patch_size
-        if h >= ph and w >= pw:
-            return images
-        out = []
-        for image, part in zip(images, self.config.parts):
-            th, tw = scaled(max(h, ph), part.scale), scaled(max(w, pw), part.scale)
-            pad = ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0))
-            out.append(self.backend.xp.pad(image, pad))
-        return out
-
     def _warm_up(self) -> None:
         """Fill the arena until the next image would evict one, or the shard has been decoded once."""
         shard = self.decoder.shard_size
         with tqdm(total=min(self._warmup_estimate, shard), desc="filling cache", unit="img",
                   disable=not self._progress, leave=False) as bar:
-            while not self._stop.is_set() and self.decoder.images_decoded < shard:
-                _, image = self.decoder.peek()
-                if self.cache.would_evict(self._cached_bytes(image)):
+            while not self._stop.is_set() and self.feeder.taken < shard:
+                _, image = self.feeder.peek()
+                if self.cache.would_evict(self.cache.padded_bytes(image[0].shape, self.config.patch_size)):
                     break
-                self._insert_next()
+                for source, images in self.feeder.take(1, 1):
+                    self._insert(source, images)
                 bar.update()
         self._release_decoded(self.backend.record(self._stream), wait=True)
-        self.warmup_images = self.decoder.images_decoded
+        self.warmup_images = self.feeder.taken
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
-
-    def _cut(self, draw: RoundDraw) -> list[Any]:
-        """Every patch of the round, per part: ``n`` batches of ``(B, h, w, C)``. On a GPU one kernel
-        launch per part into the output ring. On the host NumPy passes, which release the GIL: half
-        the round on a helper thread, half on this one (random row reads are bound by memory
-        latency, so two threads copy faster than one), and few, long calls mean few waits for the GIL
-        while the consumer runs Python."""
-        n, b = draw.slots.shape
-        slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
-        if self._table_uploaded is not None:
-            self._table_uploaded.synchronize()  # the previous upload has left the pinned buffer
-        tables = [self.cache.table(k, slots, ys, xs, out=self._pinned_table[k]) for k in range(len(self.config.parts))]
-        group: list[Any] = [None] * len(tables)
-        device_tables: list[Any] = [None] * len(tables)
-        if self._ring is not None:  # GPU: upload every table at once, reuse released buffers only
-            uploaded = self.backend.xp.asarray(self._pinned_table[:, : len(slots)])
-            self._table_uploaded = self.backend.record(self._stream)
-            device_tables = list(uploaded)
-            group = self._ring.acquire()
-            if self.consumer_stream is not None:  # work the consumer queued on a released buffer comes first
-                self.backend.wait(self._stream, self.backend.record(self.consumer_stream))
-        out = []
-        for k, part in enumerate(self.config.parts):  # one gather per part: a kernel launch, or host passes
-            if self._helper is not None and n > 1:  # host: the round's first half on the helper thread
-                half = n // 2
-                first = self._helper.submit(self.cache.cut, k, tables[k][: half * b])
-                second = self.cache.cut(k, tables[k][half * b:]).reshape(n - half, b, *part.patch_shape)
-                out.append([*first.result().reshape(half, b, *part.patch_shape), *second])
-                continue
-            cut = self.cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
-            out.append(cut.reshape(n, b, *part.patch_shape))
-        return out
 
     def _make_round(self) -> list[PatchBatch]:
         t0 = time.perf_counter()
         n, start = self.round_batches, self.batches_made
-        for _ in range(self.schedule.next(n)):
-            self._insert_next()
+        least, most = self.schedule.window(n)
+        taken = self.feeder.take(least, max(least, min(most, self.feeder.capacity)) if self.schedule.auto else most)
+        for source, images in taken:
+            self._insert(source, images)
+        self.schedule.record(n, len(taken))
         t1 = time.perf_counter()
         draw = self.draws.draw_round(self.cache, n)
         self.cache.record_served(draw.slots)
-        cuts = self._cut(draw)
+        cuts = self.cutter.cut(self.cache, draw, self._stream)
         ready = self.backend.record(self._stream)
         self._release_decoded(ready)
         anchor = np.stack([draw.y, draw.x], axis=-1).astype(np.int32)
@@ -338,6 +306,7 @@ class Producer:
         self._snapshot(self.batches_made)
         self.host_s["refill"] += t1 - t0
         self.host_s["round"] += time.perf_counter() - t1
+        self.pace.sample(self._counters())
         return batches
 
     # -- resumable state ---------------------------------------------------------------------
@@ -354,7 +323,7 @@ class Producer:
             "batches_made": self.batches_made, "distinct_batches": self.distinct_batches,
             "duplicate_decodes": self.duplicate_decodes, "warmup_images": self.warmup_images,
             "draws": self.draws.state_dict(), "refill": self.schedule.state_dict(),
-            "decoder": self.decoder.position(), "cache": self.cache.state_dict(),
+            "decoder": self.feeder.position(), "cache": self.cache.state_dict(),
         })
 
     def state_after(self, index: int) -> dict[str, Any] | None:
@@ -369,14 +338,16 @@ class Producer:
             msg = "load_state_dict() must come before the first batch is drawn"
             raise RuntimeError(msg)
         snapshot = state["round"]
+        self.feeder.close()
         self.decoder.close()
         self.decoder = self._new_decoder(position=snapshot["decoder"])
+        self.feeder = DecodeFeeder(self.decoder, self.backend, self._stream, self.feeder.capacity)
         self.cache.load_state_dict(snapshot["cache"])
         resident = [[column[s] for s in snapshot["cache"]["source"]] for column in self.columns]
 
         def images() -> Any:
             for parts in decode_files(resident, self.backend, self.config.num_threads or 1, **self._output):
-                yield self._padded(parts)
+                yield self.cache.padded(parts, self.config.patch_size)
                 self.backend.synchronize(self._stream)  # copied before DALI may reuse the buffer
 
         with self.backend.use(self._stream):
@@ -392,12 +363,17 @@ class Producer:
         self._snapshot(self.batches_made)
         self._restored = True
 
+    def _counters(self) -> dict[str, float]:
+        return {"served": self.batches_made * self.config.batch_size, "taken": self.feeder.taken,
+                "paused": self.feeder.paused_s, "wait": self.consumer_wait_s}
+
     def stats(self) -> dict[str, Any]:
         """Counters of the stream so far (batches made by the producer, possibly not yet consumed)."""
         cache, made = self.cache, self.batches_made
         served = made * self.config.batch_size
-        decoded = self.decoder.images_decoded
+        decoded = self.feeder.taken
         return {
+            **self.pace_stats(),
             "batches_served": made,
             "patches_served": served,
             "images_decoded": decoded,
@@ -419,3 +395,10 @@ class Producer:
             "broken_files": [(self.files[i], why) for i, why in sorted(self.decoder.broken.items())],
             "decode_errors": list(self.decoder.errors),
         }
+
+    def pace_stats(self) -> dict[str, Any]:
+        """How the two speeds met since the first batch and over the last 5 s (see
+        :meth:`~dali_patches.pace.Pace.figures`)."""
+        return {"reuse_mode": "auto" if self.schedule.auto else "fixed",
+                **self.pace.figures(self._counters(), self._since),
+                "consumer_wait_s": self.consumer_wait_s, "decoder_paused_s": self.feeder.paused_s}

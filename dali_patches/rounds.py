@@ -1,4 +1,5 @@
-"""Rounds: how many batches the producer makes at once, and the resumable state of each round.
+"""Rounds: how many batches the producer makes at once, how a round's patches are cut, and the
+resumable state of each round.
 
 The producer draws and cuts ``round_batches`` batches at a time (see :mod:`dali_patches.producer`).
 Its state is taken once per round, before the round is made; the state *after* any batch is then the
@@ -10,13 +11,19 @@ batch.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from .backend import Backend
+from .cache import RingCache
 from .config import SamplerConfig
+from .draw import RoundDraw
+from .options import Reuse
+from .outputs import OutputRing
 
-__all__ = ["RoundStates", "round_batches"]
+__all__ = ["RoundCutter", "RoundStates", "round_batches"]
 
 _ROUND_PATCHES = 8192  # a round cuts about this many patches ...
 _MAX_ROUND = 16  # ... in at most this many batches ...
@@ -24,12 +31,16 @@ _ROUND_REFILL_SHARE = 8  # ... and inserts at most 1/8 of the images the cache t
 _STATES_KEPT = 64  # batches behind the newest whose state state_dict() can still give
 
 
-def round_batches(config: SamplerConfig, typical_resident: int) -> int:
+def round_batches(config: SamplerConfig, typical_resident: int, most_taken: int) -> int:
     """Batches per round, from the config and the cache's typical occupancy (deterministic, so a
     resumed sampler cuts the same rounds): enough to amortise the host's fixed cost, few enough
-    that a round's refill (``n × B / reuse`` images) stays a small share of the cache — images
-    inserted and evicted within one refill would never be drawn."""
-    by_refill = int(typical_resident * config.reuse // (_ROUND_REFILL_SHARE * config.batch_size))
+    that a round's refill (``n × B / reuse`` images; with ``reuse="auto"`` at most ``most_taken``)
+    stays a small share of the cache — images inserted and evicted within one refill would never be
+    drawn."""
+    if config.reuse is Reuse.AUTO:
+        by_refill = _MAX_ROUND if most_taken * _ROUND_REFILL_SHARE <= typical_resident else 1
+    else:
+        by_refill = int(typical_resident * config.reuse // (_ROUND_REFILL_SHARE * config.batch_size))
     return max(1, min(_MAX_ROUND, _ROUND_PATCHES // config.batch_size, by_refill))
 
 
@@ -72,3 +83,63 @@ class RoundStates:
             raise RuntimeError(msg)
         start = max(starts)
         return {"round": _plain(states[start]), "skip": index + 1 - start}
+
+
+class RoundCutter:
+    """Cuts every patch of a round, per part: ``n`` batches of ``(B, h, w, C)``. On a GPU one kernel
+    launch per part into an :class:`~dali_patches.outputs.OutputRing` buffer, its tables uploaded
+    at once from pinned memory. On the host NumPy passes, which release the GIL: half the round on
+    a helper thread, half on the calling one (random row reads are bound by memory latency, so two
+    threads copy faster than one), and few, long calls mean few waits for the GIL while the
+    consumer runs Python."""
+
+    def __init__(self, backend: Backend, config: SamplerConfig, round_batches: int, queue_rounds: int) -> None:
+        self.backend, self.parts = backend, config.parts
+        patches = round_batches * config.batch_size
+        self._pinned_table = backend.pinned((len(config.parts), patches, 4), np.int64)
+        self._table_uploaded: Any = None  # GPU: event after the last table upload from pinned memory
+        # GPU: rounds alive at once are those queued, the one being taken, the one being cut, and one
+        # DALI may still be copying from; more only if a consumer keeps batches (then the ring grows).
+        self._ring = (OutputRing(backend, [patches * p.patch_bytes for p in config.parts], depth=queue_rounds + 3)
+                      if backend.is_gpu else None)
+        self._helper = (ThreadPoolExecutor(1, thread_name_prefix="dali-patches-gather")
+                        if not backend.is_gpu and (config.num_threads or 1) > 1 else None)
+        self.consumer_stream: Any = None  # GPU: the stream the consumer reads batches on
+
+    @property
+    def ring_bytes(self) -> int:
+        """Device bytes of the output ring (GPU; 0 on CPU, where each round is allocated afresh)."""
+        return self._ring.nbytes if self._ring is not None else 0
+
+    def cut(self, cache: RingCache, draw: RoundDraw, stream: Any) -> list[Any]:
+        """The round's patches, per part (GPU work queued on ``stream``)."""
+        n, b = draw.slots.shape
+        slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
+        if self._table_uploaded is not None:
+            self._table_uploaded.synchronize()  # the previous upload has left the pinned buffer
+        tables = [cache.table(k, slots, ys, xs, out=self._pinned_table[k]) for k in range(len(self.parts))]
+        group: list[Any] = [None] * len(tables)
+        device_tables: list[Any] = [None] * len(tables)
+        if self._ring is not None:  # GPU: upload every table at once, reuse released buffers only
+            uploaded = self.backend.xp.asarray(self._pinned_table[:, : len(slots)])
+            self._table_uploaded = self.backend.record(stream)
+            device_tables = list(uploaded)
+            group = self._ring.acquire()
+            if self.consumer_stream is not None:  # work the consumer queued on a released buffer comes first
+                self.backend.wait(stream, self.backend.record(self.consumer_stream))
+        out = []
+        for k, part in enumerate(self.parts):  # one gather per part: a kernel launch, or host passes
+            if self._helper is not None and n > 1:  # host: the round's first half on the helper thread
+                half = n // 2
+                first = self._helper.submit(cache.cut, k, tables[k][: half * b])
+                second = cache.cut(k, tables[k][half * b:]).reshape(n - half, b, *part.patch_shape)
+                out.append([*first.result().reshape(half, b, *part.patch_shape), *second])
+                continue
+            cut = cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
+            out.append(cut.reshape(n, b, *part.patch_shape))
+        return out
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown()
+        self._ring = None

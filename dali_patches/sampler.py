@@ -74,7 +74,13 @@ class PatchSampler:
         source: a folder (searched recursively), a glob, or a list of image paths.
         patch_size: int or ``(height, width)`` in pixels.
         batch_size: patches per batch; each from a different image unless ``allow_repeats``.
-        reuse: mean patches served per decoded image (throughput ≈ ``reuse × decode rate``).
+        reuse: mean patches served per decoded image (throughput ≈ ``reuse × decode rate``), or
+            ``"auto"``: the decoder runs flat out, every image it finishes enters the cache, and the
+            effective reuse is whatever your training speed over the decode speed gives, within
+            ``min_reuse`` (below it the decoder pauses, default 1) and ``max_reuse`` (past it the
+            trainer waits, default none). A fixed reuse gives a reproducible stream; ``"auto"``
+            depends on timing (``state_dict()`` still resumes a valid stream, and the provenance
+            log stays complete).
         cache_bytes: arena size (int bytes or ``"2GiB"``); or give ``cache_images`` instead.
         cache_images: size the arena to hold this many of the largest images.
         device: ``"auto"``, ``"gpu"`` or ``"cpu"``.
@@ -102,7 +108,8 @@ class PatchSampler:
     host's cost per batch small; every promise (distinct images, reuse, provenance, resumable state
     at any batch) holds per batch.
         **options: the rest of :class:`SamplerConfig` (``augment``, ``anchors``, ``anchor_mask``,
-            ``pos_fraction``, ``image_choice``, ``allow_repeats``, ``decode_batch``, ``num_threads``,
+            ``pos_fraction``, ``image_choice``, ``min_reuse``, ``max_reuse``, ``allow_repeats``,
+            ``decode_batch``, ``num_threads``,
             ``queue_depth``, ``channels``, ``dtype``, ``pad``, ``device_id``, ``shard_id``, ``num_shards``).
 
     Raises:
@@ -122,7 +129,7 @@ class PatchSampler:
         source: str | os.PathLike | Iterable[str | os.PathLike],
         patch_size: int | tuple[int, int],
         batch_size: int,
-        reuse: float,
+        reuse: float | str,
         cache_bytes: int | str | None = None,
         *,
         cache_images: int | None = None,
@@ -255,14 +262,16 @@ class PatchSampler:
     @property
     def max_memory(self) -> int:
         """Bytes this sampler will hold on its device: the arena, DALI's decode queue
-        (``decode_batch × 3`` of the largest images with companions), and the output batches (the
-        rounds in the queue, the one being cut and the one being taken; on GPU the output ring)."""
+        (``decode_batch × 3`` of the largest images with companions) and the images decoded ahead of
+        it (``2 × decode_batch``), and the output batches (the rounds in the queue, the one being
+        cut and the one being taken; on GPU the output ring)."""
         cfg = self.config
         largest = int(self.catalog.sample_bytes(cfg.parts).max())
         producer = self._producer
         batches = (producer.queue_rounds + 2) * producer.round_batches * cfg.batch_size * cfg.patch_bytes
         ring = producer.ring_bytes
-        return self.cache_bytes + 3 * (cfg.decode_batch or 1) * largest + max(batches, ring)
+        decoded = (3 * (cfg.decode_batch or 1) + producer.feeder.capacity) * largest
+        return self.cache_bytes + decoded + max(batches, ring)
 
     def __iter__(self) -> PatchSampler:
         return self
@@ -273,7 +282,7 @@ class PatchSampler:
         if batch.ready is not None:  # GPU: this thread's stream reads the patches after the gather wrote them
             stream = self.backend.current_stream()
             self.backend.wait(stream, batch.ready)
-            self._producer.consumer_stream = stream
+            self._producer.cutter.consumer_stream = stream
         if self._provenance is not None:
             self._provenance.write(batch.index, batch.source, batch.anchor)
         self._handover_s += time.perf_counter() - t0

@@ -44,8 +44,8 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
     assert out.stdout.strip() == "ok"
 
 
-FLOW = ["options", "config", "backend", "sources", "storage", "headers", "index", "catalog", "decode", "gather", "cache", "anchors", "draw",
-        "augment", "outputs", "rounds", "producer", "provenance", "pipeline", "sampler", "torch", "tf", "review", "figures",
+FLOW = ["options", "config", "backend", "sources", "storage", "headers", "index", "catalog", "decode", "feeder", "gather", "cache", "anchors", "draw",
+        "augment", "outputs", "rounds", "pace", "producer", "provenance", "pipeline", "sampler", "torch", "tf", "review", "figures",
         "synth", "commands", "cli"]
 
 

@@ -17,7 +17,7 @@ SETTINGS = {"patch_size": 24, "batch_size": 8, "reuse": 2, "cache_bytes": "900Ki
 @pytest.fixture
 def rounds_of_5(monkeypatch: pytest.MonkeyPatch) -> int:
     """Force rounds of 5 batches (the engine picks 1 for this small cache)."""
-    monkeypatch.setattr(producer_module, "round_batches", lambda config, typical: 5)
+    monkeypatch.setattr(producer_module, "round_batches", lambda config, typical, most_taken: 5)
     return 5
 
 

@@ -1,0 +1,160 @@
+"""``reuse="auto"`` against fixed reuse 8, 32 and 128 under a trainer whose pace changes: a fast phase,
+a slow one, a pause and fast again, on the same images in one run.
+
+The simulated trainer takes a batch, then "computes" for the phase's time per batch (a sleep: it
+leaves the CPU to the sampler, as a GPU-bound model would). For each setting and phase: the share of
+wall time the trainer waited in ``next()``, the decoder's busy fraction (the time it had room to
+decode ahead), the effective reuse (patches drawn per image taken into the cache) beside
+consumption ÷ decode rate (DALI's decode alone, measured first in the same run), and the fewest
+distinct images in any batch. Writes a table, JSON and a plot of effective reuse and waiting over
+time.
+
+    python benchmarks/auto_reuse.py [DIR] --json benchmarks/results/auto_reuse.json --plot benchmarks/results/auto_reuse.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bare_decode_rate, image_source, versions
+
+from dali_patches import PatchSampler
+from dali_patches.sources import expand
+
+# (name, seconds, seconds per batch; None = a pause without batches)
+PHASES = [("fast", 10.0, 0.004), ("slow", 10.0, 0.08), ("pause", 4.0, None), ("fast again", 10.0, 0.004)]
+
+
+def run(files: list[str], reuse: Any, args: argparse.Namespace, **bounds: Any) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = PatchSampler(files, patch_size=args.patch, batch_size=args.batch, reuse=reuse, cache_bytes=args.cache,
+                               device="cpu", seed=0, progress=False, **bounds)
+    trace: list[dict[str, float]] = []
+    phases = []
+    with sampler:
+        next(sampler)  # warm-up
+        t_run = time.perf_counter()
+        for name, seconds, per_batch in PHASES:
+            start, t0 = sampler.stats(), time.perf_counter()
+            waited, fewest, batches = 0.0, args.batch, 0
+            next_trace = t0
+            while (now := time.perf_counter()) - t0 < seconds:
+                if per_batch is None:
+                    time.sleep(0.05)
+                else:
+                    t_ask = time.perf_counter()
+                    batch = next(sampler)
+                    waited += time.perf_counter() - t_ask
+                    fewest = min(fewest, len(set(batch.source.tolist())))
+                    batches += 1
+                    time.sleep(per_batch)
+                if now >= next_trace:
+                    s = sampler.stats()
+                    trace.append({"t": now - t_run, "served": s["patches_served"], "taken": s["images_decoded"],
+                                  "wait": waited, "paused": s["decoder_paused_s"], "phase": name})
+                    next_trace = now + 0.5
+            end, wall = sampler.stats(), time.perf_counter() - t0
+            taken = end["images_decoded"] - start["images_decoded"]
+            served = end["patches_served"] - start["patches_served"]
+            phases.append({"phase": name, "seconds": wall, "batches": batches,
+                           "patches_per_s": batches * args.batch / wall,
+                           "wait_fraction": waited / wall if per_batch is not None else None,
+                           "sampler_wait_fraction": (end["consumer_wait_s"] - start["consumer_wait_s"]) / wall
+                           if per_batch is not None else None,
+                           "decoder_busy": min(1.0, max(0.0, 1 - (end["decoder_paused_s"] - start["decoder_paused_s"]) / wall)),
+                           "decodes_per_s": taken / wall,
+                           "effective_reuse": served / taken if taken else None,
+                           "fewest_distinct": fewest if per_batch is not None else None})
+    return {"reuse": reuse, "bounds": bounds, "phases": phases, "trace": trace}
+
+
+def plot(results: list[dict[str, Any]], decode_rate: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
+    for r in results:
+        trace = r["trace"]
+        label = f"reuse {r['reuse']}" + (f" {r['bounds']}" if r["bounds"] else "")
+        ts, reuse, wait = [], [], []
+        for a, b in zip(trace, trace[4:]):  # 2 s windows
+            ts.append(b["t"])
+            taken = b["taken"] - a["taken"]
+            reuse.append((b["served"] - a["served"]) / taken if taken else float("nan"))
+            wait.append((b["wait"] - a["wait"]) / (b["t"] - a["t"]))
+        top.plot(ts, reuse, label=label)
+        bottom.plot(ts, wait, label=label)
+    t = 0.0
+    for name, seconds, per_batch in PHASES:  # what consumption ÷ decode rate asks for, per phase
+        if per_batch is not None:
+            want = 64 / per_batch / decode_rate
+            top.hlines(want, t, t + seconds, colors="grey", linestyles="dotted")
+        top.text(t + 0.2, 1.1, name, fontsize=8, color="grey")
+        t += seconds
+    top.set_yscale("log")
+    top.set_ylabel("effective reuse (2 s windows)")
+    bottom.set_ylabel("share of time the trainer waited")
+    bottom.set_xlabel("seconds")
+    top.legend(fontsize=8)
+    top.set_title("dotted: consumption ÷ bare decode rate")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", nargs="?", help="image folder; omitted: generate a photo-like set")
+    p.add_argument("--patch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--cache", default="3GiB")
+    p.add_argument("--count", type=int, default=48)
+    p.add_argument("--size", default="2600x3500")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path)
+    args = p.parse_args()
+    global PHASES
+    PHASES = [(n, s, None if b is None else b * args.batch / 64) for n, s, b in PHASES]
+    with image_source(args) as folder:
+        files = expand(folder)
+        decode_rate = bare_decode_rate(files, "cpu", 8, os.cpu_count() or 1, 10.0)
+        results = [run(files, reuse, args) for reuse in (8, 32, 128, "auto")]
+        results.append(run(files, "auto", args, min_reuse=16, max_reuse=64))
+    print(f"{len(files)} images, bare decode {decode_rate:.1f} img/s, P {args.patch}, B {args.batch}")
+    print("waited: share of the phase the trainer spent in next() (in the sampler's queue wait alone); reuse: "
+          "effective, against consumption ÷ bare decode rate (÷ the decoder's own rate in the phase)")
+    print(f"{'setting':<24} {'phase':<11} {'patches/s':>10} {'waited':>12} {'busy':>6} {'reuse':>7} "
+          f"{'wanted':>15} {'distinct':>8}")
+
+    def pct(value: float | None) -> str:
+        return "" if value is None else f"{value:.0%}"
+
+    for r in results:
+        label = f"reuse {r['reuse']}" + (f" [{r['bounds']['min_reuse']:g}, {r['bounds']['max_reuse']:g}]" if r["bounds"] else "")
+        for ph in r["phases"]:
+            per_batch = {n: b for n, _, b in PHASES}[ph["phase"]]
+            wanted = f"{ph['patches_per_s'] / decode_rate:.1f} ({ph['patches_per_s'] / ph['decodes_per_s']:.1f})" \
+                if per_batch and ph["decodes_per_s"] else ""
+            waited = f"{pct(ph['wait_fraction'])} ({pct(ph['sampler_wait_fraction'])})" if per_batch else ""
+            reuse = "" if ph["effective_reuse"] is None else f"{ph['effective_reuse']:.1f}"
+            print(f"{label:<24} {ph['phase']:<11} {ph['patches_per_s']:>10,.0f} {waited:>12} {ph['decoder_busy']:>6.0%} "
+                  f"{reuse:>7} {wanted:>15} {'' if ph['fewest_distinct'] is None else ph['fewest_distinct']:>8}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"decode_rate": decode_rate, "results": results, "versions": versions()}, indent=1))
+    if args.plot:
+        plot(results, decode_rate, args.plot)
+
+
+if __name__ == "__main__":
+    main()

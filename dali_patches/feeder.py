@@ -1,0 +1,139 @@
+"""Feeder: a thread that keeps the decode stage running flat out, a few images ahead of the cache.
+
+The producer takes decoded images from here when a round's refill asks for them: exactly the
+schedule's count with a fixed ``reuse`` (the same images in the same order as without the thread,
+so the stream stays reproducible), or everything that is ready within the bounds with
+``reuse="auto"``. When ``capacity`` images wait untaken, the thread stops pulling (DALI's own
+prefetch queue then fills and its threads idle): that time is what the decoder's busy fraction
+leaves out.
+
+Every image carries the decode stage's position from before it was taken, so the position "after
+the last image the cache took" is exact however far the thread has run ahead: a resumed sampler
+re-decodes nothing twice and skips nothing. The stage is not thread-safe; this thread calls it
+under a lock, and so does :meth:`DecodeFeeder.mark_broken`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from .backend import Backend
+from .decode import DecodeStage
+
+__all__ = ["DecodeFeeder"]
+
+_POLL_S = 0.1  # how often a waiting thread checks for close()
+
+
+class DecodeFeeder:
+    """Decodes ahead into a buffer of ``capacity`` images.
+
+    Args:
+        decoder: the decode stage (from here on only this object calls it).
+        backend, stream: the thread decodes with the producer's device and stream current.
+        capacity: images decoded but not yet taken, at most (each holds DALI's output memory).
+    """
+
+    def __init__(self, decoder: DecodeStage, backend: Backend, stream: Any, capacity: int) -> None:
+        self.decoder = decoder
+        self._backend, self._stream = backend, stream
+        self.capacity = max(1, capacity)
+        self._buffer: deque[tuple[dict[str, Any], int, list[Any]]] = deque()  # (position before, source, images)
+        self._next_position = decoder.position()  # before the image being decoded now
+        self._state = threading.Condition()  # buffer, positions, counters
+        self._decoding = threading.Lock()  # the decode stage itself
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self.paused_s = 0.0  # time with `capacity` images waiting: the decoder idles
+        self.waited_s = 0.0  # time the producer waited for an image
+        self.taken = 0  # images handed to the producer
+        self._thread = threading.Thread(target=self._run, name="dali-patches-decode", daemon=True)
+
+    # -- the thread --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with self._backend.use(self._stream):
+                while not self._stop.is_set():
+                    with self._state:
+                        if len(self._buffer) >= self.capacity:
+                            t0 = time.perf_counter()
+                            self._state.wait(_POLL_S)
+                            self.paused_s += time.perf_counter() - t0
+                            continue
+                    with self._decoding:
+                        position = self.decoder.position()
+                        with self._state:
+                            self._next_position = position
+                        source, images = self.decoder.next()
+                    with self._state:
+                        self._buffer.append((position, source, images))
+                        self._state.notify_all()
+        except BaseException as e:  # noqa: BLE001 - the producer re-raises it, with its own type
+            with self._state:
+                self._error = e
+                self._state.notify_all()
+
+    # -- the producer's side -----------------------------------------------------------------
+    def _wait_for(self, count: int) -> None:
+        """Until ``count`` images are buffered (the caller holds ``_state``)."""
+        t0 = time.perf_counter()
+        while len(self._buffer) < count and self._error is None and not self._stop.is_set():
+            self.start()
+            self._state.wait(_POLL_S)
+        self.waited_s += time.perf_counter() - t0
+        if len(self._buffer) < count and self._error is not None:
+            raise self._error
+
+    def peek(self) -> tuple[int, list[Any]]:
+        """The next image ``(source, [image, *companions])`` without taking it (waits for one)."""
+        with self._state:
+            self._wait_for(1)
+            _, source, images = self._buffer[0]
+            return source, images
+
+    def take(self, at_least: int, at_most: int) -> list[tuple[int, list[Any]]]:
+        """Between ``at_least`` (waiting for the decoder if needed) and ``at_most`` images: all that
+        are ready, within those bounds."""
+        with self._state:
+            if at_least > 0:
+                self._wait_for(min(at_least, self.capacity))
+            out: list[tuple[int, list[Any]]] = []
+            while len(out) < at_most and (self._buffer or len(out) < at_least):
+                if not self._buffer:  # more than the buffer holds: the rest as they come
+                    self._wait_for(1)
+                _, source, images = self._buffer.popleft()
+                out.append((source, images))
+            self.taken += len(out)
+            self._state.notify_all()
+            return out
+
+    @property
+    def ready(self) -> int:
+        """Images decoded and waiting now."""
+        return len(self._buffer)
+
+    def position(self) -> dict[str, Any]:
+        """The decode stage's position after the last image taken (for the producer's snapshots)."""
+        with self._state:
+            return dict(self._buffer[0][0] if self._buffer else self._next_position)
+
+    def mark_broken(self, source: int, reason: str) -> None:
+        """Set a file aside from now on (see :meth:`DecodeStage.mark_broken`)."""
+        with self._decoding:
+            self.decoder.mark_broken(source, reason)
+
+    def close(self) -> None:
+        """Stop the thread (after the image it is decoding) and drop the buffer."""
+        self._stop.set()
+        with self._state:
+            self._state.notify_all()
+        if self._thread.ident is not None:
+            self._thread.join()
+        self._buffer.clear()
