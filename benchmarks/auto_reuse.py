@@ -38,8 +38,9 @@ def run(files: list[str], reuse: Any, args: argparse.Namespace, **bounds: Any) -
         warnings.simplefilter("ignore")
         sampler = PatchSampler(files, patch_size=args.patch, batch_size=args.batch, reuse=reuse, cache_bytes=args.cache,
                                device="cpu", seed=0, progress=False, **bounds)
-    trace: list[dict[str, float]] = []
+    trace: list[dict[str, Any]] = []
     phases = []
+    waited_before = 0.0  # the trainer's waits in earlier phases (the trace is cumulative)
     with sampler:
         next(sampler)  # warm-up
         t_run = time.perf_counter()
@@ -60,9 +61,10 @@ def run(files: list[str], reuse: Any, args: argparse.Namespace, **bounds: Any) -
                 if now >= next_trace:
                     s = sampler.stats()
                     trace.append({"t": now - t_run, "served": s["patches_served"], "taken": s["images_decoded"],
-                                  "wait": waited, "paused": s["decoder_paused_s"], "phase": name})
+                                  "wait": waited_before + waited, "paused": s["decoder_paused_s"], "phase": name})
                     next_trace = now + 0.5
             end, wall = sampler.stats(), time.perf_counter() - t0
+            waited_before += waited
             taken = end["images_decoded"] - start["images_decoded"]
             served = end["patches_served"] - start["patches_served"]
             phases.append({"phase": name, "seconds": wall, "batches": batches,
@@ -86,7 +88,7 @@ def plot(results: list[dict[str, Any]], decode_rate: float, path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     for r in results:
         trace = r["trace"]
-        label = f"reuse {r['reuse']}" + (f" {r['bounds']}" if r["bounds"] else "")
+        label = f"reuse {r['reuse']}" + (f" [{r['bounds']['min_reuse']:g}, {r['bounds']['max_reuse']:g}]" if r["bounds"] else "")
         ts, reuse, wait = [], [], []
         for a, b in zip(trace, trace[4:]):  # 2 s windows
             ts.append(b["t"])
@@ -100,14 +102,15 @@ def plot(results: list[dict[str, Any]], decode_rate: float, path: Path) -> None:
         if per_batch is not None:
             want = 64 / per_batch / decode_rate
             top.hlines(want, t, t + seconds, colors="grey", linestyles="dotted")
-        top.text(t + 0.2, 1.1, name, fontsize=8, color="grey")
+        top.text(t + 0.2, 1.02, name, fontsize=8, color="grey", transform=top.get_xaxis_transform())
         t += seconds
     top.set_yscale("log")
     top.set_ylabel("effective reuse (2 s windows)")
     bottom.set_ylabel("share of time the trainer waited")
     bottom.set_xlabel("seconds")
-    top.legend(fontsize=8)
-    top.set_title("dotted: consumption ÷ bare decode rate")
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.legend(fontsize=8, loc="center left")
+    top.set_title("effective reuse (dotted: the trainer's pace ÷ bare decode rate) and waiting, per setting", fontsize=10, pad=16)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -4,8 +4,8 @@ bytes per entry, and two local ranks sharing the first scan.
 
 The data sets are real files (8 small JPEG/PNG images, baseline and progressive, copied N times: each
 copy its own inode, since hard or symbolic links to one file are merged as duplicates by design).
-Every measurement runs in a fresh process; the page cache is warm (the trees were just written or
-read). Pillow's ``Image.open`` header read (what the catalog used before) is timed on the same files
+Every measurement runs in a fresh process; the page cache is warm (every file is read once with
+``find | xargs cat`` first). Pillow's ``Image.open`` header read (what the catalog used before) is timed on the same files
 in the same run for the ratio.
 
     python benchmarks/catalog.py --sizes 10000 100000 1000000 --json benchmarks/results/catalog.json
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -92,13 +93,22 @@ def parser_rates(folder: Path, limit: int = 10_000) -> tuple[float, float]:
     from dali_patches.sources import expand
 
     paths = expand(str(folder))[:limit]
-    rates = []
-    for read in (read_local, pillow_header):
+    rates: dict[Any, float] = {}
+    for read in (read_local, pillow_header, read_local, pillow_header):  # twice each, alternating: the best
         t0 = time.perf_counter()
         for p in paths:
             read(p)
-        rates.append(len(paths) / (time.perf_counter() - t0))
-    return rates[0], rates[1]
+        rates[read] = max(rates.get(read, 0.0), len(paths) / (time.perf_counter() - t0))
+    return rates[read_local], rates[pillow_header]
+
+
+def warm_page_cache(folder: Path) -> float:
+    """Read every file once (``find | xargs cat``), so that every start measures a warm cache."""
+    t0 = time.perf_counter()
+    find = subprocess.Popen(["find", "-L", str(folder), "-type", "f", "-print0"], stdout=subprocess.PIPE)
+    subprocess.run(["xargs", "-0", "cat"], stdin=find.stdout, stdout=subprocess.DEVNULL, check=False)
+    find.wait()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -112,7 +122,8 @@ def main() -> None:
         folder = args.root / f"{n}"
         t0 = time.perf_counter()
         make_tree(folder, n)
-        print(f"{n} files ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        print(f"{n} files ready in {time.perf_counter() - t0:.0f} s, read once in {warm_page_cache(folder):.0f} s",
+              file=sys.stderr)
         index_file = args.root / f"index-{n}.npz"
         index_file.unlink(missing_ok=True)
         ours, pillow = parser_rates(folder)

@@ -32,6 +32,35 @@ def test_bench_runs_on_generated_images_and_writes_json(tmp_path: Path, capsys) 
     assert "patches/s" in text and "mean reuse" in text and "peak RSS" in text and "host µs per batch" in text
 
 
+def test_bench_with_auto_reuse_reports_the_pace(many_images: Path, capsys) -> None:
+    code = main(["bench", str(many_images), "--patch", "16", "--batch", "8", "--reuse", "auto", "--max-reuse", "16",
+                 "--cache", "8MiB", "--device", "cpu", "--seconds", "1", "--json", "--no-progress"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    pace = result["pace"]
+    assert pace["reuse_mode"] == "auto" and pace["effective_reuse"] <= 16 * 1.1
+    for key in ("decoder_busy_fraction", "consumer_wait_fraction", "effective_reuse_recent"):
+        assert 0 <= pace[key] < float("inf"), key
+    assert result["config"]["reuse"] == "auto"
+
+
+def test_reuse_flags_are_checked(many_images: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["bench", str(many_images), "--reuse", "fast"])
+    assert "neither a number nor 'auto'" in capsys.readouterr().err
+    assert main(["bench", str(many_images), "--reuse", "8", "--min-reuse", "2", "--device", "cpu", "--no-progress"]) == 2
+    assert "min_reuse=2.0 and max_reuse=None bound reuse='auto'" in capsys.readouterr().err
+
+
+def test_inspect_reports_how_headers_were_found(image_dir: Path, tmp_path: Path, capsys) -> None:
+    index = tmp_path / "idx.npz"
+    for expected in ("0 from the index, 24 read", "24 from the index, 0 read"):
+        main(["inspect", str(image_dir), "--patch", "16", "--cache", "64MiB", "--index", str(index)])
+        assert expected in capsys.readouterr().out
+    main(["inspect", str(image_dir), "--patch", "16", "--cache", "64MiB", "--index", "off"])
+    assert "(no index)" in capsys.readouterr().out
+
+
 def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["bench", str(tmp_path / "missing"), "--device", "cpu", "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
