@@ -91,15 +91,21 @@ def _root(source: Any, paths: Sequence[str]) -> str:
         return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
 
 
-def relative_keys(paths: Sequence[str], root: str) -> list[str]:
-    """Each path relative to ``root`` (for millions of paths under it, one string operation)."""
+def _joined_keys(paths: Sequence[str], root: str) -> str:
+    """Every path relative to ``root``, NUL-separated (for millions of paths under it, a few string
+    operations over one string)."""
     prefix = root if root.endswith("/") else root + "/"
     joined = "\0".join(paths)
     if paths and joined.startswith(prefix) and joined.count("\0" + prefix) == len(paths) - 1:
-        return joined[len(prefix):].replace("\0" + prefix, "\0").split("\0")
+        return joined[len(prefix):].replace("\0" + prefix, "\0")
     n = len(prefix)
-    return [p[n:] if p.startswith(prefix) else os.path.relpath(os.path.abspath(p), os.path.abspath(root))
-            for p in paths]
+    return "\0".join(p[n:] if p.startswith(prefix) else os.path.relpath(os.path.abspath(p), os.path.abspath(root))
+                     for p in paths)
+
+
+def relative_keys(paths: Sequence[str], root: str) -> list[str]:
+    """Each path relative to ``root``."""
+    return _joined_keys(paths, root).split("\0") if paths else []
 
 
 def _index_path(index: str | os.PathLike | bool | None, identity: str, count: int) -> str | None:
@@ -210,7 +216,7 @@ class Catalog:
         """A digest of this version of the data set that survives moving it: every file's path
         relative to :attr:`root`, its size and its stamp (whole seconds for files)."""
         stamps = self.stamps if self.root.startswith("s3://") else self.stamps // 1_000_000_000
-        digest = hashlib.sha256("\0".join(relative_keys(self.files, self.root)).encode())
+        digest = hashlib.sha256(_joined_keys(self.files, self.root).encode())
         digest.update(self.file_bytes.astype("<i8").tobytes())
         digest.update(stamps.astype("<i8").tobytes())
         return digest.hexdigest()
@@ -314,8 +320,10 @@ class Catalog:
         # the same file listed twice (or a link to it): keep the first, report the rest
         linked = np.flatnonzero(usable & (cols.ino[:n] > 0))
         if len(linked):
-            pairs = np.stack([cols.dev[linked], cols.ino[linked]], 1)
-            _, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+            dev, ino = cols.dev[linked], cols.ino[linked]
+            same_device = bool((dev == dev[0]).all())  # the usual case: one sort of inodes, not of pairs
+            _, first, inverse = np.unique(ino if same_device else np.stack([dev, ino], 1), axis=None if same_device else 0,
+                                          return_index=True, return_inverse=True)
             repeat = np.flatnonzero(first[inverse.ravel()] != np.arange(len(linked)))
             for j in repeat.tolist():
                 earlier = images[int(linked[first[inverse.ravel()[j]]])]

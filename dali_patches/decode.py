@@ -48,6 +48,7 @@ class DecodeError(RuntimeError):
 
 
 _LIST_MIN_FILES = 10_000  # from here on DALI's reader gets a list file: it builds far faster than files=
+_UNLISTABLE = (" ", "\t", "\r", "\f", "\v", "s3://")  # what a "path label" line cannot hold; objects
 
 
 @contextlib.contextmanager
@@ -57,8 +58,8 @@ def _list_files(columns: Sequence[Sequence[str]]) -> Iterator[list[str | None]]:
     made: list[str | None] = []
     try:
         for column in columns:
-            text = "\n".join(column)
-            if len(column) < _LIST_MIN_FILES or "s3://" in text or any(c in text for c in " \t\r\f\v"):
+            text = "\n".join(column) if len(column) >= _LIST_MIN_FILES else ""
+            if not text or any(mark in text for mark in _UNLISTABLE):
                 made.append(None)
                 continue
             fd, path = tempfile.mkstemp(prefix="dali_patches_files_", suffix=".txt")

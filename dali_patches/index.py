@@ -366,7 +366,7 @@ def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str]
     return out
 
 
-def lookup(paths: Sequence[str], keys: Sequence[str], root: str, index: str | None, trust: bool,
+def lookup(paths: Sequence[str], keys: list[str], root: str, index: str | None, trust: bool,
            read: Callable[[Sequence[str], tqdm], Columns] | None = None, stamps: Columns | None = None,
            workers: int = 0, progress: bool = False, report: dict[str, Any] | None = None) -> Columns:
     """Headers of ``paths`` (``keys``: their paths relative to ``root``), from the index at ``index``
@@ -394,7 +394,7 @@ def lookup(paths: Sequence[str], keys: Sequence[str], root: str, index: str | No
         fresh = np.ones(len(paths), bool)
         if loaded is not None:
             table = loaded[1]
-            if loaded[0] == list(keys) and (stamps is None or (
+            if loaded[0] == keys and (stamps is None or (
                     (table.size == stamps.size) & (table.stamp == stamps.stamp) & (stamps.size >= 0)).all()):
                 out, found = table, np.arange(len(keys))  # the usual second start: nothing changed
             else:

@@ -131,7 +131,12 @@ class RoundCutter:
         for k, part in enumerate(self.parts):  # one gather per part: a kernel launch, or host passes
             if self._helper is not None and n > 1:  # host: the round's first half on the helper thread
                 half = n // 2
-                first = self._helper.submit(cache.cut, k, tables[k][: half * b])
+                try:
+                    first = self._helper.submit(cache.cut, k, tables[k][: half * b])
+                except RuntimeError:  # the interpreter is exiting (executors refuse work): cut it here
+                    self._helper = None
+                    out.append(cache.cut(k, tables[k]).reshape(n, b, *part.patch_shape))
+                    continue
                 second = cache.cut(k, tables[k][half * b:]).reshape(n - half, b, *part.patch_shape)
                 out.append([*first.result().reshape(half, b, *part.patch_shape), *second])
                 continue
