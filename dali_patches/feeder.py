@@ -49,7 +49,7 @@ class DecodeFeeder:
         self._stop = threading.Event()
         self.paused_s = 0.0  # time with `capacity` images waiting: the decoder idles
         self.waited_s = 0.0  # time the producer waited for an image
-        self.taken = 0  # images handed to the producer
+        self.taken = decoder.images_decoded  # images handed to the producer (a resumed stage starts where it was)
         self._thread = threading.Thread(target=self._run, name="dali-patches-decode", daemon=True)
 
     # -- the thread --------------------------------------------------------------------------

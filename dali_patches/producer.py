@@ -91,6 +91,7 @@ class Producer:
         self.round_batches = round_batches(config, plan.warmup_images, self.feeder.capacity)
         self.pace = Pace()
         self.consumer_wait_s = 0.0  # time next() waited for the producer, after the first batch
+        self._round_counts = (0, 0)  # (patches drawn, images taken) after the last round
         self._since: dict[str, float] | None = None  # counters when the first batch was taken
 
         # Whole rounds cross the queue (one hand-off per round, not per batch: each blocking put or get
@@ -281,6 +282,7 @@ class Producer:
                 bar.update()
         self._release_decoded(self.backend.record(self._stream), wait=True)
         self.warmup_images = self.feeder.taken
+        self._round_counts = (self.batches_made * self.config.batch_size, self.feeder.taken)
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
 
     def _make_round(self) -> list[PatchBatch]:
@@ -302,6 +304,7 @@ class Producer:
         batches = [PatchBatch(cuts[0][j], draw.source[j], anchor[j], start + j,
                               {name: cut[j] for name, cut in zip(names, cuts[1:])}, ready) for j in range(n)]
         self.batches_made += n
+        self._round_counts = (self.batches_made * self.config.batch_size, self.feeder.taken)  # one consistent pair
         self.distinct_batches += int(draw.distinct.sum())
         self._snapshot(self.batches_made)
         self.host_s["refill"] += t1 - t0
@@ -360,12 +363,13 @@ class Producer:
             setattr(self, name, snapshot[name])
         self._skip = int(state["skip"])
         self.last_delivered = self.batches_made + self._skip - 1
+        self._round_counts = (self.batches_made * self.config.batch_size, self.feeder.taken)
         self._snapshot(self.batches_made)
         self._restored = True
 
     def _counters(self) -> dict[str, float]:
-        return {"served": self.batches_made * self.config.batch_size, "taken": self.feeder.taken,
-                "paused": self.feeder.paused_s, "wait": self.consumer_wait_s}
+        served, taken = self._round_counts  # as of the last finished round: a round's takes and its patches together
+        return {"served": served, "taken": taken, "paused": self.feeder.paused_s, "wait": self.consumer_wait_s}
 
     def stats(self) -> dict[str, Any]:
         """Counters of the stream so far (batches made by the producer, possibly not yet consumed)."""

@@ -183,7 +183,7 @@ class PatchSampler:
                                    self.backend.device.value,
                                    largest=f"{cat.files[big]!r} ({cat.heights[big]}x{cat.widths[big]})")
         self.cache_bytes = self.plan.capacity_bytes
-        self._files_sha = self.catalog.digest()
+        self._files_sha: str | None = None  # the data set's digest, worked out when a state first needs it
         columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
         self._producer = Producer(columns, cfg, self.backend, self.plan, (self.catalog.heights, self.catalog.widths),
                                   progress=progress, points=self._points)
@@ -309,6 +309,8 @@ class PatchSampler:
     def _fingerprint(self) -> dict[str, Any]:
         """What a state must match to resume here: every stream-shaping config field, the resolved
         cache size, and digests of the file lists and points."""
+        if self._files_sha is None:
+            self._files_sha = self.catalog.digest()
         return {**self.config.stream_fields(), "files": len(self.files), "files_sha256": self._files_sha,
                 "cache_bytes": self.cache_bytes,
                 "companion_files_sha256": hashlib.sha256(repr(self.catalog.companions).encode()).hexdigest(),

@@ -122,3 +122,31 @@ def test_max_reuse_holds_after_a_slow_phase(many_images: Path) -> None:
     taken = end["images_decoded"] - start["images_decoded"]
     served = end["patches_served"] - start["patches_served"]
     assert served / taken <= 4 * 1.15
+
+
+@pytest.mark.parametrize("path", ["pipeline", "direct"])
+def test_auto_through_dali_and_direct_paths_with_companions(device: str, sr_pairs: Path, path: str) -> None:
+    """Companions stay aligned (LR = HR decimated) and batches distinct through DALI's pipeline and
+    the direct path under reuse='auto'."""
+    source = {"image": sr_pairs / "hr", "lr": str(sr_pairs / "lr_x2/**/*x2.png")}
+    with PatchSampler(source, patch_size=P, batch_size=B, reuse="auto", max_reuse=8, cache_images=12, device=device,
+                      companions={"lr": {"scale": 0.5}}) as sampler:
+        if path == "pipeline":
+            pipe = sampler.pipeline()
+            for _ in range(10):
+                patches, lr, src, _ = (o.as_cpu() if hasattr(o, "as_cpu") else o for o in pipe.run())
+                hr = np.stack([np.asarray(patches[i]) for i in range(B)])
+                low = np.stack([np.asarray(lr[i]) for i in range(B)])
+                np.testing.assert_array_equal(hr[:, ::2, ::2], low)
+                assert len({int(np.asarray(src[i])) for i in range(B)}) == B
+        else:
+            pytest.importorskip("torch")
+            from dali_patches.torch import DirectIterator
+
+            for i, batch in enumerate(DirectIterator(sampler)):
+                hr, low = batch["patches"].cpu().numpy(), batch["lr"].cpu().numpy()
+                np.testing.assert_array_equal(hr[:, ::2, ::2], low)
+                assert len(set(batch["source"].tolist())) == B
+                if i == 9:
+                    break
+        assert sampler.stats()["effective_reuse"] <= 8 * 1.1
