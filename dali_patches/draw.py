@@ -43,10 +43,12 @@ class RefillSchedule:
     A fixed ``reuse``: ``batch_size / reuse`` per batch on average, as a deterministic running credit
     (e.g. reuse 32, B 256 → 8 per batch; B 100 → 3, 3, 3, 4, ...), the same count however fast the
     decoder is. ``reuse=None`` (auto): any count within the bounds, kept as two running balances —
-    images still ``owed`` to stay at or under ``max_reuse`` patches per image (images taken ahead
-    are not credited beyond one, so ``max_reuse`` holds over any run of rounds), and images
-    ``allowed`` before dropping under ``min_reuse`` (banking at most ``slack``, so a fast phase
-    cannot pay for a later burst under ``min_reuse``).
+    images still ``owed`` to stay at or under ``max_reuse`` patches per image, and images ``allowed``
+    before dropping under ``min_reuse``. Each banks at most ``slack`` images (two decode batches:
+    DALI hands images over a decode batch at a time, and a burst taken ahead must pay for the
+    rounds after it), so over any run of rounds ``patches ≤ max_reuse × (images + slack)`` and
+    ``patches ≥ min_reuse × (images − slack)``: a fast phase cannot pay for a later burst past
+    ``max_reuse``, nor a pause for one under ``min_reuse``.
     """
 
     def __init__(self, batch_size: int, reuse: float | None, min_reuse: float = 1.0,
@@ -85,7 +87,7 @@ class RefillSchedule:
             return
         patches = batches * self.batch_size
         if self.max_reuse:
-            self.owed = max(self.owed + patches / self.max_reuse - taken, -1.0)  # a fraction carried, no more
+            self.owed = max(self.owed + patches / self.max_reuse - taken, -self.slack)
         self.allowed = min(self.allowed + patches / self.min_reuse - taken, self.slack)
 
     def state_dict(self) -> dict[str, Any]:

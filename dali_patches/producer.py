@@ -91,7 +91,7 @@ class Producer:
         self.round_batches = round_batches(config, plan.warmup_images, self.feeder.capacity)
         self.pace = Pace()
         self.consumer_wait_s = 0.0  # time next() waited for the producer, after the first batch
-        self._round_counts = (0, 0)  # (patches drawn, images taken) after the last round
+        self._round_counts = (0, 0, 0)  # (batches made, of them distinct, images taken) after the last round
         self._since: dict[str, float] | None = None  # counters when the first batch was taken
 
         # Whole rounds cross the queue (one hand-off per round, not per batch: each blocking put or get
@@ -282,7 +282,7 @@ class Producer:
                 bar.update()
         self._release_decoded(self.backend.record(self._stream), wait=True)
         self.warmup_images = self.feeder.taken
-        self._round_counts = (self.batches_made * self.config.batch_size, self.feeder.taken)
+        self._round_counts = (self.batches_made, self.distinct_batches, self.feeder.taken)
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
 
     def _make_round(self) -> list[PatchBatch]:
@@ -304,8 +304,9 @@ class Producer:
         batches = [PatchBatch(cuts[0][j], draw.source[j], anchor[j], start + j,
                               {name: cut[j] for name, cut in zip(names, cuts[1:])}, ready) for j in range(n)]
         self.batches_made += n
-        self._round_counts = (self.batches_made * self.config.batch_size, self.feeder.taken)  # one consistent pair
         self.distinct_batches += int(draw.distinct.sum())
+        # one tuple, so that a stats() from another thread never pairs one round's counts with the last's
+        self._round_counts = (self.batches_made, self.distinct_batches, self.feeder.taken)
         self._snapshot(self.batches_made)
         self.host_s["refill"] += t1 - t0
         self.host_s["round"] += time.perf_counter() - t1
@@ -363,19 +364,18 @@ class Producer:
             setattr(self, name, snapshot[name])
         self._skip = int(state["skip"])
         self.last_delivered = self.batches_made + self._skip - 1
-        self._round_counts = (self.batches_made * self.config.batch_size, self.feeder.taken)
+        self._round_counts = (self.batches_made, self.distinct_batches, self.feeder.taken)
         self._snapshot(self.batches_made)
         self._restored = True
 
     def _counters(self) -> dict[str, float]:
-        served, taken = self._round_counts  # as of the last finished round: a round's takes and its patches together
-        return {"served": served, "taken": taken, "paused": self.feeder.paused_s, "wait": self.consumer_wait_s}
+        made, _, taken = self._round_counts  # as of the last finished round: its takes and its patches together
+        return {"served": made * self.config.batch_size, "taken": taken, "paused": self.feeder.paused_s, "wait": self.consumer_wait_s}
 
     def stats(self) -> dict[str, Any]:
         """Counters of the stream so far (batches made by the producer, possibly not yet consumed)."""
-        cache, made = self.cache, self.batches_made
+        cache, (made, distinct, decoded) = self.cache, self._round_counts
         served = made * self.config.batch_size
-        decoded = self.feeder.taken
         return {
             **self.pace_stats(),
             "batches_served": made,
@@ -389,7 +389,7 @@ class Producer:
             "cache_bytes_used": cache.bytes_used,
             "mean_reuse": served / decoded if decoded else 0.0,
             "patches_per_residence": cache.evicted_served / cache.evicted if cache.evicted else 0.0,
-            "distinct_fraction": self.distinct_batches / made if made else 1.0,
+            "distinct_fraction": distinct / made if made else 1.0,
             "round_batches": self.round_batches,
             "producer_us_per_batch": 1e6 * self.host_s["round"] / made if made else 0.0,
             "refill_us_per_batch": 1e6 * self.host_s["refill"] / made if made else 0.0,

@@ -149,4 +149,6 @@ def test_auto_through_dali_and_direct_paths_with_companions(device: str, sr_pair
                 assert len(set(batch["source"].tolist())) == B
                 if i == 9:
                     break
-        assert sampler.stats()["effective_reuse"] <= 8 * 1.1
+        stats = sampler.stats()
+        taken = stats["images_decoded"] - stats["warmup_images"]
+        assert stats["patches_served"] <= 8 * (taken + sampler._producer.feeder.capacity)  # max_reuse, with its slack
