@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import storage
 from .headers import Header, parse, pillow_header
-from .index import Columns, default_index_path, lookup, trusted_keys
+from .index import Columns, default_index_path, load_index, lookup
 from .options import Companion, CompanionKind, Part, scaled
 from .sources import IMAGE_SUFFIXES, Problem, pair_sources
 
@@ -73,8 +73,7 @@ def _object_reader(uris: Sequence[str], size_of: dict[str, int], bar: tqdm) -> C
 
     with ThreadPoolExecutor(_OBJECT_THREADS) as pool:
         for i, header in enumerate(pool.map(one, range(len(uris)))):
-            out.put(i, header)
-            out.size[i] = size_of[uris[i]]
+            out.put(i, header)  # size and stamp: the listing's, set by lookup()
             bar.update(1)
     return out
 
@@ -269,9 +268,7 @@ class Catalog:
             msg = ("companions are not supported for s3:// sources yet; sample the images alone, or keep the "
                    "pairs on a file system")
             raise ValueError(msg)
-        identity: str | None = None
-        index_file = None
-        stamps = read = None
+        stamps = read = loaded = None
         columns: list[list[str]] | None = None
         skipped: list[tuple[str, str]] = []
         if objects:
@@ -285,21 +282,25 @@ class Catalog:
             root = _root(source, [])
             identity = os.path.abspath(root)
             index_file = _index_path(index if index is not None else True, identity, 0)
-            keys = trusted_keys(index_file, identity) if index_file else None
-            prefix = root.rstrip("/") + "/"
-            columns = None if keys is None else [(prefix + ("\0" + prefix).join(keys)).split("\0") if keys else []]
-            if columns is None:
+            loaded = load_index(index_file, identity) if index_file else None
+            if loaded is not None:  # the listing and the keys come from the index: no walk, no stat
+                keys = loaded[0]
+                prefix = root.rstrip("/") + "/"
+                columns = [(prefix + ("\0" + prefix).join(keys)).split("\0") if keys else []]
+            else:
                 log.info("trust_index: no index for %s yet; listing and scanning it", root)
         if columns is None:
             columns, skipped = pair_sources(source, names)
         paths = [p for column in columns for p in column] if names else columns[0]
-        root = _root(source, paths)
-        identity = root if objects else os.path.abspath(root)
-        index_file = _index_path(index, identity, len(paths))
+        if loaded is None:
+            root = _root(source, paths)
+            identity = root if objects else os.path.abspath(root)
+            index_file = _index_path(index, identity, len(paths))
+            keys = relative_keys(paths, root)
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
         report: dict[str, Any] = {}
-        cols = lookup(paths, relative_keys(paths, root), identity, index_file, trust_index, read=read, stamps=stamps,
-                      workers=workers, progress=bool(show), report=report)
+        cols = lookup(paths, keys, identity, index_file, trust_index, read=read, stamps=stamps,
+                      workers=workers, progress=bool(show), report=report, loaded=loaded)
         return replace(cls._build(columns, cols, skipped, root, min_size, exif, pad, companions, check), scan_report=report)
 
     @classmethod

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .headers import Header, read_local
 from .sources import Problem
 
-__all__ = ["Columns", "IndexWarning", "default_index_path", "lookup", "stat_files"]
+__all__ = ["Columns", "IndexWarning", "default_index_path", "load_index", "lookup"]
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +242,6 @@ def _in_chunks(work: Callable[[Sequence[str]], Columns], paths: Sequence[str], w
     return out
 
 
-def stat_files(paths: Sequence[str], workers: int = 0) -> Columns:
-    """Size, mtime (ns), device and inode of every path (symbolic links followed); the header
-    columns left empty. ``workers``: processes (0: one per core)."""
-    return _in_chunks(_stat_chunk, paths, workers or os.cpu_count() or 1, tqdm(disable=True))
-
-
 # -- the index file ----------------------------------------------------------------------------
 def _load(path: str, root: str) -> tuple[list[str], Columns] | None:
     if not os.path.exists(path):
@@ -297,10 +291,10 @@ def _save(path: str, root: str, keys: Sequence[str], table: Columns) -> bool:
     return True
 
 
-def trusted_keys(path: str, root: str) -> list[str] | None:
-    """The relative paths an index of ``root`` lists (for ``trust_index``), or ``None`` without one."""
-    loaded = _load(path, root)
-    return None if loaded is None else loaded[0]
+def load_index(path: str, root: str) -> tuple[list[str], Columns] | None:
+    """The relative paths and columns an index of ``root`` holds, or ``None`` without a usable one
+    (for ``trust_index``, which takes its file list from here and hands the result to :func:`lookup`)."""
+    return _load(path, root)
 
 
 def _remove_old_parts(path: str, age_s: float = 600.0) -> None:
@@ -368,7 +362,8 @@ def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str]
 
 def lookup(paths: Sequence[str], keys: list[str], root: str, index: str | None, trust: bool,
            read: Callable[[Sequence[str], tqdm], Columns] | None = None, stamps: Columns | None = None,
-           workers: int = 0, progress: bool = False, report: dict[str, Any] | None = None) -> Columns:
+           workers: int = 0, progress: bool = False, report: dict[str, Any] | None = None,
+           loaded: tuple[list[str], Columns] | None = None) -> Columns:
     """Headers of ``paths`` (``keys``: their paths relative to ``root``), from the index at ``index``
     where size and stamp still match, read (and the index updated) where not.
 
@@ -379,13 +374,15 @@ def lookup(paths: Sequence[str], keys: list[str], root: str, index: str | None, 
         index: the index file, or ``None`` for none (every start reads every header).
         report: filled with ``files``, ``from_index``, ``read_here``, ``read_by_peers`` (local
             ranks) and ``seconds``.
+        loaded: the index as :func:`load_index` already read it (not read again).
     """
     t0 = time.perf_counter()
     report = {} if report is None else report
     report.update(files=len(paths), from_index=0, read_here=0, read_by_peers=0, index=index)
     workers = workers or os.cpu_count() or 1
     read = read or (lambda some, bar: _in_chunks(_read_chunk, some, workers, bar))
-    loaded = _load(index, root) if index else None
+    if loaded is None and index:
+        loaded = _load(index, root)
     bar = tqdm(total=len(paths), desc="scanning headers", unit="file", disable=not progress)
     with bar:
         if stamps is None and loaded is not None and not trust:  # without an index, reading stats too

@@ -282,14 +282,14 @@ class Producer:
                 bar.update()
         self._release_decoded(self.backend.record(self._stream), wait=True)
         self.warmup_images = self.feeder.taken
-        self._round_counts = (self.batches_made, self.distinct_batches, self.feeder.taken)
+        self._count_round()
         log.info("cache warm: %d images resident, %d bytes", self.cache.resident, self.cache.bytes_used)
 
     def _make_round(self) -> list[PatchBatch]:
         t0 = time.perf_counter()
         n, start = self.round_batches, self.batches_made
         least, most = self.schedule.window(n)
-        taken = self.feeder.take(least, max(least, min(most, self.feeder.capacity)) if self.schedule.auto else most)
+        taken = self.feeder.take(least, max(least, min(most, self.feeder.capacity)))  # fixed reuse: least == most
         for source, images in taken:
             self._insert(source, images)
         self.schedule.record(n, len(taken))
@@ -305,8 +305,7 @@ class Producer:
                               {name: cut[j] for name, cut in zip(names, cuts[1:])}, ready) for j in range(n)]
         self.batches_made += n
         self.distinct_batches += int(draw.distinct.sum())
-        # one tuple, so that a stats() from another thread never pairs one round's counts with the last's
-        self._round_counts = (self.batches_made, self.distinct_batches, self.feeder.taken)
+        self._count_round()
         self._snapshot(self.batches_made)
         self.host_s["refill"] += t1 - t0
         self.host_s["round"] += time.perf_counter() - t1
@@ -364,9 +363,14 @@ class Producer:
             setattr(self, name, snapshot[name])
         self._skip = int(state["skip"])
         self.last_delivered = self.batches_made + self._skip - 1
-        self._round_counts = (self.batches_made, self.distinct_batches, self.feeder.taken)
+        self._count_round()
         self._snapshot(self.batches_made)
         self._restored = True
+
+    def _count_round(self) -> None:
+        """Publish the counts after a round as one tuple, so that a ``stats()`` from another thread
+        never pairs one round's counts with the last's."""
+        self._round_counts = (self.batches_made, self.distinct_batches, self.feeder.taken)
 
     def _counters(self) -> dict[str, float]:
         made, _, taken = self._round_counts  # as of the last finished round: its takes and its patches together
