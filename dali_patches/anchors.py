@@ -86,11 +86,15 @@ class MaskAnchors(UniformAnchors):
         self.classes = 1 if pos_fraction is None else 2
         self.cell = min(_CELL, *patch_size)
         self._cdfs: dict[int, tuple[int, list[HostArray]]] = {}  # slot → (cells per row, cumsum per class)
+        self._pending: dict[int, tuple[Any, tuple[int, int]]] = {}  # slot → (cell sums on the device, region shape)
         self._flat_of: tuple[int, ...] | None = None  # the resident slots the flat arrays were built for
         self._flat: list[HostArray] = []  # per class: every resident slot's cumsum + its base, end to end
         self._index: dict[str, HostArray] = {}  # per-slot start, length, base, total (per class), cols
 
     def on_insert(self, cache: RingCache, slot: int) -> None:
+        """Sum the mask of a new image per cell, on its device; the sums come to the host with those of
+        every other image inserted before the next draw, in one copy (one wait for the device per
+        round, not per image)."""
         (ph, pw), c, xp = self.patch_size, self.cell, self.xp
         mask = cache.image(self.part, slot)[..., 0]
         region = mask[ph // 2: mask.shape[0] - ph + ph // 2 + 1, pw // 2: mask.shape[1] - pw + pw // 2 + 1]
@@ -101,18 +105,33 @@ class MaskAnchors(UniformAnchors):
             padded[: region.shape[0], : region.shape[1]] = region
         else:
             xp.greater(region, 0, out=padded[: region.shape[0], : region.shape[1]])
-        sums = self.backend.to_host(padded.reshape(rows, c, cols * c).sum(axis=1).reshape(rows, cols, c).sum(axis=2))
-        cdfs = [np.cumsum(sums, dtype=np.float64)]
-        if self.pos_fraction is not None:  # negatives: valid positions of the cell minus positives
-            valid = np.outer(np.minimum(c, region.shape[0] - c * np.arange(rows)),
-                             np.minimum(c, region.shape[1] - c * np.arange(cols)))
-            cdfs.append(np.cumsum(valid - sums, dtype=np.float64))
-        self._cdfs[int(slot)] = (cols, [cdf.reshape(-1) for cdf in cdfs])
+        sums = padded.reshape(rows, c, cols * c).sum(axis=1).reshape(rows, cols, c).sum(axis=2)
+        self._pending[int(slot)] = (sums, region.shape)
         self._flat_of = None
+
+    def _flush(self) -> None:
+        """Bring the cell sums of the images inserted since the last draw to the host, at once."""
+        if not self._pending:
+            return
+        slots, pending = list(self._pending), list(self._pending.values())
+        self._pending = {}
+        flat = self.backend.to_host(self.xp.concatenate([sums.reshape(-1) for sums, _ in pending]))
+        ends = np.cumsum([sums.size for sums, _ in pending])
+        c = self.cell
+        for slot, (sums_device, region), host in zip(slots, pending, np.split(flat, ends[:-1])):
+            rows, cols = sums_device.shape
+            sums = host.reshape(rows, cols)
+            cdfs = [np.cumsum(sums, dtype=np.float64)]
+            if self.pos_fraction is not None:  # negatives: valid positions of the cell minus positives
+                valid = np.outer(np.minimum(c, region[0] - c * np.arange(rows)),
+                                 np.minimum(c, region[1] - c * np.arange(cols)))
+                cdfs.append(np.cumsum(valid - sums, dtype=np.float64))
+            self._cdfs[slot] = (cols, [cdf.reshape(-1) for cdf in cdfs])
 
     def _build_flat(self, cache: RingCache) -> None:
         """Lay the resident slots' cumulative sums end to end, each shifted by the totals before it,
         so that one ``searchsorted`` finds the cell of every patch of a round."""
+        self._flush()
         resident = cache.resident_slots()
         for stale in set(self._cdfs) - set(resident.tolist()):
             del self._cdfs[stale]

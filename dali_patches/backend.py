@@ -62,6 +62,9 @@ class Backend:
         decoder_device: DALI ``decoders.image`` device: ``"mixed"`` (nvJPEG) or ``"cpu"``.
         op_device: DALI device of data after decoding: ``"gpu"`` or ``"cpu"``.
         dali_device_id: ``device_id`` for DALI pipelines (``None`` = CPU-only pipeline).
+        device_id: the CUDA device (GPU mode) every array, stream and event of the sampler lives
+            on. Each is made with that device current, whichever device the calling thread has
+            current (CuPy allocates on the current device, not on the one a stream belongs to).
     """
 
     device: Device
@@ -69,16 +72,21 @@ class Backend:
     decoder_device: str
     op_device: str
     dali_device_id: int | None
+    device_id: int = 0
 
     @property
     def is_gpu(self) -> bool:
         return self.device is Device.GPU
 
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """Make the sampler's CUDA device current in this thread (GPU); no-op on CPU."""
+        return self.xp.cuda.Device(self.device_id) if self.is_gpu else contextlib.nullcontext()
+
     def new_stream(self) -> Any:
         """A CUDA stream for a producer thread (GPU) or ``None`` (CPU)."""
         if not self.is_gpu:
             return None
-        with self.xp.cuda.Device(self.dali_device_id):
+        with self.on_device():
             return self.xp.cuda.Stream(non_blocking=True)
 
     @property
@@ -91,7 +99,7 @@ class Backend:
         if stream is None:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        stack.enter_context(self.xp.cuda.Device(self.dali_device_id))
+        stack.enter_context(self.on_device())
         stack.enter_context(stream)
         return stack
 
@@ -106,13 +114,23 @@ class Backend:
         everything queued on ``stream`` so far. ``None`` on CPU, where work is done when it returns."""
         if stream is None:
             return None
-        event = self.xp.cuda.Event(block=False, disable_timing=True)
-        event.record(stream)
+        with self.on_device():  # an event belongs to the device current when it is made
+            event = self.xp.cuda.Event(block=False, disable_timing=True)
+            event.record(stream)
         return event
 
     def current_stream(self) -> Any:
-        """The calling thread's current CuPy stream (GPU), ``None`` on CPU."""
-        return self.xp.cuda.get_current_stream() if self.is_gpu else None
+        """The calling thread's current CuPy stream on the sampler's device (GPU), ``None`` on CPU."""
+        if not self.is_gpu:
+            return None
+        with self.on_device():
+            return self.xp.cuda.get_current_stream()
+
+    def empty_device(self, shape: tuple[int, ...] | int, dtype: Any) -> DeviceArray:
+        """An uninitialised array on the sampler's device (CuPy's pool on GPU: allocate only after the
+        stream that will write it waits for every stream that read the memory it may reuse)."""
+        with self.on_device():
+            return self.xp.empty(shape, dtype)
 
     @staticmethod
     def wait(stream: Any, event: Any) -> None:
@@ -136,7 +154,7 @@ class Backend:
         benchmarks/RESULTS.md). Pages are committed as the cache first fills them.
         """
         if self.is_gpu:  # straight from the driver, not CuPy's pool: freed to the device when dropped
-            with self.xp.cuda.Device(self.dali_device_id):
+            with self.on_device():
                 memory = self.xp.cuda.Memory(nbytes)
                 return self.xp.ndarray((nbytes,), self.xp.uint8, self.xp.cuda.MemoryPointer(memory, 0))
         buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -146,17 +164,23 @@ class Backend:
 
     def as_array(self, dali_tensor: Any) -> DeviceArray:
         """A view of one DALI tensor (``TensorCPU``/``TensorGPU``) as an ``xp`` array (no copy)."""
-        return self.xp.asarray(dali_tensor)
+        with self.on_device():
+            return self.xp.asarray(dali_tensor)
 
     def free_bytes(self) -> int:
         """Memory an arena could take now: free GPU memory, or available host RAM."""
         if self.is_gpu:
-            with self.xp.cuda.Device(self.dali_device_id):
+            with self.on_device():
                 return int(self.xp.cuda.runtime.memGetInfo()[0])
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
     def to_host(self, array: DeviceArray) -> HostArray:
-        return self.xp.asnumpy(array) if self.is_gpu else np.asarray(array)
+        """A host copy (GPU: made on the calling thread's current stream of the sampler's device,
+        which must already be ordered after the work that wrote ``array``)."""
+        if not self.is_gpu:
+            return np.asarray(array)
+        with self.on_device():
+            return self.xp.asnumpy(array)
 
 
 def resolve_backend(device: Device | str, device_id: int = 0, from_local_rank: bool = False) -> Backend:
@@ -186,5 +210,5 @@ def resolve_backend(device: Device | str, device_id: int = 0, from_local_rank: b
         if device_id >= count:
             msg = f"{device_id=} but only {count} CUDA device(s) are visible; pass device_id < {count}"
             raise ValueError(msg)
-        return Backend(Device.GPU, cupy, "mixed", "gpu", device_id)
+        return Backend(Device.GPU, cupy, "mixed", "gpu", device_id, device_id)
     return Backend(Device.CPU, np, "cpu", "cpu", None)

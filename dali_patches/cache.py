@@ -21,7 +21,7 @@ import numpy as np
 
 from .backend import Backend, DeviceArray, HostArray
 from .config import format_bytes
-from .gather import gather, patch_table
+from .gather import OVERREAD_BYTES, gather, patch_table
 from .options import CompanionKind, Part, scaled
 
 __all__ = ["CachePlan", "RingCache", "images_held"]
@@ -88,7 +88,7 @@ class RingCache:
         self.backend = backend
         self.capacity_bytes = int(capacity_bytes)
         self.parts = tuple(parts or (_main_part(pixel_bytes),))
-        self.arena: DeviceArray = backend.empty(self.capacity_bytes)
+        self.arena: DeviceArray = backend.empty(self.arena_bytes(self.capacity_bytes))
         self.max_slots = int(max_slots)
         self.offset = np.zeros(self.max_slots, np.int64)
         self.height = np.zeros(self.max_slots, np.int64)
@@ -102,6 +102,12 @@ class RingCache:
         self._slot_of_source: dict[int, int] = {}
         self.evicted = 0
         self.evicted_served = 0  # patches served by images whose residence has ended
+
+    @staticmethod
+    def arena_bytes(capacity_bytes: int) -> int:
+        """Bytes allocated for a ring of ``capacity_bytes``: the GPU gather may read a few bytes past
+        an image's last row (:data:`~dali_patches.gather.OVERREAD_BYTES`), so they stay readable."""
+        return -(-(int(capacity_bytes) + OVERREAD_BYTES) // 16) * 16
 
     # -- planning ----------------------------------------------------------------------------
     @staticmethod

@@ -26,7 +26,7 @@ __all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "p
 _DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to this (see SamplerConfig)
 # Fields that do not change the stream of (source, anchor) and patches: a state saved under other
 # values of them resumes exactly. Every other field is part of the resume fingerprint.
-_NOT_IN_STREAM = frozenset({"num_threads", "queue_depth", "device_id", "augment"})
+_NOT_IN_STREAM = frozenset({"num_threads", "queue_depth", "device_id", "augment", "hw_decoder_load"})
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _UNITS.update({"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12})
@@ -185,6 +185,10 @@ class SamplerConfig:
             ``anchor_mask`` (scale 1), ``POINTS`` needs ``points`` given to the sampler.
         pos_fraction: ``POS_NEG``: share of patches centred on mask > 0 (0.5 = as many as on 0).
         image_choice: :class:`ImageChoice`, uniform per image (default) or weighted by area.
+        hw_decoder_load: GPU: the share (0–1) of each decode batch that nvJPEG gives the hardware
+            JPEG engine of A100/H100-class GPUs, the rest going to its CUDA decoder; ``None`` keeps
+            DALI's default (0.65). The two may decode a file to slightly different pixels, so pin it
+            where patches must match another decode bit for bit (the tests pin 0).
     """
 
     patch_size: tuple[int, int]
@@ -213,6 +217,7 @@ class SamplerConfig:
     image_choice: ImageChoice = ImageChoice.UNIFORM
     min_reuse: float = 1.0
     max_reuse: float | None = None
+    hw_decoder_load: float | None = None
     parts: tuple[Part, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -285,6 +290,13 @@ class SamplerConfig:
             msg = f"{self.shard_id=} must be in [0, {self.num_shards=})"
             raise ValueError(msg)
         set_(self, "shard_id", int(shard))
+        if self.hw_decoder_load is not None:
+            load = self.hw_decoder_load
+            if isinstance(load, bool) or not isinstance(load, (int, float, np.integer, np.floating)) \
+                    or not 0 <= float(load) <= 1:
+                msg = f"hw_decoder_load={load!r} must be a share between 0 and 1 (or None for DALI's default)"
+                raise ValueError(msg)
+            set_(self, "hw_decoder_load", float(load))
         self._check_companions()
         self._check_sampling()
         main = Part("patches", Fraction(1), CompanionKind.IMAGE, self.channels, self.dtype, self.patch_size)

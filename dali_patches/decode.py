@@ -77,7 +77,7 @@ def _list_files(columns: Sequence[Sequence[str]]) -> Iterator[list[str | None]]:
 def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuffle_seed: int, shard_id: int,
                      num_shards: int, shuffle: bool = True, exif: bool = True,
                      parts: Sequence[tuple[int, str]] = ((3, "uint8"),), decode: bool = True,
-                     lists: Sequence[str | None] = ()):
+                     lists: Sequence[str | None] = (), hw_decoder_load: float | None = None):
     """One reader per column (the main images, then each companion), all with the same files count,
     shard and shuffle seed, so they yield the same rows in the same order; each with its own decoder
     settings ``(channels, dtype)``. Returns ``(*images, *labels)``; the labels (row indices) of
@@ -99,10 +99,14 @@ def _decode_pipeline(columns: Sequence[Sequence[str]], decoder_device: str, shuf
         labels.append(label)
         if not decode:  # the same reader, for finding out which files a batch held; "Decoder" is a no-op
             return fn.cast(encoded, dtype=types.UINT8, name="Decoder"), label
+        # nvJPEG splits a batch between the hardware JPEG engine and CUDA (hw_decoder_load), which may
+        # differ pixel for pixel; pinning the share makes a decode reproducible batch for batch.
+        split: dict[str, Any] = ({"hw_decoder_load": hw_decoder_load}
+                                 if hw_decoder_load is not None and decoder_device == "mixed" else {})
         outputs.append(fn.decoders.image(encoded, device=decoder_device,
                                          output_type=types.RGB if channels == 3 else types.GRAY,
                                          dtype=DALI_DTYPES[dtype], adjust_orientation=exif,
-                                         name=f"Decoder{len(outputs) or ''}"))
+                                         name=f"Decoder{len(outputs) or ''}", **split))
     return (*outputs, *labels)
 
 
@@ -122,6 +126,8 @@ class DecodeStage:
         position: a :meth:`position` of an earlier stage over the same files and seed: continue there.
         exif: apply EXIF orientation.
         parts: ``(channels, dtype)`` of each column: 3 (RGB) or 1 (gray), ``"uint8"``/``"uint16"``.
+        hw_decoder_load: GPU: the share of each batch nvJPEG gives its hardware engine (``None``:
+            DALI's default).
     """
 
     def __init__(
@@ -138,6 +144,7 @@ class DecodeStage:
         position: dict[str, Any] | None = None,
         exif: bool = True,
         parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
+        hw_decoder_load: float | None = None,
     ) -> None:
         self._backend = backend
         # What the readers read, per column: broken rows swapped for a stand-in row.
@@ -155,7 +162,7 @@ class DecodeStage:
         self.broken: dict[int, str] = {}  # source index → why it cannot be decoded
         self.skipped_decodes = 0  # reads of broken files (their stand-in's decode is discarded)
         self._failed_in_a_row = 0
-        self._output: dict[str, Any] = {"exif": exif, "parts": tuple(parts)}
+        self._output: dict[str, Any] = {"exif": exif, "parts": tuple(parts), "hw_decoder_load": hw_decoder_load}
         self._options = {"decoder_device": backend.decoder_device, "shuffle_seed": seed, "shard_id": shard_id,
                          "num_shards": num_shards, **self._output, "batch_size": batch_size,
                          "num_threads": num_threads, "device_id": backend.dali_device_id,
@@ -325,7 +332,8 @@ class DecodeStage:
 
 
 def decode_files(columns: Sequence[Sequence[str]], backend: Backend, num_threads: int, batch_size: int = 8,
-                 exif: bool = True, parts: Sequence[tuple[int, str]] = ((3, "uint8"),)) -> Iterator[list[Any]]:
+                 exif: bool = True, parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
+                 hw_decoder_load: float | None = None) -> Iterator[list[Any]]:
     """Decode the rows of ``columns`` (main images, then each companion's files) once, in order, with
     the same decoders as :class:`DecodeStage`; yields ``[image, *companions]`` of each row (views
     valid until the next row is taken). Used to refill a restored cache with the images it held."""
@@ -334,6 +342,7 @@ def decode_files(columns: Sequence[Sequence[str]], backend: Backend, num_threads
     batch_size = min(batch_size, len(columns[0]))
     pipe = _decode_pipeline(columns=columns, decoder_device=backend.decoder_device, shuffle_seed=0, shard_id=0,
                             num_shards=1, shuffle=False, exif=exif, parts=parts, batch_size=batch_size,
+                            hw_decoder_load=hw_decoder_load,
                             num_threads=num_threads, device_id=backend.dali_device_id, prefetch_queue_depth=1)
     pipe.build()
     left, n = len(columns[0]), len(columns)

@@ -10,10 +10,15 @@ which is all the index arithmetic there is. Three bodies share it behind :func:`
 
 * on the host, one NumPy fancy index over a view of the arena as overlapping rows of one patch
   row's bytes (a ``void`` element per row start): one pass, each patch row copied once;
-* on a GPU, one CuPy kernel launch for the whole table (:data:`KERNEL_SOURCE`), one thread per output
-  byte, reading the table uploaded once per round;
-* :func:`gather_twin`, the kernel's arithmetic written out in NumPy, element by element: slow, the
-  reference the tests hold the other two to, bit for bit.
+* on a GPU, one CuPy kernel launch for the whole table (:data:`KERNEL_SOURCE`): a warp per output
+  row, no division per byte. Where a row is a whole number of 32-bit words (any patch of an even
+  width in RGB, of a width divisible by 4 in grey), each thread stores aligned 32-bit words, each
+  made from the two aligned words around its unaligned source by a funnel shift; other rows are
+  copied byte by byte. The aligned loads may read up to :data:`OVERREAD_BYTES` past a row's last
+  byte, so the arena keeps that many bytes after its end (the cache allocates them);
+* :func:`kernel_twin`, the kernel's arithmetic written out in NumPy (words, shifts and all): slow,
+  the reference the tests hold the other two to, bit for bit, and the kernel's stand-in on the
+  simulated device of the tests.
 """
 
 from __future__ import annotations
@@ -24,28 +29,43 @@ import numpy as np
 
 from .backend import DeviceArray, HostArray
 
-__all__ = ["KERNEL_SOURCE", "TABLE_COLUMNS", "gather", "gather_twin", "patch_table", "twin_index"]
+__all__ = ["KERNEL_NAME", "KERNEL_SOURCE", "OVERREAD_BYTES", "TABLE_COLUMNS", "gather", "gather_twin",
+           "kernel_launch", "kernel_twin", "patch_table"]
 
 TABLE_COLUMNS = ("offset", "width", "y", "x")
+OVERREAD_BYTES = 8  # readable bytes the kernel may touch past the last byte of a source row
+KERNEL_NAME = "dali_patches_gather"
+_ROWS_PER_BLOCK = 8  # warps per block: one output row each
+_MAX_BLOCKS = 1 << 20  # the grid strides over more rows than this many blocks cover
 
 KERNEL_SOURCE = r"""
 extern "C" __global__ void dali_patches_gather(
     const unsigned char* __restrict__ arena, const long long* __restrict__ table,
-    unsigned char* __restrict__ out, const long long patch_h, const long long row_bytes,
-    const long long pixel_bytes, const long long total) {
-  const long long patch_bytes = patch_h * row_bytes;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long p = i / patch_bytes;
-    const long long r = (i - p * patch_bytes) / row_bytes;
-    const long long c = i - p * patch_bytes - r * row_bytes;
-    const long long* t = table + 4 * p;  // offset, width, y, x
-    out[i] = arena[t[0] + ((t[2] + r) * t[1] + t[3]) * pixel_bytes + c];
+    unsigned char* __restrict__ out, const int patch_h, const int row_bytes, const int pixel_bytes,
+    const int rows) {
+  // One warp (threadIdx.x = lane) per output row: patch p, row r of it.
+  for (int row = blockIdx.x * blockDim.y + threadIdx.y; row < rows; row += gridDim.x * blockDim.y) {
+    const int p = row / patch_h;
+    const int r = row - p * patch_h;
+    const long long* t = table + 4LL * p;  // offset, width, y, x
+    const unsigned char* src = arena + t[0] + ((t[2] + r) * t[1] + t[3]) * pixel_bytes;
+    unsigned char* dst = out + (long long)row * row_bytes;
+    if ((row_bytes & 3) == 0) {  // aligned 32-bit stores; loads from the two aligned words around src
+      const unsigned int* words = (const unsigned int*)((unsigned long long)src & ~3ULL);
+      const unsigned int shift = ((unsigned int)(unsigned long long)src & 3u) * 8u;
+      unsigned int* out_words = (unsigned int*)dst;
+      for (int w = threadIdx.x; w < (row_bytes >> 2); w += 32) {
+        out_words[w] = __funnelshift_r(words[w], words[w + 1], shift);
+      }
+    } else {
+      for (int c = threadIdx.x; c < row_bytes; c += 32) {
+        dst[c] = src[c];
+      }
+    }
   }
 }
 """
-_THREADS = 256
-_kernels: dict[int, Any] = {}  # CUDA device → compiled kernel
+_kernels: dict[tuple[int, int], Any] = {}  # (array module, CUDA device) → compiled kernel
 
 
 def patch_table(offsets: HostArray, widths: HostArray, ys: HostArray, xs: HostArray,
@@ -57,24 +77,44 @@ def patch_table(offsets: HostArray, widths: HostArray, ys: HostArray, xs: HostAr
     return table
 
 
-def twin_index(table: HostArray, patch_hw: tuple[int, int], pixel_bytes: int) -> HostArray:
-    """``(n, P_h, P_w · pixel_bytes) int64``: the arena index of every output byte, computed exactly
-    as the kernel does (flat output index ``i`` → patch ``p``, row ``r``, byte ``c``)."""
-    n, (patch_h, patch_w) = len(table), patch_hw
-    row_bytes = patch_w * pixel_bytes
-    i = np.arange(n * patch_h * row_bytes, dtype=np.int64)
-    patch_bytes = patch_h * row_bytes
-    p = i // patch_bytes
-    r = (i - p * patch_bytes) // row_bytes
-    c = i - p * patch_bytes - r * row_bytes
-    t = table[p]
-    return (t[:, 0] + ((t[:, 2] + r) * t[:, 1] + t[:, 3]) * pixel_bytes + c).reshape(n, patch_h, row_bytes)
+def kernel_twin(arena: HostArray, table: HostArray, out: HostArray, patch_h: int, row_bytes: int,
+                pixel_bytes: int, rows: int) -> None:
+    """The GPU kernel, argument for argument, in NumPy: writes ``rows`` output rows of ``row_bytes``
+    into ``out`` (flat ``uint8``) exactly as :data:`KERNEL_SOURCE` computes them — row → patch and
+    row, source byte offset, and for word-sized rows the aligned 32-bit loads and funnel shift
+    (``arena`` is taken to start 4-byte aligned, as device allocations do; it needs
+    :data:`OVERREAD_BYTES` readable bytes past its last image)."""
+    patch_h, row_bytes, pixel_bytes, rows = int(patch_h), int(row_bytes), int(pixel_bytes), int(rows)
+    if rows <= 0:
+        return
+    row = np.arange(rows, dtype=np.int64)
+    p = row // patch_h
+    r = row - p * patch_h
+    t = table.reshape(-1, 4)[p]
+    src = t[:, 0] + ((t[:, 2] + r) * t[:, 1] + t[:, 3]) * pixel_bytes  # byte offsets of the row starts
+    flat = out.reshape(-1)
+    if row_bytes % 4 == 0:
+        words = arena[: arena.size // 4 * 4].view(np.uint32)
+        index = (src >> 2)[:, None] + np.arange(row_bytes // 4 + 1)[None, :]
+        loaded = words[index].astype(np.uint64)
+        shift = ((src & 3) * 8).astype(np.uint64)[:, None]
+        joined = loaded[:, :-1] | (loaded[:, 1:] << np.uint64(32))  # hi:lo, as __funnelshift_r sees them
+        flat[: rows * row_bytes].view(np.uint32)[:] = ((joined >> shift) & np.uint64(0xFFFFFFFF)).reshape(-1)
+    else:
+        flat[: rows * row_bytes] = arena[(src[:, None] + np.arange(row_bytes)[None, :]).reshape(-1)]
 
 
 def gather_twin(arena: HostArray, table: HostArray, patch_hw: tuple[int, int], pixel_bytes: int) -> HostArray:
-    """The GPU kernel's result computed on the host, byte by byte: ``(n, P_h, P_w · pixel_bytes)
-    uint8``. For tests; use :func:`gather` to cut patches."""
-    return np.asarray(arena)[twin_index(table, patch_hw, pixel_bytes)]
+    """The GPU kernel's result computed on the host by :func:`kernel_twin`: ``(n, P_h, P_w ·
+    pixel_bytes) uint8``. For tests; use :func:`gather` to cut patches. ``arena`` is copied with
+    :data:`OVERREAD_BYTES` of slack, so any arena will do."""
+    n, (patch_h, patch_w) = len(table), patch_hw
+    row_bytes = patch_w * pixel_bytes
+    padded = np.zeros(-(-(np.asarray(arena).size + OVERREAD_BYTES) // 4) * 4, np.uint8)
+    padded[: np.asarray(arena).size] = np.asarray(arena).reshape(-1)
+    out = np.empty(n * patch_h * row_bytes, np.uint8)
+    kernel_twin(padded, np.asarray(table, np.int64), out, patch_h, row_bytes, pixel_bytes, n * patch_h)
+    return out.reshape(n, patch_h, row_bytes)
 
 
 def _host_rows(arena: HostArray, row_bytes: int) -> HostArray:
@@ -84,10 +124,15 @@ def _host_rows(arena: HostArray, row_bytes: int) -> HostArray:
 
 
 def _kernel(xp: Any) -> Any:
-    device = xp.cuda.Device().id
-    if device not in _kernels:
-        _kernels[device] = xp.RawKernel(KERNEL_SOURCE, "dali_patches_gather")
-    return _kernels[device]
+    key = (id(xp), int(xp.cuda.Device().id))
+    if key not in _kernels:
+        _kernels[key] = xp.RawKernel(KERNEL_SOURCE, KERNEL_NAME)
+    return _kernels[key]
+
+
+def kernel_launch(rows: int) -> tuple[tuple[int], tuple[int, int]]:
+    """``(grid, block)`` of a launch over ``rows`` output rows."""
+    return (max(1, min(-(-rows // _ROWS_PER_BLOCK), _MAX_BLOCKS)),), (32, _ROWS_PER_BLOCK)
 
 
 def gather(xp: Any, arena: DeviceArray, table: HostArray, patch_hw: tuple[int, int], pixel_bytes: int,
@@ -96,12 +141,13 @@ def gather(xp: Any, arena: DeviceArray, table: HostArray, patch_hw: tuple[int, i
 
     Args:
         xp: ``numpy`` or ``cupy``, the module of ``arena``.
-        arena: flat ``uint8`` array holding the images.
+        arena: flat ``uint8`` array holding the images (GPU: with :data:`OVERREAD_BYTES` readable
+            bytes after the last one).
         table: ``(n, 4) int64`` host table (:func:`patch_table`).
         patch_hw: ``(P_h, P_w)`` in pixels of the part being cut.
         pixel_bytes: bytes per pixel of that part.
         out: GPU: a preallocated C-contiguous ``uint8`` buffer of at least ``n · P_h · P_w ·
-            pixel_bytes`` bytes to write into (the output ring's). Host: must be ``None``: the one
+            pixel_bytes`` bytes, 4-byte aligned, to write into (the output ring's). Host: must be ``None``: the one
             pass allocates its result, so nothing a consumer still holds is ever rewritten.
         device_table: GPU: the table already uploaded (e.g. once per round for every part).
 
@@ -125,7 +171,8 @@ def gather(xp: Any, arena: DeviceArray, table: HostArray, patch_hw: tuple[int, i
         device_table = xp.asarray(table)
     result = out.reshape(-1)[:total]
     if total:
-        blocks = min(-(-total // _THREADS), 65535 * 8)
-        _kernel(xp)((blocks,), (_THREADS,), (arena, device_table, result, np.int64(patch_h), np.int64(row_bytes),
-                                              np.int64(pixel_bytes), np.int64(total)))
+        rows = n * patch_h
+        grid, block = kernel_launch(rows)
+        _kernel(xp)(grid, block, (arena, device_table, result, np.int32(patch_h), np.int32(row_bytes),
+                                  np.int32(pixel_bytes), np.int32(rows)))
     return result.reshape(n, patch_h, row_bytes)

@@ -36,6 +36,8 @@ class PatchBatch:
             scaled by its ``s``.
         ready: GPU: a CUDA event that completes when the patches are written (the sampler makes the
             consumer's stream wait on it); ``None`` on CPU.
+        device_source, device_anchor: GPU: ``source`` and ``anchor`` on the device too, written with
+            the patches (the DALI pipeline hands every output over from the device); ``None`` on CPU.
     """
 
     patches: DeviceArray
@@ -44,15 +46,23 @@ class PatchBatch:
     index: int
     companions: dict[str, DeviceArray] = field(default_factory=dict)
     ready: Any = None
+    device_source: DeviceArray = None
+    device_anchor: DeviceArray = None
 
 
 class OutputRing:
     """``depth`` groups of preallocated flat ``uint8`` device buffers, one buffer per part of a round.
 
     Args:
-        backend: the device (GPU; the host gather needs no ring).
-        round_bytes: bytes of one round of each part (``round batches × B × patch bytes``).
+        backend: the device (GPU; the host gather needs no ring). Buffers are allocated on its device.
+        round_bytes: bytes of one round of each part (``round batches × B × patch bytes``), and of
+            anything else a round hands out with them (its ``source`` and ``anchor`` on the device).
         depth: groups kept; rounds in flight beyond it get fresh buffers (counted in ``replaced``).
+
+    :meth:`acquire` is the only way to a group. The producer's stream must then wait for every stream
+    that read the ring *before* anything writes the group: a group is free because its readers let go
+    of it, and a replacement comes from CuPy's pool on the producer's stream, where memory a consumer
+    dropped may be handed out again; only an event recorded after the choice covers their reads.
     """
 
     def __init__(self, backend: Backend, round_bytes: list[int], depth: int) -> None:
@@ -64,8 +74,7 @@ class OutputRing:
         self._baseline = max(self._references(self._groups[0]))  # references while only the ring holds it
 
     def _new_group(self) -> list[DeviceArray]:
-        xp = self._backend.xp
-        return [xp.empty(nbytes, dtype=np.uint8) for nbytes in self._round_bytes]
+        return [self._backend.empty_device(nbytes, np.uint8) for nbytes in self._round_bytes]
 
     @staticmethod
     def _references(group: list[DeviceArray]) -> list[int]:
@@ -74,13 +83,18 @@ class OutputRing:
             counts.append(sys.getrefcount(buffer))
         return counts
 
+    def _free(self, group: list[DeviceArray]) -> bool:
+        """Whether nothing outside the ring refers to any buffer of ``group`` (no batch, view, DLPack
+        tensor or DALI feed)."""
+        return max(self._references(group)) <= self._baseline
+
     def acquire(self) -> list[DeviceArray]:
         """A group of buffers nothing else refers to: the next free one in ring order, or a fresh
         replacement when every group is still held somewhere."""
         for _ in range(len(self._groups)):
             i = self._next
             self._next = (self._next + 1) % len(self._groups)
-            if max(self._references(self._groups[i])) <= self._baseline:
+            if self._free(self._groups[i]):
                 return self._groups[i]
         i = self._next
         self._next = (self._next + 1) % len(self._groups)

@@ -1,18 +1,25 @@
 """The DALI sample pipeline: finished batches handed to DALI through ``external_source``.
 
-The callbacks run on the thread that calls ``run()`` (the trainer's), so they only take a finished
-:class:`~dali_patches.outputs.PatchBatch` and return its arrays. They take ``batch_info=True``, so
+The callback runs on the thread that calls ``run()`` (the trainer's), so it only takes a finished
+:class:`~dali_patches.outputs.PatchBatch` and returns its arrays. It takes ``batch_info=True``, so
 DALI counts the iterations (:attr:`Feed.fed` is how many batches this pipeline has taken, for
-``state_dict``). In GPU mode the patch outputs come from one GPU ``external_source`` given the
-producer's CUDA stream (``cuda_stream=``), so DALI's copy is queued after the gather that wrote the
-batch; ``source`` and ``anchor``, host arrays, come from a second, CPU ``external_source`` that reads
-the same batch. DALI copies what it is fed (``no_copy=False``), and the output ring never rewrites a
-buffer a feed still refers to, so a reused buffer cannot change under DALI's copy.
+``state_dict``). Every output comes from one ``external_source`` on the sampler's device: on a GPU
+the patches, the companions and the round's ``source`` and ``anchor`` (written to the device with
+the patches) are handed over with ``cuda_stream=`` the producer's stream, so DALI's copy is queued
+after the gather that wrote them, and the producer rewrites nothing before that copy (its later
+work is queued behind it on the same stream).
+
+``no_copy=True`` lets DALI read the batch in place instead of copying it. DALI then needs the
+buffers unchanged until the iteration's outputs are consumed (``prefetch_queue_depth`` iterations
+later): the feed keeps the last ``prefetch_queue_depth + 2`` batches referenced, and neither the
+host rounds (fresh every round) nor the output ring (a buffer is rewritten only when nothing refers
+to it) changes a referenced batch.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,9 +41,12 @@ def output_names(config: SamplerConfig) -> tuple[str, ...]:
     return (*(p.name for p in config.parts), "source", "anchor")
 
 
-def batch_outputs(config: SamplerConfig, batch: PatchBatch) -> tuple[Any, ...]:
-    """A batch's arrays ordered as :func:`output_names`."""
-    return (batch.patches, *(batch.companions[p.name] for p in config.parts[1:]), batch.source, batch.anchor)
+def batch_outputs(config: SamplerConfig, batch: PatchBatch, on_device: bool = False) -> tuple[Any, ...]:
+    """A batch's arrays ordered as :func:`output_names`; ``on_device``: ``source`` and ``anchor`` from
+    the device too (GPU; on the CPU they are the host arrays anyway)."""
+    meta = ((batch.device_source, batch.device_anchor) if on_device and batch.device_source is not None
+            else (batch.source, batch.anchor))
+    return (batch.patches, *(batch.companions[p.name] for p in config.parts[1:]), *meta)
 
 
 def output_dtypes(config: SamplerConfig) -> tuple[str, ...]:
@@ -69,15 +79,20 @@ class Feed:
     callback of that iteration returns its share of it (DALI may call them in any order).
 
     Args:
-        take: returns the next finished batch (``next(sampler)``).
+        take: returns the next finished batch.
         config: the sampler's config (for the output order).
-        groups: output index ranges, one per ``external_source`` (e.g. device outputs, host outputs).
+        groups: output index ranges, one per ``external_source``.
+        on_device: hand ``source`` and ``anchor`` over from the device (GPU).
+        keep: batches kept referenced after they were handed over (``no_copy=True``: DALI reads them
+            until the iteration's outputs are consumed).
     """
 
-    def __init__(self, take: Callable[[], PatchBatch], config: SamplerConfig, groups: Sequence[range]) -> None:
-        self._take, self._config, self._groups = take, config, list(groups)
+    def __init__(self, take: Callable[[], PatchBatch], config: SamplerConfig, groups: Sequence[range],
+                 on_device: bool = False, keep: int = 0) -> None:
+        self._take, self._config, self._groups, self._on_device = take, config, list(groups), on_device
         self._lock = threading.Lock()
         self._pending: dict[int, list[Any]] = {}  # iteration → [outputs, callbacks still to take them]
+        self._kept: deque[tuple[Any, ...]] = deque(maxlen=keep or None) if keep else deque(maxlen=0)
         self.fed = 0  # batches this pipeline has taken
 
     def callback(self, group: int) -> Callable[[Any], tuple[Any, ...]]:
@@ -87,7 +102,9 @@ class Feed:
             with self._lock:
                 entry = self._pending.get(info.iteration)
                 if entry is None:
-                    entry = self._pending[info.iteration] = [batch_outputs(self._config, self._take()), len(self._groups)]
+                    outputs = batch_outputs(self._config, self._take(), self._on_device)
+                    entry = self._pending[info.iteration] = [outputs, len(self._groups)]
+                    self._kept.append(outputs)
                     self.fed = max(self.fed, info.iteration + 1)
                 entry[1] -= 1
                 if not entry[1]:
@@ -98,30 +115,26 @@ class Feed:
 
 
 def build_pipeline(take: Callable[[], PatchBatch], config: SamplerConfig, backend: Backend, stream: Any,
-                   prefetch_queue_depth: int = 2, num_threads: int = 1, **kwargs: Any) -> tuple[Any, Feed]:
-    """A built DALI pipeline with one output per :func:`output_names` entry, fed by ``take``, with
-    ``config.augment`` applied on ``backend``'s device; and its :class:`Feed`.
+                   prefetch_queue_depth: int = 2, num_threads: int = 1, no_copy: bool = False,
+                   **kwargs: Any) -> tuple[Any, Feed]:
+    """A built DALI pipeline with one output per :func:`output_names` entry, fed by ``take`` through
+    one ``external_source`` on ``backend``'s device, with ``config.augment`` applied there; and its
+    :class:`Feed`.
 
-    ``stream`` is the producer's CUDA stream (GPU) or ``None``: DALI copies the patch outputs on it.
+    ``stream`` is the producer's CUDA stream (GPU) or ``None``: DALI copies the outputs on it.
+    ``no_copy``: DALI reads the batches in place (see the module's docstring).
     """
     names, spec = output_names(config), external_source_args(config)
-    n_parts = len(config.parts)
-    split = backend.is_gpu  # device patches on one source, host provenance on another
-    groups = [range(n_parts), range(n_parts, len(names))] if split else [range(len(names))]
-    feed = Feed(take, config, groups)
+    groups = [range(len(names))]
+    feed = Feed(take, config, groups, on_device=backend.is_gpu, keep=prefetch_queue_depth + 2 if no_copy else 0)
+    extra = {"cuda_stream": stream} if (backend.is_gpu and stream is not None) else {}
 
     @pipeline_def(batch_size=config.batch_size, num_threads=num_threads, device_id=backend.dali_device_id,
                   prefetch_queue_depth=prefetch_queue_depth, seed=config.seed, **kwargs)
     def sample_pipeline():  # a DALI graph
-        nodes: list[Any] = []
-        for g, span in enumerate(groups):
-            device = backend.op_device if (g == 0 or not split) else "cpu"
-            extra = {"cuda_stream": stream} if (device == "gpu" and stream is not None) else {}
-            args = {key: [values[i] for i in span] for key, values in spec.items()}
-            out = fn.external_source(source=feed.callback(g), num_outputs=len(span), batch=True, batch_info=True,
-                                     device=device, **args, **extra)
-            nodes += list(out)
-        return augment_nodes(config, nodes)
+        nodes = fn.external_source(source=feed.callback(0), num_outputs=len(names), batch=True, batch_info=True,
+                                   device=backend.op_device, no_copy=no_copy, **spec, **extra)
+        return augment_nodes(config, list(nodes))
 
     pipe = sample_pipeline()
     pipe.build()

@@ -44,7 +44,8 @@ __all__ = ["Producer"]
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a blocked thread checks for close()
-_HELD_ROUNDS = 8  # GPU: decoded views kept for pending copies before the oldest is waited for
+_AHEAD_POLL_S = 0.01  # reuse="auto": how often a producer waiting for queue room looks for decoded images
+HELD_GROUPS = 2  # GPU: decode batches of views awaiting their copies before the oldest is waited for
 _PROGRESS_MIN_IMAGES = 500  # with progress=None, a warm-up this long gets a progress bar
 
 
@@ -77,7 +78,8 @@ class Producer:
         self._heights, self._widths = (np.asarray(v, np.int64) for v in sizes)
         self._pid = os.getpid()
         self.changed_files = 0  # set aside because they decoded to another size than measured
-        self._output: dict[str, Any] = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts]}
+        self._output: dict[str, Any] = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts],
+                                        "hw_decoder_load": config.hw_decoder_load}
         self._stream = backend.new_stream()
         self.decoder = self._new_decoder()
         self.feeder = DecodeFeeder(self.decoder, backend, self._stream, self.feeder_capacity(config))
@@ -99,7 +101,8 @@ class Producer:
         self.queue_rounds = -(-config.queue_depth // self.round_batches)
         self.queue: queue.Queue = queue.Queue(maxsize=self.queue_rounds)
         self._ready: deque[PatchBatch] = deque()  # consumer side: batches of the round being taken
-        self.cutter = RoundCutter(backend, config, self.round_batches, self.queue_rounds)
+        with backend.use(self._stream):  # device buffers come from the pool of the stream that writes them
+            self.cutter = RoundCutter(backend, config, self.round_batches, self.queue_rounds)
         self.batches_made = 0
         self.distinct_batches = 0
         self.warmup_images = 0
@@ -112,6 +115,8 @@ class Producer:
         self._progress = plan.warmup_images >= _PROGRESS_MIN_IMAGES if progress is None else progress
         self._held: deque[tuple[Any, list[Any]]] = deque()  # GPU: (event, decoded views copied before it)
         self._holding: list[Any] = []
+        self._release_every = config.decode_batch or 1  # GPU: views tied to an event per decode batch
+        self._taken_ahead = 0  # reuse="auto": images inserted while waiting for queue room, for the next round
         self.host_s = {"refill": 0.0, "round": 0.0}  # producer time: inserting, and draw + gather + snapshot
         self._stop = threading.Event()
         self._closed = False
@@ -205,10 +210,12 @@ class Producer:
             self._thread.join(timeout=_POLL_S)
         self.queue = queue.Queue()
         self._ready.clear()
-        self.cutter.close()
         self.feeder.close()
+        self.backend.synchronize(self._stream)  # queued copies and gathers finish before their memory goes
+        self.cutter.close()
         self.decoder.close()
         self._held.clear()
+        self._holding.clear()
         self.cache.release()
 
     # -- producer side -----------------------------------------------------------------------
@@ -228,12 +235,32 @@ class Producer:
                 self._put(_Failure(e))
 
     def _put(self, item: object) -> None:
+        ahead = self.schedule.auto and not isinstance(item, _Failure)
         while not self._stop.is_set():
             try:
-                self.queue.put(item, timeout=_POLL_S)
+                self.queue.put(item, timeout=_AHEAD_POLL_S if ahead else _POLL_S)
                 return
             except queue.Full:
-                continue
+                if ahead:
+                    self._refill_ahead()
+
+    def _refill_ahead(self) -> None:
+        """``reuse="auto"``, while the trainer is slower than the producer: move every image the
+        feeder has ready into the cache now rather than at the next round, so the decoder never waits
+        for a round that the queue holds back. They count towards the next round's window (at most
+        its ``most``), and the state before that round is taken again with them in it."""
+        _, most = self.schedule.window(self.round_batches)
+        room = min(most - self._taken_ahead, self.feeder.ready)
+        if room <= 0:
+            return
+        t0 = time.perf_counter()
+        taken = self.feeder.take(0, room)
+        for source, images in taken:
+            self._insert(source, images)
+        self._taken_ahead += len(taken)
+        self._release_decoded(self.backend.record(self._stream))
+        self._snapshot(self.batches_made)
+        self.host_s["refill"] += time.perf_counter() - t0
 
     def _insert(self, source: int, images: list[Any]) -> None:
         """Move a decoded image into the cache. A source still resident is not inserted twice (same
@@ -244,7 +271,7 @@ class Producer:
             return
         if source in self.decoder.broken:  # set aside (changed) after the feeder had decoded it again
             return
-        images = self.cache.padded(images, self.config.patch_size)
+        decoded, images = images, self.cache.padded(images, self.config.patch_size)
         h, w = images[0].shape[:2]
         expected = self.cache.part_bytes(self._heights[source], self._widths[source])
         if (h, w) != (self._heights[source], self._widths[source]) or [p.nbytes for p in images] != expected:
@@ -256,17 +283,23 @@ class Producer:
             return
         slot = self.cache.insert(images, source)
         self.draws.anchors.on_insert(self.cache, slot)
-        if self.backend.asynchronous:  # DALI's buffers must outlive the asynchronous copies
-            self._holding += images
+        if self.backend.asynchronous:  # DALI's buffers (not the padded copies) must outlive the pending reads
+            self._holding += decoded
+            if len(self._holding) >= self._release_every:
+                self._release_decoded(self.backend.record(self._stream))
 
     def _release_decoded(self, event: Any, wait: bool = False) -> None:
-        """GPU: tie the decoded views copied so far to ``event``; drop those whose copies are done
-        (no host blocking unless too many rounds are pending, or ``wait``)."""
+        """GPU: tie the decoded views read so far to ``event``; drop those whose reads are done (no
+        host blocking unless more than ``HELD_GROUPS`` decode batches are pending, or ``wait``), so
+        DALI gets its buffers back a decode batch at a time."""
         if self._holding:
             self._held.append((event, self._holding))
             self._holding = []
-        while self._held and (wait or len(self._held) > _HELD_ROUNDS or self._held[0][0].done):
-            self._held.popleft()[0].synchronize()
+        while self._held and (wait or len(self._held) > HELD_GROUPS or self._held[0][0].done):
+            event, views = self._held[0]  # the views stay referenced until their reads are known done
+            event.synchronize()
+            self._held.popleft()
+            del views
 
     def _warm_up(self) -> None:
         """Fill the arena until the next image would evict one, or the shard has been decoded once."""
@@ -288,21 +321,25 @@ class Producer:
     def _make_round(self) -> list[PatchBatch]:
         t0 = time.perf_counter()
         n, start = self.round_batches, self.batches_made
-        least, most = self.schedule.window(n)
-        taken = self.feeder.take(least, max(least, min(most, self.feeder.capacity)))  # fixed reuse: least == most
+        least, most = self.schedule.window(n)  # fixed reuse: least == most
+        ahead, self._taken_ahead = self._taken_ahead, 0
+        least = max(0, least - ahead)
+        taken = self.feeder.take(least, max(least, min(most - ahead, self.feeder.capacity)))
         for source, images in taken:
             self._insert(source, images)
-        self.schedule.record(n, len(taken))
+        self.schedule.record(n, ahead + len(taken))
         t1 = time.perf_counter()
         draw = self.draws.draw_round(self.cache, n)
         self.cache.record_served(draw.slots)
-        cuts = self.cutter.cut(self.cache, draw, self._stream)
+        cuts, device_source, device_anchor = self.cutter.cut(self.cache, draw, self._stream)
         ready = self.backend.record(self._stream)
         self._release_decoded(ready)
         anchor = np.stack([draw.y, draw.x], axis=-1).astype(np.int32)
         names = [p.name for p in self.config.parts[1:]]
         batches = [PatchBatch(cuts[0][j], draw.source[j], anchor[j], start + j,
-                              {name: cut[j] for name, cut in zip(names, cuts[1:])}, ready) for j in range(n)]
+                              {name: cut[j] for name, cut in zip(names, cuts[1:])}, ready,
+                              None if device_source is None else device_source[j],
+                              None if device_anchor is None else device_anchor[j]) for j in range(n)]
         self.batches_made += n
         self.distinct_batches += int(draw.distinct.sum())
         self._count_round()
@@ -326,7 +363,7 @@ class Producer:
             "batches_made": self.batches_made, "distinct_batches": self.distinct_batches,
             "duplicate_decodes": self.duplicate_decodes, "warmup_images": self.warmup_images,
             "draws": self.draws.state_dict(), "refill": self.schedule.state_dict(),
-            "decoder": self.feeder.position(), "cache": self.cache.state_dict(),
+            "decoder": self.feeder.position(), "cache": self.cache.state_dict(), "taken_ahead": self._taken_ahead,
         })
 
     def state_after(self, index: int) -> dict[str, Any] | None:
@@ -361,6 +398,7 @@ class Producer:
         self.schedule.load_state_dict(snapshot["refill"])
         for name in ("batches_made", "distinct_batches", "duplicate_decodes", "warmup_images"):
             setattr(self, name, snapshot[name])
+        self._taken_ahead = int(snapshot.get("taken_ahead", 0))
         self._skip = int(state["skip"])
         self.last_delivered = self.batches_made + self._skip - 1
         self._count_round()

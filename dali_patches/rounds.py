@@ -85,64 +85,138 @@ class RoundStates:
         return {"round": _plain(states[start]), "skip": index + 1 - start}
 
 
+class _Staging:
+    """One of the GPU cutter's two staging slots: a round's tables, ``source`` and ``anchor`` in pinned
+    host memory, uploaded at once into a device copy of the same layout. The producer writes slot
+    ``k`` again two rounds later, after ``uploaded`` (an event after its last upload) has completed —
+    by then long since, so the host rarely waits."""
+
+    def __init__(self, backend: Backend, parts: int, patches: int) -> None:
+        table_bytes = parts * patches * 4 * 8
+        nbytes = table_bytes + patches * (8 + 2 * 4)
+        self.pinned = backend.pinned((nbytes,), np.uint8)
+        self.device = backend.empty_device(nbytes, np.uint8)
+        self.tables, self.source, self.anchor = self._split(self.pinned, parts, patches)
+        self.device_tables, self.device_source, self.device_anchor = self._split(self.device, parts, patches)
+        self.uploaded: Any = None
+
+    @staticmethod
+    def _split(raw: Any, parts: int, patches: int) -> tuple[Any, Any, Any]:
+        t = parts * patches * 32
+        return (raw[:t].view(np.int64).reshape(parts, patches, 4), raw[t: t + 8 * patches].view(np.int64),
+                raw[t + 8 * patches:].view(np.int32).reshape(patches, 2))
+
+
 class RoundCutter:
-    """Cuts every patch of a round, per part: ``n`` batches of ``(B, h, w, C)``. On a GPU one kernel
-    launch per part into an :class:`~dali_patches.outputs.OutputRing` buffer, its tables uploaded
-    at once from pinned memory. On the host NumPy passes, which release the GIL: half the round on
-    a helper thread, half on the calling one (random row reads are bound by memory latency, so two
-    threads copy faster than one), and few, long calls mean few waits for the GIL while the
-    consumer runs Python."""
+    """Cuts every patch of a round, per part: ``n`` batches of ``(B, h, w, C)``.
+
+    On a GPU: one kernel launch per part, writing into an :class:`~dali_patches.outputs.OutputRing`
+    group; the round's tables, ``source`` and ``anchor`` go up in one asynchronous copy from pinned
+    memory (double-buffered, so the host does not wait for the device), and ``source``/``anchor``
+    are copied into the group beside the patches. Once a group is chosen (a released one, or a
+    replacement from the pool) and before anything writes it, the producer's stream waits for every
+    *consumer* stream (:meth:`add_consumer`: those that read batches directly, e.g. through DLPack):
+    work a consumer queued on memory before letting go of it then runs first. In the other order a
+    buffer released between the wait and the choice would be rewritten unordered. The DALI pipeline
+    is no consumer in this sense: its copy is queued on the producer's own stream.
+
+    On the host: NumPy passes, which release the GIL: half the round on a helper thread, half on the
+    calling one (random row reads are bound by memory latency, so two threads copy faster than one),
+    and few, long calls mean few waits for the GIL while the consumer runs Python.
+    """
 
     def __init__(self, backend: Backend, config: SamplerConfig, round_batches: int, queue_rounds: int) -> None:
         self.backend, self.parts = backend, config.parts
-        patches = round_batches * config.batch_size
-        self._pinned_table = backend.pinned((len(config.parts), patches, 4), np.int64)
-        self._table_uploaded: Any = None  # GPU: event after the last table upload from pinned memory
-        # GPU: rounds alive at once are those queued, the one being taken, the one being cut, and one
-        # DALI may still be copying from; more only if a consumer keeps batches (then the ring grows).
-        self._ring = (OutputRing(backend, [patches * p.patch_bytes for p in config.parts], depth=queue_rounds + 3)
-                      if backend.is_gpu else None)
+        self.patches = patches = round_batches * config.batch_size
+        self._consumers: dict[int, Any] = {}  # GPU: stream handle → consumer stream
+        self._lock = threading.Lock()
+        if backend.is_gpu:
+            self._stages = [_Staging(backend, len(config.parts), patches) for _ in range(2)]
+            self._turn = 0
+            # Rounds alive at once are those queued, the one being taken, the one being cut, and one
+            # DALI may still be copying from; more only if a consumer keeps batches (then the ring grows).
+            self._ring: OutputRing | None = OutputRing(
+                backend, [patches * p.patch_bytes for p in config.parts] + [patches * 16], depth=queue_rounds + 3)
+        else:
+            self._pinned_table = np.empty((len(config.parts), patches, 4), np.int64)
+            self._ring = None
         self._helper = (ThreadPoolExecutor(1, thread_name_prefix="dali-patches-gather")
                         if not backend.is_gpu and (config.num_threads or 1) > 1 else None)
-        self.consumer_stream: Any = None  # GPU: the stream the consumer reads batches on
 
     @property
     def ring_bytes(self) -> int:
-        """Device bytes of the output ring (GPU; 0 on CPU, where each round is allocated afresh)."""
-        return self._ring.nbytes if self._ring is not None else 0
+        """Device bytes of the output ring and staging (GPU; 0 on CPU, where each round is allocated afresh)."""
+        if self._ring is None:
+            return 0
+        return self._ring.nbytes + sum(stage.device.nbytes for stage in self._stages)
 
-    def cut(self, cache: RingCache, draw: RoundDraw, stream: Any) -> list[Any]:
-        """The round's patches, per part (GPU work queued on ``stream``)."""
+    def add_consumer(self, stream: Any) -> None:
+        """Note a stream that reads batches directly (GPU): buffers are rewritten only after the work
+        queued on it so far."""
+        if stream is not None:
+            with self._lock:
+                self._consumers[int(getattr(stream, "ptr", id(stream)))] = stream
+
+    def wait_for_consumers(self, stream: Any) -> None:
+        """Make ``stream`` wait (on the device) for the work queued so far on every consumer stream."""
+        with self._lock:
+            consumers = list(self._consumers.values())
+        for consumer in consumers:
+            self.backend.wait(stream, self.backend.record(consumer))
+
+    def cut(self, cache: RingCache, draw: RoundDraw, stream: Any) -> tuple[list[Any], Any, Any]:
+        """The round's patches per part, and on a GPU its ``source`` ``(n, B)`` and ``anchor``
+        ``(n, B, 2)`` on the device (``None`` on the host); GPU work is queued on ``stream``."""
         n, b = draw.slots.shape
         slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
-        if self._table_uploaded is not None:
-            self._table_uploaded.synchronize()  # the previous upload has left the pinned buffer
-        tables = [cache.table(k, slots, ys, xs, out=self._pinned_table[k]) for k in range(len(self.parts))]
-        group: list[Any] = [None] * len(tables)
-        device_tables: list[Any] = [None] * len(tables)
-        if self._ring is not None:  # GPU: upload every table at once, reuse released buffers only
-            uploaded = self.backend.xp.asarray(self._pinned_table[:, : len(slots)])
-            self._table_uploaded = self.backend.record(stream)
-            device_tables = list(uploaded)
-            group = self._ring.acquire()
-            if self.consumer_stream is not None:  # work the consumer queued on a released buffer comes first
-                self.backend.wait(stream, self.backend.record(self.consumer_stream))
+        if self._ring is None:
+            tables = [cache.table(k, slots, ys, xs, out=self._pinned_table[k]) for k in range(len(self.parts))]
+            return [self._cut_host(cache, k, tables[k], n, b) for k in range(len(self.parts))], None, None
+        m = n * b
+        stage = self._next_stage()
+        for k in range(len(self.parts)):
+            cache.table(k, slots, ys, xs, out=stage.tables[k])
+        stage.source[:m] = draw.source.reshape(-1)
+        stage.anchor[:m, 0], stage.anchor[:m, 1] = ys, xs
+        stage.device.set(stage.pinned, stream)  # the cutter's own device memory: no consumer ever reads it
+        stage.uploaded = self.backend.record(stream)
+        # Choose the memory to write first (a released ring group, or a replacement from the pool, which
+        # may hand out memory a consumer just dropped), then wait for the consumers: every read they
+        # queued before letting go of that memory precedes the event, so it runs before the writes.
+        group = self._ring.acquire()
+        self.wait_for_consumers(stream)
+        meta = group[-1]
+        source = meta[: 8 * m].view(np.int64)
+        anchor = meta[8 * self.patches: 8 * self.patches + 8 * m].view(np.int32)
+        source[...] = stage.device_source[:m]
+        anchor[...] = stage.device_anchor[:m].reshape(-1)
         out = []
-        for k, part in enumerate(self.parts):  # one gather per part: a kernel launch, or host passes
-            if self._helper is not None and n > 1:  # host: the round's first half on the helper thread
-                half = n // 2
-                try:
-                    first = self._helper.submit(cache.cut, k, tables[k][: half * b])
-                except RuntimeError:  # the interpreter is exiting (executors refuse work): cut it here
-                    self._helper = None
-                    out.append(cache.cut(k, tables[k]).reshape(n, b, *part.patch_shape))
-                    continue
-                second = cache.cut(k, tables[k][half * b:]).reshape(n - half, b, *part.patch_shape)
-                out.append([*first.result().reshape(half, b, *part.patch_shape), *second])
-                continue
-            cut = cache.cut(k, tables[k], out=group[k], device_table=device_tables[k])
+        for k, part in enumerate(self.parts):  # one kernel launch per part
+            cut = cache.cut(k, stage.tables[k][:m], out=group[k], device_table=stage.device_tables[k][:m])
             out.append(cut.reshape(n, b, *part.patch_shape))
-        return out
+        return out, source.reshape(n, b), anchor.reshape(n, b, 2)
+
+    def _next_stage(self) -> _Staging:
+        """The staging slot to fill now, once its upload two rounds ago has left the pinned memory."""
+        stage = self._stages[self._turn]
+        self._turn = 1 - self._turn
+        if stage.uploaded is not None:
+            stage.uploaded.synchronize()
+        return stage
+
+    def _cut_host(self, cache: RingCache, k: int, table: Any, n: int, b: int) -> Any:
+        """One part of a round on the host: the first half on the helper thread when there is one."""
+        shape = self.parts[k].patch_shape
+        if self._helper is not None and n > 1:
+            half = n // 2
+            try:
+                first = self._helper.submit(cache.cut, k, table[: half * b])
+            except RuntimeError:  # the interpreter is exiting (executors refuse work): cut it here
+                self._helper = None
+                return cache.cut(k, table).reshape(n, b, *shape)
+            second = cache.cut(k, table[half * b:]).reshape(n - half, b, *shape)
+            return [*first.result().reshape(half, b, *shape), *second]
+        return cache.cut(k, table).reshape(n, b, *shape)
 
     def close(self) -> None:
         if self._helper is not None:

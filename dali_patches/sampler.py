@@ -28,7 +28,7 @@ from .config import Device, SamplerConfig, format_bytes
 from .decode import find_corrupt
 from .options import AnchorMode, Companion
 from .outputs import PatchBatch
-from .producer import Producer
+from .producer import HELD_GROUPS, Producer
 from .provenance import ProvenanceWriter
 from .sources import Problem, declared_companions
 
@@ -262,27 +262,40 @@ class PatchSampler:
     @property
     def max_memory(self) -> int:
         """Bytes this sampler will hold on its device: the arena, DALI's decode queue
-        (``decode_batch × 3`` of the largest images with companions) and the images decoded ahead of
-        it (``2 × decode_batch``), and the output batches (the rounds in the queue, the one being
-        cut and the one being taken; on GPU the output ring)."""
+        (``decode_batch × 3`` of the largest images with companions), the images decoded ahead of it
+        (``2 × decode_batch``) and, on a GPU, those whose copies into the arena are still pending (up
+        to ``HELD_GROUPS + 1`` decode batches), and the output batches (the rounds in the queue, the
+        one being cut and the one being taken; on GPU the output ring and its staging)."""
         cfg = self.config
         largest = int(self.catalog.sample_bytes(cfg.parts).max())
         producer = self._producer
         batches = (producer.queue_rounds + 2) * producer.round_batches * cfg.batch_size * cfg.patch_bytes
         ring = producer.ring_bytes
-        decoded = (3 * (cfg.decode_batch or 1) + producer.feeder.capacity) * largest
-        return self.cache_bytes + decoded + max(batches, ring)
+        images = 3 * (cfg.decode_batch or 1) + producer.feeder.capacity
+        if self.backend.asynchronous:
+            images += (HELD_GROUPS + 1) * (cfg.decode_batch or 1)
+        return self.cache_bytes + images * largest + max(batches, ring)
 
     def __iter__(self) -> PatchSampler:
         return self
 
     def __next__(self) -> PatchBatch:
+        """The next batch. On a GPU its arrays are read on the calling thread's current stream (of
+        the sampler's device), which is made to wait on the device for the gather that wrote them;
+        that stream becomes one the sampler orders its rewrites after (see :meth:`take`)."""
+        return self.take(self.backend.current_stream())
+
+    def take(self, stream: Any = None) -> PatchBatch:
+        """The next batch, read on ``stream`` (GPU): ``stream`` waits (on the device) for the gather
+        that wrote it, and the sampler rewrites the batch's memory only once nothing refers to it
+        and the work queued on ``stream`` by then has run. ``None`` (GPU): the caller orders its reads
+        itself after ``batch.ready`` and on the producer's stream (as the DALI pipeline does, whose
+        copy is queued there). On the CPU the stream is ignored."""
         t0 = time.perf_counter()
         batch = self._producer.get()
-        if batch.ready is not None:  # GPU: this thread's stream reads the patches after the gather wrote them
-            stream = self.backend.current_stream()
+        if batch.ready is not None and stream is not None:
             self.backend.wait(stream, batch.ready)
-            self._producer.cutter.consumer_stream = stream
+            self._producer.cutter.add_consumer(stream)
         if self._provenance is not None:
             self._provenance.write(batch.index, batch.source, batch.anchor)
         self._handover_s += time.perf_counter() - t0
@@ -376,23 +389,26 @@ class PatchSampler:
         ``fn.external_source`` fed by :meth:`next_outputs`."""
         return sample_pipeline.external_source_args(self.config)
 
-    def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int = 1, **kwargs: Any) -> Any:
+    def pipeline(self, prefetch_queue_depth: int = 2, num_threads: int = 1, no_copy: bool = False,
+                 **kwargs: Any) -> Any:
         """A built DALI pipeline with one output per :attr:`output_names` entry: ``patches``
-        (``HWC`` of the sampler's ``dtype``, or as ``augment`` makes them), each companion's patches
-        (on this sampler's device), ``source`` (int64 scalar) and ``anchor`` (``(2,)`` int32) per
-        sample (on the host in GPU mode), for ``DALIGenericIterator(pipe, list(sampler.output_names),
-        size=-1)`` and friends.
+        (``HWC`` of the sampler's ``dtype``, or as ``augment`` makes them), each companion's patches,
+        ``source`` (int64 scalar) and ``anchor`` (``(2,)`` int32) per sample, all on the sampler's
+        device, for ``DALIGenericIterator(pipe, list(sampler.output_names), size=-1)`` and friends.
 
-        Its ``external_source`` only takes finished batches from the producer thread; ``augment``
-        runs as DALI ops after it. Every pipeline and ``next(sampler)`` draw from the same stream.
+        Its one ``external_source`` only takes finished batches from the producer thread; on a GPU
+        DALI's copy of them is queued on the producer's stream, after the gather. ``augment`` runs
+        as DALI ops after it. Every pipeline and ``next(sampler)`` draw from the same stream.
         ``num_threads`` are DALI's CPU worker threads for this pipeline: 1 suffices on the GPU; on
-        the CPU, raise it when augmenting.
+        the CPU, raise it when augmenting. ``no_copy=True``: DALI reads the batches in place (no
+        copy; benchmarks/RESULTS.md compares both).
         """
         if self._producer.closed:
             msg = "this sampler is closed; create a new PatchSampler"
             raise RuntimeError(msg)
-        pipe, feed = sample_pipeline.build_pipeline(lambda: next(self), self.config, self.backend,
-                                                    self._producer.stream, prefetch_queue_depth, num_threads, **kwargs)
+        pipe, feed = sample_pipeline.build_pipeline(lambda: self.take(None), self.config, self.backend,
+                                                    self._producer.stream, prefetch_queue_depth, num_threads,
+                                                    no_copy, **kwargs)
         self._pipelines.append((pipe, feed))
         return pipe
 

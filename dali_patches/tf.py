@@ -5,8 +5,9 @@ DALI's ``DALIDataset`` refuses pipelines whose ``external_source`` has a ``sourc
 So every output (``patches``, each companion, ``source``, ``anchor``) gets an ``external_source`` of
 its own that reads its field of the same finished batch, memoised per iteration; on a GPU the patch
 batch is copied to the host for the hand-over and moved back to the GPU inside the pipeline, where the
-augmentation ops run. Import this module only where TensorFlow and ``nvidia-dali-tf-plugin-cuda130``
-are installed; the core package does not need them.
+augmentation ops run (with a CPU-only TensorFlow, such as the ``tf`` extra's ``tensorflow-cpu``,
+everything stays on the host). Import this module only where TensorFlow and
+``nvidia-dali-tf-plugin-cuda130`` are installed; the core package does not need them.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def patch_dataset(sampler: PatchSampler, prefetch_queue_depth: int = 2, num_thre
     names, backend = sampler.output_names, sampler.backend
     fields = _Fields(sampler)
     external = sampler.external_source_args()
+    # TensorFlow takes the outputs from its GPU only when it has one (the `tf` extra installs
+    # tensorflow-cpu); otherwise the patches stay on the host for it, wherever they were cut.
+    on_gpu = backend.is_gpu and bool(tf.config.list_physical_devices("GPU"))
 
     @pipeline_def(batch_size=sampler.config.batch_size, num_threads=num_threads, device_id=backend.dali_device_id,
                   prefetch_queue_depth=prefetch_queue_depth, seed=sampler.config.seed)
@@ -71,14 +75,14 @@ def patch_dataset(sampler: PatchSampler, prefetch_queue_depth: int = 2, num_thre
         inputs = [fn.external_source(source=fields.callback(i), batch=True, batch_info=True, name=name,
                                      device="cpu", dtype=external["dtype"][i], layout=external["layout"][i],
                                      ndim=external["ndim"][i]) for i, name in enumerate(names)]
-        if backend.is_gpu:
+        if on_gpu:
             inputs = [node.gpu() for node in inputs]  # TF on a GPU takes every output from the GPU
         return sampler.augment_nodes(inputs)
 
     batch = sampler.config.batch_size
     shapes = tuple((batch, *shape) for shape in sampler.output_shapes())
     dtypes = tuple(tf.as_dtype(name) for name in sampler.output_dtypes())
-    device = f"/gpu:{backend.dali_device_id}" if backend.is_gpu else "/cpu:0"
+    device = f"/gpu:{backend.device_id}" if on_gpu else "/cpu:0"
     with tf.device(device):
         dataset = DALIDatasetWithInputs(pipeline=tf_pipeline(), batch_size=batch, output_shapes=shapes,
                                         output_dtypes=dtypes, device_id=backend.dali_device_id)

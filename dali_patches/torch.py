@@ -13,13 +13,13 @@ torch is installed; the core package does not need it.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from .pipeline import batch_outputs
 from .sampler import PatchSampler
 
 __all__ = ["DirectIterator", "PatchIterator"]
@@ -60,6 +60,8 @@ class PatchIterator(_Epochs):
         batches_per_epoch: ``None`` iterates forever; an int makes each ``for`` loop stop after that
             many batches (``len()`` gives it), continuing the same stream on the next loop.
         prefetch_queue_depth: batches DALI keeps in flight.
+        no_copy: DALI reads the batches in place instead of copying them (see
+            :meth:`~dali_patches.PatchSampler.pipeline`).
 
     Example:
         >>> for step, data in zip(range(1000), PatchIterator(sampler)):
@@ -67,11 +69,11 @@ class PatchIterator(_Epochs):
     """
 
     def __init__(self, sampler: PatchSampler, batches_per_epoch: int | None = None,
-                 prefetch_queue_depth: int = 2) -> None:
+                 prefetch_queue_depth: int = 2, no_copy: bool = False) -> None:
         _check_epoch(batches_per_epoch)
         self.sampler = sampler
         self.batches_per_epoch = batches_per_epoch
-        self.pipeline = sampler.pipeline(prefetch_queue_depth=prefetch_queue_depth)
+        self.pipeline = sampler.pipeline(prefetch_queue_depth=prefetch_queue_depth, no_copy=no_copy)
         self._dali = DALIGenericIterator(self.pipeline, list(sampler.output_names), size=-1)
         self._returned = 0
 
@@ -90,10 +92,10 @@ class PatchIterator(_Epochs):
 class DirectIterator(_Epochs):
     """Torch tensors straight from the sampler's batches, through DLPack: no DALI pipeline, no copy.
 
-    On a GPU, the tensors are read on torch's current stream, which waits (on the device, not the
-    host) for the gather that wrote them; the sampler rewrites a batch's memory only after the
-    tensor and every view of it are released and the work queued on that stream so far is done.
-    Keeping a batch (or a view) alive keeps its patches as they are.
+    On a GPU, the tensors are read on torch's current stream of the sampler's device, which waits
+    (on the device, not the host) for the gather that wrote them; the sampler rewrites a batch's
+    memory only after the tensor and every view of it are released and the work queued on that
+    stream by then is done. Keeping a batch (or a view) alive keeps its patches as they are.
 
     Args:
         sampler: the sampler to draw from (its stream is shared with any other consumer).
@@ -109,16 +111,21 @@ class DirectIterator(_Epochs):
         self.sampler = sampler
         self.batches_per_epoch = batches_per_epoch
         self._names = sampler.output_names
-        self._gpu = sampler.backend.is_gpu
 
     def _next(self) -> dict[str, Any]:
-        stream: Any = contextlib.nullcontext()
-        if self._gpu:  # make torch's current stream the one the sampler orders its work against
-            cupy = self.sampler.backend.xp
-            stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-        with stream:
-            outputs = self.sampler.next_outputs()
-        return {name: torch.from_dlpack(array) for name, array in zip(self._names, outputs)}
+        sampler, backend = self.sampler, self.sampler.backend
+        if not backend.is_gpu:
+            return self._tensors(sampler.take(None))
+        # torch's stream of the sampler's device (not of whichever device is current), seen by CuPy as
+        # its current stream there: the batch is ordered on it, and DLPack adds no second event.
+        device = backend.device_id
+        torch_stream = torch.cuda.current_stream(device)
+        with backend.on_device(), backend.xp.cuda.ExternalStream(torch_stream.cuda_stream, device) as stream:
+            return self._tensors(sampler.take(stream))
+
+    def _tensors(self, batch: Any) -> dict[str, Any]:
+        arrays = batch_outputs(self.sampler.config, batch)
+        return {name: torch.from_dlpack(array) for name, array in zip(self._names, arrays)}
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's state after the last batch this iterator yielded (nothing is prefetched)."""

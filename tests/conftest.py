@@ -1,17 +1,51 @@
-"""Shared fixtures: the ``device`` to test on, generated image sets, and a reference decoder."""
+"""Shared fixtures: the ``device`` to test on (the CPU, the simulated GPU, a real GPU), generated
+image sets, and a reference decoder."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dali_patches.backend import cuda_available, resolve_backend
+import dali_patches.backend as backend_module
+import dali_patches.sampler as sampler_module
+from dali_patches.backend import Backend, cuda_available
+from dali_patches.gather import KERNEL_NAME, kernel_twin
+from dali_patches.options import Device
 from dali_patches.synth import synthetic_image
 
-_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+from .cuda_sim import Simulator
+
+_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("sim", id="sim"),
+            pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+_REAL_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
+KERNELS = {KERNEL_NAME: (kernel_twin, (0, 1), (2,))}  # the gather kernel runs as its NumPy twin there
+
+
+@contextlib.contextmanager
+def simulated_gpu(monkeypatch: pytest.MonkeyPatch, **options: object) -> Iterator[Simulator]:
+    """``device="gpu"`` becomes the simulated GPU (tests/cuda_sim.py) for the sampler: its producer,
+    cache, gather, output ring and streams run there, with DALI decoding on the CPU (the decoded
+    images are handed over as device memory DALI owns). Checks for hazards at the end."""
+    sim = Simulator(kernels=KERNELS, **options)  # type: ignore[arg-type]
+    real = backend_module.resolve_backend
+
+    def resolve(device: Device | str, device_id: int = 0, from_local_rank: bool = False) -> Backend:
+        if Device(device) is Device.CPU:
+            return real(device)
+        return Backend(Device.GPU, sim.xp, "cpu", "cpu", None, device_id % sim.devices)
+
+    monkeypatch.setattr(backend_module, "resolve_backend", resolve)
+    monkeypatch.setattr(sampler_module, "resolve_backend", resolve)
+    try:
+        yield sim
+    finally:
+        sim.close()
+    sim.check()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -24,8 +58,23 @@ def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(params=_DEVICES)
-def device(request: pytest.FixtureRequest) -> str:
-    """Each test runs on the CPU, and again on the GPU when one is present (skipped otherwise)."""
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each test runs on the CPU, on the simulated GPU (``sim``: the GPU code path with every stream
+    hazard checked), and on a real GPU when one is present (skipped otherwise). Yields the
+    ``device`` to give the sampler."""
+    if request.param == "gpu" and not cuda_available():
+        pytest.skip("no CUDA GPU with CuPy on this machine")
+    if request.param == "sim":
+        with simulated_gpu(monkeypatch):
+            yield "gpu"
+        return
+    yield request.param
+
+
+@pytest.fixture(params=_REAL_DEVICES)
+def dali_device(request: pytest.FixtureRequest) -> str:
+    """For tests of DALI's own GPU operators and plugins (the sample pipeline, torch and TF
+    iterators): the CPU, and a real GPU when present; the simulated GPU cannot run DALI's GPU side."""
     if request.param == "gpu" and not cuda_available():
         pytest.skip("no CUDA GPU with CuPy on this machine")
     return request.param
@@ -33,7 +82,7 @@ def device(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def backend(device: str):
-    return resolve_backend(device)
+    return backend_module.resolve_backend(device)
 
 
 def _save(path: Path, array: np.ndarray, **kwargs: object) -> Path:
@@ -88,28 +137,37 @@ def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+GPU_TEST_HW_DECODER_LOAD = 0.0
+
+
 def reference_decode(paths: list[str], device: str, exif: bool = True, channels: int = 3,
                      dtype: str = "uint8") -> dict[str, np.ndarray]:
-    """Full decode of each file by the same DALI decoder the sampler uses (host arrays)."""
+    """Full decode of each file by the same DALI decoder the sampler uses (host arrays).
+
+    On a real GPU nvJPEG splits each batch between its hardware engine and CUDA by
+    ``hw_decoder_load``, and the two may differ pixel for pixel; this reference decodes one file a
+    batch, so GPU tests pin the share to :data:`GPU_TEST_HW_DECODER_LOAD` here and in the sampler
+    (``hw_decoder_load=``) to compare like with like."""
     from nvidia.dali import fn, pipeline_def, types
 
     from dali_patches.decode import DALI_DTYPES
 
-    backend = resolve_backend(device)
+    backend = backend_module.resolve_backend(device)
+    split = {"hw_decoder_load": GPU_TEST_HW_DECODER_LOAD} if backend.decoder_device == "mixed" else {}
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=backend.dali_device_id, prefetch_queue_depth=1)
     def full():
         jpegs, _ = fn.readers.file(files=list(paths))
         return fn.decoders.image(jpegs, device=backend.decoder_device, adjust_orientation=exif,
                                  output_type=types.RGB if channels == 3 else types.GRAY,
-                                 dtype=DALI_DTYPES[dtype])
+                                 dtype=DALI_DTYPES[dtype], **split)
 
     pipe = full()
     pipe.build()
     out = {}
     for path in paths:
         (images,) = pipe.run()
-        if backend.is_gpu:
+        if hasattr(images, "as_cpu"):
             images = images.as_cpu()
         out[path] = np.array(images[0])
     return out

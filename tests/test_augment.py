@@ -29,9 +29,9 @@ def _run(sampler: PatchSampler, pipe) -> dict[str, np.ndarray]:
     return {name: np.asarray(o.as_tensor()) for name, o in zip(sampler.output_names, outputs)}
 
 
-def test_flips_and_rotations_keep_image_and_mask_aligned(device: str, sr_pairs: Path) -> None:
+def test_flips_and_rotations_keep_image_and_mask_aligned(dali_device: str, sr_pairs: Path) -> None:
     seen = set()
-    with _sampler(sr_pairs, device, Augment(hflip=True, vflip=True, rot90=True)) as sampler:
+    with _sampler(sr_pairs, dali_device, Augment(hflip=True, vflip=True, rot90=True)) as sampler:
         pipe = sampler.pipeline(num_threads=2)
         for _ in range(8):
             out = _run(sampler, pipe)
@@ -44,10 +44,10 @@ def test_flips_and_rotations_keep_image_and_mask_aligned(device: str, sr_pairs: 
     assert len(seen) == 8  # all eight symmetries of the square occur
 
 
-def test_flips_only_on_rectangular_patches(device: str, sr_pairs: Path) -> None:
+def test_flips_only_on_rectangular_patches(dali_device: str, sr_pairs: Path) -> None:
     with pytest.raises(ValueError, match="rot90=True. needs square patches"):
-        _sampler(sr_pairs, device, Augment(rot90=True), patch=(16, 24))
-    with _sampler(sr_pairs, device, Augment(vflip=True), patch=(16, 24)) as sampler:
+        _sampler(sr_pairs, dali_device, Augment(rot90=True), patch=(16, 24))
+    with _sampler(sr_pairs, dali_device, Augment(vflip=True), patch=(16, 24)) as sampler:
         out = _run(sampler, sampler.pipeline())
         flipped = 0
         for patch, mask, (y, x) in zip(out["patches"], out["mask"], out["anchor"].tolist()):
@@ -59,9 +59,9 @@ def test_flips_only_on_rectangular_patches(device: str, sr_pairs: Path) -> None:
         assert 0 < flipped < 16
 
 
-def test_normalize_cast_and_chw_layout(device: str, sr_pairs: Path) -> None:
+def test_normalize_cast_and_chw_layout(dali_device: str, sr_pairs: Path) -> None:
     mean, std = (10.0, 20.0, 30.0), (2.0, 4.0, 8.0)
-    with _sampler(sr_pairs, device, Augment(mean=mean, std=std, layout="CHW")) as sampler:
+    with _sampler(sr_pairs, dali_device, Augment(mean=mean, std=std, layout="CHW")) as sampler:
         assert sampler.output_dtypes()[:2] == ("float32", "uint8")
         assert sampler.output_shapes()[:2] == ((3, 24, 24), (1, 24, 24))
         out = _run(sampler, sampler.pipeline())
@@ -72,7 +72,7 @@ def test_normalize_cast_and_chw_layout(device: str, sr_pairs: Path) -> None:
             expected = ((crop - np.array(mean)) / np.array(std)).transpose(2, 0, 1)
             np.testing.assert_allclose(patch, expected, rtol=1e-6, atol=1e-5)
             assert np.array_equal(mask, label_mask(y + 24, x + 24)[y:, x:].transpose(2, 0, 1))
-    with _sampler(sr_pairs, device, Augment(dtype="float16")) as sampler:
+    with _sampler(sr_pairs, dali_device, Augment(dtype="float16")) as sampler:
         out = _run(sampler, sampler.pipeline())
         assert out["patches"].dtype == np.float16 and out["patches"].shape == (16, 24, 24, 3)
 
@@ -91,9 +91,9 @@ def test_bad_augment_options_name_the_parameter(sr_pairs: Path, kwargs: dict, me
                      augment=kwargs)
 
 
-def test_lr_and_hr_twins_get_the_same_symmetry(device: str, sr_pairs: Path) -> None:
+def test_lr_and_hr_twins_get_the_same_symmetry(dali_device: str, sr_pairs: Path) -> None:
     source = {"image": str(sr_pairs / "lr_x2/**/*x2.png"), "target": str(sr_pairs / "hr/**/*.png")}
-    with PatchSampler(source, patch_size=10, batch_size=8, reuse=4, cache_images=12, device=device,
+    with PatchSampler(source, patch_size=10, batch_size=8, reuse=4, cache_images=12, device=dali_device,
                       companions={"target": {"scale": 2}}, augment=Augment(hflip=True, vflip=True, rot90=True),
                       seed=4) as sampler:
         pipe = sampler.pipeline(num_threads=2)

@@ -125,12 +125,12 @@ def test_max_reuse_holds_after_a_slow_phase(many_images: Path) -> None:
 
 
 @pytest.mark.parametrize("path", ["pipeline", "direct"])
-def test_auto_through_dali_and_direct_paths_with_companions(device: str, sr_pairs: Path, path: str) -> None:
+def test_auto_through_dali_and_direct_paths_with_companions(dali_device: str, sr_pairs: Path, path: str) -> None:
     """Companions stay aligned (LR = HR decimated) and batches distinct through DALI's pipeline and
     the direct path under reuse='auto'."""
     source = {"image": sr_pairs / "hr", "lr": str(sr_pairs / "lr_x2/**/*x2.png")}
-    with PatchSampler(source, patch_size=P, batch_size=B, reuse="auto", max_reuse=8, cache_images=12, device=device,
-                      companions={"lr": {"scale": 0.5}}) as sampler:
+    with PatchSampler(source, patch_size=P, batch_size=B, reuse="auto", max_reuse=8, cache_images=12,
+                      device=dali_device, companions={"lr": {"scale": 0.5}}) as sampler:
         if path == "pipeline":
             pipe = sampler.pipeline()
             for _ in range(10):

@@ -7,13 +7,13 @@ from dali_patches.cache import RingCache
 
 
 def _image(xp, h: int, w: int, value: int):
-    return xp.full((h, w, 3), value, dtype=xp.uint8)
+    return xp.asarray(np.full((h, w, 3), value, dtype=np.uint8))
 
 
 def test_insert_copies_pixels_and_fills_slot_table(backend) -> None:
     cache = RingCache(backend, 10_000, max_slots=16)
     xp = backend.xp
-    image = xp.arange(20 * 30 * 3, dtype=xp.uint8).reshape(20, 30, 3)
+    image = xp.asarray(np.arange(20 * 30 * 3, dtype=np.uint8).reshape(20, 30, 3))
     slot = cache.insert(image, source=7)
     off = int(cache.offset[slot])
     assert (int(cache.height[slot]), int(cache.width[slot]), int(cache.source[slot])) == (20, 30, 7)

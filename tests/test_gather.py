@@ -52,7 +52,7 @@ def test_kernel_twin_matches_the_gather_bit_for_bit(backend, pixel_bytes: int, p
 
 def test_gather_of_nothing_and_into_a_buffer(backend) -> None:
     xp = backend.xp
-    arena = xp.arange(1000, dtype=xp.uint8)
+    arena = xp.asarray(np.arange(1000, dtype=np.uint8))
     empty = patch_table(*(np.zeros(0, np.int64) for _ in range(4)))
     assert gather(xp, arena, empty, (4, 4), 3).shape == (0, 4, 12)
     table = patch_table(np.array([0, 100]), np.array([10, 10]), np.array([1, 0]), np.array([2, 3]))

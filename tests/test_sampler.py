@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dali_patches import OUTPUT_NAMES, CatalogWarning, PatchSampler
+from dali_patches.cache import RingCache
 
 from .conftest import reference_decode
 
@@ -100,13 +101,13 @@ def test_arena_is_allocated_once_and_cache_stays_bounded(device: str, many_image
             next(s)
             stats = s.stats()
             assert stats["cache_bytes_used"] <= stats["cache_bytes"] == 1_000_000
-        assert s._producer.cache.arena is arena and arena.nbytes == 1_000_000
+        assert s._producer.cache.arena is arena and arena.nbytes == RingCache.arena_bytes(1_000_000)
         assert (arena.ctypes.data if s.backend.xp is np else arena.data.ptr) == pointer
         assert stats["reader_epochs"] > 2
 
 
-def test_pipeline_outputs_named_batches(device: str, image_dir: Path) -> None:
-    with PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=4, cache_images=12, device=device) as s:
+def test_pipeline_outputs_named_batches(dali_device: str, image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=32, batch_size=8, reuse=4, cache_images=12, device=dali_device) as s:
         pipe = s.pipeline()
         for _ in range(3):
             patches, source, anchor = pipe.run()

@@ -20,8 +20,8 @@ def _sr_sampler(sr_pairs: Path, device: str, **kwargs) -> PatchSampler:
                         companions={"target": {"scale": 2}}, **kwargs)
 
 
-def test_dataset_yields_every_named_output_with_static_shapes(device: str, sr_pairs: Path) -> None:
-    with _sr_sampler(sr_pairs, device) as sampler:
+def test_dataset_yields_every_named_output_with_static_shapes(dali_device: str, sr_pairs: Path) -> None:
+    with _sr_sampler(sr_pairs, dali_device) as sampler:
         dataset = patch_dataset(sampler)
         assert dataset.element_spec == {
             "patches": tf.TensorSpec((8, 12, 12, 3), tf.uint8),
@@ -36,8 +36,8 @@ def test_dataset_yields_every_named_output_with_static_shapes(device: str, sr_pa
         assert sampler.stats()["batches_served"] >= 4
 
 
-def test_keras_model_fit_on_the_dataset(device: str, sr_pairs: Path) -> None:
-    with _sr_sampler(sr_pairs, device, augment=Augment(hflip=True, rot90=True, mean=0, std=255)) as sampler:
+def test_keras_model_fit_on_the_dataset(dali_device: str, sr_pairs: Path) -> None:
+    with _sr_sampler(sr_pairs, dali_device, augment=Augment(hflip=True, rot90=True, mean=0, std=255)) as sampler:
         dataset = patch_dataset(sampler).map(lambda d: (d["patches"], d["target"]))
         model = tf.keras.Sequential([
             tf.keras.Input((12, 12, 3)),

@@ -8,24 +8,25 @@ from dali_patches import PatchSampler
 from dali_patches.torch import DirectIterator, PatchIterator
 
 
-def test_iterator_yields_torch_tensors_on_the_sampler_device(device: str, image_dir: Path) -> None:
-    with PatchSampler(image_dir, patch_size=(16, 32), batch_size=8, reuse=4, cache_images=12, device=device) as s:
+def test_iterator_yields_torch_tensors_on_the_sampler_device(dali_device: str, image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=(16, 32), batch_size=8, reuse=4, cache_images=12, device=dali_device) as s:
         iterator = PatchIterator(s, batches_per_epoch=3)
         assert len(iterator) == 3
         for _ in range(2):  # two epochs of 3 batches
             steps = list(iterator)
             assert len(steps) == 3
         data = steps[-1]
-        expected = "cuda" if device == "gpu" else "cpu"
+        expected = "cuda" if dali_device == "gpu" else "cpu"
         assert data["patches"].shape == (8, 16, 32, 3) and data["patches"].dtype == torch.uint8
         assert data["source"].shape == (8,) and data["source"].dtype == torch.int64
         assert data["anchor"].shape == (8, 2) and data["anchor"].dtype == torch.int32
-        assert data["patches"].device.type == expected
-        assert data["source"].device.type == data["anchor"].device.type == "cpu"  # provenance stays on the host
+        # every output comes from the pipeline's one external_source, on the sampler's device
+        assert data["patches"].device.type == data["source"].device.type == data["anchor"].device.type == expected
         assert len(set(data["source"].tolist())) == 8
 
 
-def test_direct_iterator_is_zero_copy_and_the_same_stream(device: str, image_dir: Path) -> None:
+def test_direct_iterator_is_zero_copy_and_the_same_stream(dali_device: str, image_dir: Path) -> None:
+    device = dali_device
     settings = {"patch_size": (16, 24), "batch_size": 8, "reuse": 4, "cache_images": 12, "device": device, "seed": 1}
     with PatchSampler(image_dir, **settings) as reference:
         expected = [next(reference) for _ in range(6)]
@@ -58,11 +59,11 @@ def test_endless_iterator_has_no_length(image_dir: Path) -> None:
             PatchIterator(s, batches_per_epoch=0)
 
 
-def test_super_resolution_pairs_as_float_chw_tensors(device: str, sr_pairs: Path) -> None:
+def test_super_resolution_pairs_as_float_chw_tensors(dali_device: str, sr_pairs: Path) -> None:
     from dali_patches import Augment
 
     source = {"image": str(sr_pairs / "lr_x2/**/*x2.png"), "target": str(sr_pairs / "hr/**/*.png")}
-    with PatchSampler(source, patch_size=12, batch_size=8, reuse=4, cache_images=12, device=device,
+    with PatchSampler(source, patch_size=12, batch_size=8, reuse=4, cache_images=12, device=dali_device,
                       companions={"target": {"scale": 2}},
                       augment=Augment(mean=0, std=255, layout="CHW")) as s:
         data = next(iter(PatchIterator(s)))
