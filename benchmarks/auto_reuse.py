@@ -9,7 +9,14 @@ consumption ÷ decode rate (DALI's decode alone, measured first in the same run)
 distinct images in any batch. Writes a table, JSON and a plot of effective reuse and waiting over
 time.
 
+``--pacing B [B ...]`` measures instead whether the decoder keeps running flat out under a slow
+trainer (``--pace`` patches/s, default 800) at each batch size: its busy fraction, its rate ÷ bare
+DALI decode (measured before and after, same run), and the effective reuse against consumption ÷
+bare decode. ``--ab`` adds the same run with the refill between rounds switched off (the producer
+then refills only once a round), for comparison.
+
     python benchmarks/auto_reuse.py [DIR] --json benchmarks/results/auto_reuse.json --plot benchmarks/results/auto_reuse.png
+    python benchmarks/auto_reuse.py DIR --cache 7.5GiB --pacing 16 32 64 256 --ab --json benchmarks/results/auto_pacing.json
 """
 
 from __future__ import annotations
@@ -79,6 +86,34 @@ def run(files: list[str], reuse: Any, args: argparse.Namespace, **bounds: Any) -
     return {"reuse": reuse, "bounds": bounds, "phases": phases, "trace": trace}
 
 
+def pacing(files: list[str], batch: int, args: argparse.Namespace, refill_ahead: bool = True) -> dict[str, Any]:
+    """``reuse="auto"`` under a trainer taking ``args.pace`` patches/s at batch size ``batch``."""
+    import dali_patches.producer as producer_module
+
+    real = producer_module.Producer._refill_ahead
+    if not refill_ahead:  # the comparison: refill only once a round, as before the refill between rounds
+        producer_module.Producer._refill_ahead = lambda self: None  # type: ignore[method-assign]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sampler = PatchSampler(files, patch_size=args.patch, batch_size=batch, reuse="auto", cache_bytes=args.cache,
+                                   device="cpu", seed=0, progress=False)
+        with sampler:
+            next(sampler)  # the warm-up
+            start, t0 = sampler.stats(), time.perf_counter()
+            while time.perf_counter() - t0 < args.seconds:
+                next(sampler)
+                time.sleep(batch / args.pace)
+            end, wall = sampler.stats(), time.perf_counter() - t0
+    finally:
+        producer_module.Producer._refill_ahead = real  # type: ignore[method-assign]
+    taken = end["images_decoded"] - start["images_decoded"]
+    return {"batch": batch, "refill_ahead": refill_ahead, "seconds": wall, "round_batches": end["round_batches"],
+            "decodes_per_s": taken / wall,
+            "decoder_busy": 1 - (end["decoder_paused_s"] - start["decoder_paused_s"]) / wall,
+            "effective_reuse": (end["patches_served"] - start["patches_served"]) / taken if taken else None}
+
+
 def plot(results: list[dict[str, Any]], decode_rate: float, path: Path) -> None:
     import matplotlib
 
@@ -125,7 +160,40 @@ def main() -> None:
     p.add_argument("--size", default="2600x3500")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path)
+    p.add_argument("--pacing", type=int, nargs="+", metavar="B", help="measure the decoder's pace at these batch sizes")
+    p.add_argument("--pace", type=float, default=800.0, help="--pacing: the trainer's patches/s [800]")
+    p.add_argument("--seconds", type=float, default=30.0, help="--pacing: seconds per run [30]")
+    p.add_argument("--ab", action="store_true", help="--pacing: also run without the refill between rounds")
     args = p.parse_args()
+    if args.pacing:
+        with image_source(args) as folder:
+            files = expand(folder)
+
+            def bare() -> float:
+                return bare_decode_rate(files, "cpu", 8, os.cpu_count() or 1, 10.0)
+
+            # The machine's speed drifts over minutes: each batch size is compared with the bare
+            # decode rate measured right before and right after its runs.
+            bares, runs = [bare()], []
+            for b in args.pacing:
+                runs += [pacing(files, b, args, ahead) for ahead in ((False, True) if args.ab else (True,))]
+                bares.append(bare())
+                for r in runs[-(2 if args.ab else 1):]:
+                    r["bare_decode"] = (bares[-2] + bares[-1]) / 2
+        print(f"{len(files)} images, bare decode {min(bares):.1f}–{max(bares):.1f} img/s over the run, trainer "
+              f"{args.pace:,.0f} patches/s (consumption ÷ bare decode ≈ {args.pace / (sum(bares) / len(bares)):.1f}), "
+              f"P {args.patch}")
+        print(f"{'B':>5} {'refill':<14} {'round':>5} {'busy':>6} {'decode img/s':>13} {'bare':>6} {'÷ bare':>7} "
+              f"{'reuse':>7}")
+        for r in runs:
+            print(f"{r['batch']:>5} {'between rounds' if r['refill_ahead'] else 'once a round':<14} {r['round_batches']:>5} "
+                  f"{r['decoder_busy']:>6.0%} {r['decodes_per_s']:>13.1f} {r['bare_decode']:>6.1f} "
+                  f"{r['decodes_per_s'] / r['bare_decode']:>7.2f} {r['effective_reuse']:>7.1f}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"bare_decode": bares, "pace": args.pace, "runs": runs,
+                                             "versions": versions()}, indent=1))
+        return
     global PHASES
     PHASES = [(n, s, None if b is None else b * args.batch / 64) for n, s, b in PHASES]
     with image_source(args) as folder:

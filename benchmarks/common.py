@@ -1,4 +1,5 @@
-"""Benchmark helpers: warm-up, device sync inside the timed region, median + IQR, peak RSS, JSON."""
+"""Benchmark helpers: warm-up, one device sync at each end of the timed region, median + IQR, peak RSS,
+JSON."""
 
 from __future__ import annotations
 
@@ -94,8 +95,14 @@ class Timing:
 
 def timed(step: Callable[[], Any], seconds: float, warmup_steps: int = 3,
           sync: Callable[[], None] = lambda: None) -> Timing:
-    """Run ``step`` ``warmup_steps`` times untimed, then for ``seconds``; ``sync`` runs inside the
-    timed region after every step so that asynchronous device work is counted."""
+    """Run ``step`` ``warmup_steps`` times untimed, then for ``seconds``.
+
+    ``sync`` (a device synchronisation, for asynchronous work) runs once before the timed region and
+    once at its end, inside it: the work the steps queued is counted, while nothing drains the
+    pipelines between steps (a sync per step would empty DALI's prefetch queue and the producer's
+    run-ahead, and bias every method towards its latency). Use the same ``sync`` for every method
+    compared. The per-step times are the host's (``median_s``); rates come from the total.
+    """
     for _ in range(warmup_steps):
         step()
     sync()
@@ -104,16 +111,30 @@ def timed(step: Callable[[], Any], seconds: float, warmup_steps: int = 3,
     while timing.total_s < seconds:
         t0 = time.perf_counter()
         step()
-        sync()
         t1 = time.perf_counter()
         timing.steps.append(t1 - t0)
         timing.total_s = t1 - start
+    sync()
+    timing.total_s = time.perf_counter() - start
     return timing
 
 
 def rate(timing: Timing, per_step: int) -> float:
     """Items per second of a :func:`timed` run that handled ``per_step`` items per step."""
     return len(timing.steps) * per_step / timing.total_s
+
+
+def device_sync(backend: Any) -> Callable[[], None]:
+    """A whole-device synchronisation on a GPU backend, nothing on the CPU."""
+    if not backend.is_gpu:
+        return lambda: None
+    xp, device = backend.xp, backend.device_id
+
+    def sync() -> None:
+        with xp.cuda.Device(device):
+            xp.cuda.runtime.deviceSynchronize()
+
+    return sync
 
 
 def bare_decode_rate(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:

@@ -1,17 +1,25 @@
-"""The engine against its own bounds, in one process, as ratios (issue: engine v2).
+"""The engine against its own bounds, in one process, as ratios.
 
-  * ``floor``        a trivial DALI pipeline that only hands over constant arrays of the same three
-                     outputs (``external_source``, batch=True): DALI's own hand-over floor
+  * ``floor``        the sampler's own DALI pipeline (``pipeline.build_pipeline``, the same
+                     ``external_source``, device and stream) fed one constant batch: DALI's hand-over
+                     floor for exactly our outputs; with and without ``no_copy``
   * ``warm_dali``    the warm cache (no refill) through ``sampler.pipeline()``        → ÷ floor
   * ``warm_arrays``  the warm cache as plain arrays (``next(sampler)``)                → ÷ copy bound
   * ``warm_direct``  the warm cache as torch tensors (``DirectIterator``, if torch is installed)
-  * ``copy bound``   ``np.copyto`` bandwidth of a 64 MiB buffer ÷ bytes of one patch
+  * ``copy bound``   copy bandwidth ÷ bytes of one patch: ``np.copyto`` of 64 MiB on the CPU, a
+                     device-to-device copy of 1 GiB on a GPU (each byte read once and written once,
+                     as a gather does)
+  * ``gather``       the gather alone (GPU: the kernel; CPU: the host pass) over one large table from
+                     the warm cache, bytes out per second                                → ÷ copy bandwidth
   * ``bare_decode``  DALI ``readers.file → decoders.image`` alone, the sampler's decode batch
   * ``reuse R``      end to end through ``sampler.pipeline()``: patches/s ÷ (R × bare decode rate), and the
                      decode stage's rate while sampling ÷ bare decode rate
   * ``multi-crop K`` (``--multicrop``) the usual recipe on the same device: DALI decodes a batch once,
-                     K = R crops are cut from each image (one gather) and shuffled within the decoded
-                     set; reported with its distinct images per batch beside ours
+                     K crops are cut from each image (one gather), shuffled within what was decoded and
+                     carried over to the next decode batch when they do not fill a batch, handed over
+                     through the same DALI pipeline as ours; reported with its distinct images per batch
+
+Every rate is timed with one device synchronisation at each end (``common.timed``).
 
     python benchmarks/engine.py [DIR] --patch 64 --batch 64 --reuse 32 128 --seconds 15 --json engine.json
 
@@ -26,86 +34,21 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bare_decode_rate, rate, timed, versions, write_json
+from common import bare_decode_rate, device_sync, rate, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
-from dali_patches.backend import resolve_backend
-
-
-def _floor(batch: int, patch: int, device: str, seconds: float) -> float:
-    """DALI's hand-over floor: the same three outputs, constant arrays, nothing else."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    backend = resolve_backend(device)
-    xp = backend.xp
-    outputs = (xp.zeros((batch, patch, patch, 3), xp.uint8), np.zeros(batch, np.int64), np.zeros((batch, 2), np.int32))
-
-    @pipeline_def(batch_size=batch, num_threads=1, device_id=backend.dali_device_id, prefetch_queue_depth=2)
-    def floor():
-        return tuple(fn.external_source(source=lambda: outputs, num_outputs=3, batch=True, device=backend.op_device,
-                                        dtype=[types.UINT8, types.INT64, types.INT32], layout=["HWC", "", ""],
-                                        ndim=[3, 0, 1]))
-
-    pipe = floor()
-    pipe.build()
-    return rate(timed(pipe.run, seconds, warmup_steps=5), batch)
-
-
-def _copy_bound(patch_bytes: int) -> tuple[float, float]:
-    src = np.ones(64 << 20, np.uint8)
-    dst = np.empty_like(src)
-    timing = timed(lambda: np.copyto(dst, src), 2.0, warmup_steps=2)
-    bandwidth = len(timing.steps) * src.nbytes / timing.total_s
-    return bandwidth, bandwidth / patch_bytes
-
-
-def _multicrop(files: list[str], args: argparse.Namespace, k: int, decode_batch: int) -> dict[str, float]:
-    """Decode ``decode_batch`` images once, cut ``k`` random crops of each, shuffle the crops of the
-    decoded set and serve them in batches: the multi-crop + shuffle recipe, with the same gather."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    from dali_patches.gather import gather, patch_table
-
-    backend = resolve_backend(args.device)
-    xp, p, b = backend.xp, args.patch, args.batch
-    rng = np.random.default_rng(0)
-
-    @pipeline_def(batch_size=decode_batch, num_threads=args.threads, device_id=backend.dali_device_id,
-                  prefetch_queue_depth=2)
-    def decode():
-        jpegs, _ = fn.readers.file(files=files, random_shuffle=True)
-        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB)
-
-    pipe = decode()
-    pipe.build()
-    served, distinct, t0 = 0, [], time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
-        (images,) = pipe.run()
-        arrays = [backend.as_array(images[i]) for i in range(decode_batch)]
-        shapes = np.array([a.shape[:2] for a in arrays])
-        offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])[:-1]])
-        flat = xp.concatenate([a.reshape(-1) for a in arrays])  # the decoded set, back to back
-        owner = np.repeat(np.arange(decode_batch), k)
-        ys = rng.integers(0, shapes[owner, 0] - p + 1)
-        xs = rng.integers(0, shapes[owner, 1] - p + 1)
-        order = rng.permutation(len(owner))  # the shuffle buffer: the decoded set's crops in random order
-        table = patch_table(offsets[owner][order], shapes[owner, 1][order], ys[order], xs[order])
-        crops = gather(xp, flat, table, (p, p), 3)
-        for j in range(len(order) // b):
-            distinct.append(len(np.unique(owner[order][j * b: (j + 1) * b])))
-            served += b
-        del crops
-    if backend.is_gpu:
-        xp.cuda.runtime.deviceSynchronize()
-    elapsed = time.perf_counter() - t0
-    return {"patches_per_s": served / elapsed, "distinct_images_per_batch": float(np.mean(distinct)),
-            "all_distinct_fraction": float(np.mean(np.array(distinct) == b))}
+from dali_patches.backend import Backend, resolve_backend
+from dali_patches.config import SamplerConfig
+from dali_patches.gather import gather, patch_table
+from dali_patches.outputs import PatchBatch
+from dali_patches.pipeline import build_pipeline
 
 
 def _sampler(files: list[str], args: argparse.Namespace, reuse: float) -> PatchSampler:
@@ -113,37 +56,168 @@ def _sampler(files: list[str], args: argparse.Namespace, reuse: float) -> PatchS
                         device=args.device, num_threads=args.threads, progress=False)
 
 
+def _constant(batch: PatchBatch, backend: Backend) -> PatchBatch:
+    """A copy of ``batch`` that nothing else refers to (the floor's feed)."""
+    if not backend.is_gpu:
+        return PatchBatch(batch.patches.copy(), batch.source.copy(), batch.anchor.copy(), 0)
+    with backend.on_device():
+        out = PatchBatch(batch.patches.copy(), batch.source.copy(), batch.anchor.copy(), 0,
+                         device_source=batch.device_source.copy(), device_anchor=batch.device_anchor.copy())
+        backend.xp.cuda.runtime.deviceSynchronize()
+    return out
+
+
+def _floor(sampler: PatchSampler, constant: PatchBatch, args: argparse.Namespace, no_copy: bool) -> float:
+    backend = sampler.backend
+    pipe, _ = build_pipeline(lambda: constant, sampler.config, backend, backend.new_stream(), no_copy=no_copy)
+    return rate(timed(pipe.run, args.seconds, warmup_steps=20, sync=device_sync(backend)), args.batch)
+
+
+def _gather_bytes_per_s(sampler: PatchSampler, args: argparse.Namespace) -> float:
+    """The gather alone: 64 rounds' worth of patches from the warm cache, output bytes per second."""
+    producer, backend = sampler._producer, sampler.backend  # a benchmark may look inside
+    cache, xp = producer.cache, backend.xp
+    draw = producer.draws.draw_round(cache, 64)
+    table = cache.table(0, draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1))
+    part = cache.parts[0]
+    nbytes = len(table) * part.patch_bytes
+    if backend.is_gpu:
+        with backend.on_device():
+            device_table, out = xp.asarray(table), xp.empty(nbytes, xp.uint8)
+
+        def step() -> None:
+            with backend.on_device():
+                gather(xp, cache.arena, table, part.patch_hw, part.pixel_bytes, out, device_table)
+    else:
+        def step() -> None:
+            gather(np, cache.arena, table, part.patch_hw, part.pixel_bytes)
+
+    timing = timed(step, min(args.seconds, 3.0), warmup_steps=2, sync=device_sync(backend))
+    return len(timing.steps) * nbytes / timing.total_s
+
+
+def _copy_bandwidth(backend: Backend) -> float:
+    """Bytes copied per second: each byte read once and written once."""
+    if backend.is_gpu:
+        xp = backend.xp
+        with backend.on_device():
+            src, dst = xp.ones(1 << 30, xp.uint8), xp.empty(1 << 30, xp.uint8)
+
+        def step() -> None:
+            with backend.on_device():
+                dst[...] = src
+    else:
+        src, dst = np.ones(64 << 20, np.uint8), np.empty(64 << 20, np.uint8)
+
+        def step() -> None:
+            np.copyto(dst, src)
+
+    timing = timed(step, 2.0, warmup_steps=2, sync=device_sync(backend))
+    return len(timing.steps) * src.nbytes / timing.total_s
+
+
 def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     with _sampler(files, args, 1e12) as sampler:
-        sync = sampler.backend.xp.cuda.runtime.deviceSynchronize if sampler.backend.is_gpu else (lambda: None)
-        next(sampler)  # warm: no refill at this reuse
+        backend, sync = sampler.backend, device_sync(sampler.backend)
+        constant = _constant(next(sampler), backend)  # warm: no refill at this reuse
+        out["floor"] = _floor(sampler, constant, args, no_copy=False)
+        out["floor_no_copy"] = _floor(sampler, constant, args, no_copy=True)
         out["warm_arrays"] = rate(timed(lambda: next(sampler), args.seconds, warmup_steps=20, sync=sync), args.batch)
-        pipe = sampler.pipeline()
-        out["warm_dali"] = rate(timed(pipe.run, args.seconds, warmup_steps=20, sync=sync), args.batch)
+        for no_copy in (False, True):
+            pipe = sampler.pipeline(no_copy=no_copy)
+            key = "warm_dali_no_copy" if no_copy else "warm_dali"
+            out[key] = rate(timed(pipe.run, args.seconds, warmup_steps=20, sync=sync), args.batch)
+        out["gather_bytes_s"] = _gather_bytes_per_s(sampler, args)
         try:
             from dali_patches.torch import DirectIterator
         except ImportError:
-            return out
-        direct = iter(DirectIterator(sampler))
-        out["warm_direct"] = rate(timed(lambda: next(direct), args.seconds, warmup_steps=20, sync=sync), args.batch)
+            pass
+        else:
+            direct = iter(DirectIterator(sampler))
+            out["warm_direct"] = rate(timed(lambda: next(direct), args.seconds, warmup_steps=20, sync=sync),
+                                      args.batch)
         stats = sampler.stats()
         out["round_batches"] = stats["round_batches"]
         out["producer_us_per_batch"] = stats["producer_us_per_batch"]
+        out["copy_bandwidth_bytes_s"] = _copy_bandwidth(backend)
     return out
+
+
+def _multicrop_batches(files: list[str], args: argparse.Namespace, k: int, decode_batch: int, backend: Backend,
+                       stream: Any, distinct: list[int]) -> Iterator[PatchBatch]:
+    """The multi-crop recipe as batches: decode ``decode_batch`` images once, cut ``k`` random crops of
+    each (one gather), shuffle the decoded set's crops, serve them ``B`` at a time; crops that do not
+    fill a batch wait for the next decode batch's."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    xp, p, b = backend.xp, args.patch, args.batch
+    rng = np.random.default_rng(0)
+
+    @pipeline_def(batch_size=decode_batch, num_threads=args.threads, device_id=backend.dali_device_id,
+                  prefetch_queue_depth=2)
+    def decode():
+        jpegs, labels = fn.readers.file(files=files, labels=list(range(len(files))), random_shuffle=True)
+        return fn.decoders.image(jpegs, device=backend.decoder_device, output_type=types.RGB), labels
+
+    pipe = decode()
+    pipe.build()
+    carried: tuple[Any, np.ndarray] | None = None  # crops (n, P, P·3) and their sources, waiting for a batch
+    index = 0
+    while True:
+        with backend.use(stream):
+            images, labels = pipe.run()
+            arrays = [backend.as_array(images[i]) for i in range(decode_batch)]
+            labels = np.asarray(labels.as_cpu().as_tensor() if hasattr(labels, "as_cpu") else labels.as_tensor())
+            shapes = np.array([a.shape[:2] for a in arrays])
+            offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])[:-1]])
+            flat = xp.concatenate([a.reshape(-1) for a in arrays])  # the decoded set, back to back
+            owner = rng.permutation(np.repeat(np.arange(decode_batch), k))  # the shuffle buffer's order
+            ys, xs = rng.integers(0, shapes[owner, 0] - p + 1), rng.integers(0, shapes[owner, 1] - p + 1)
+            crops = gather(xp, flat, patch_table(offsets[owner], shapes[owner, 1], ys, xs), (p, p), 3)
+            sources = labels.reshape(-1)[owner]
+            if carried is not None:
+                crops, sources = xp.concatenate([carried[0], crops]), np.concatenate([carried[1], sources])
+            whole = len(sources) // b * b
+            carried = (crops[whole:], sources[whole:])
+            for j in range(0, whole, b):
+                source = sources[j: j + b].astype(np.int64)
+                distinct.append(len(np.unique(source)))
+                anchor = np.zeros((b, 2), np.int32)
+                batch = PatchBatch(crops[j: j + b].reshape(b, p, p, 3), source, anchor, index)
+                if backend.is_gpu:
+                    batch = PatchBatch(batch.patches, source, anchor, index, device_source=xp.asarray(source),
+                                       device_anchor=xp.asarray(anchor))
+                index += 1
+                yield batch
+
+
+def _multicrop(files: list[str], args: argparse.Namespace, k: int, decode_batch: int) -> dict[str, float]:
+    backend = resolve_backend(args.device)
+    config = SamplerConfig(patch_size=args.patch, batch_size=args.batch, reuse=k, cache_bytes=1,
+                           device=backend.device).resolved(backend.device)
+    stream = backend.new_stream()
+    distinct: list[int] = []
+    batches = _multicrop_batches(files, args, k, decode_batch, backend, stream, distinct)
+    pipe, _ = build_pipeline(lambda: next(batches), config, backend, stream)
+    served = rate(timed(pipe.run, args.seconds, warmup_steps=3, sync=device_sync(backend)), args.batch)
+    return {"patches_per_s": served, "distinct_images_per_batch": float(np.mean(distinct)),
+            "all_distinct_fraction": float(np.mean(np.array(distinct) == args.batch))}
 
 
 def _end_to_end(files: list[str], args: argparse.Namespace, reuse: float) -> dict[str, float]:
     with _sampler(files, args, reuse) as sampler:
-        pipe = sampler.pipeline()
+        pipe, sync = sampler.pipeline(), device_sync(sampler.backend)
         pipe.run()  # waits for the warm-up
         for _ in range(20):
             pipe.run()
+        sync()
         start, t0 = sampler.stats(), time.perf_counter()
         batches = 0
         while time.perf_counter() - t0 < args.seconds:
             pipe.run()
             batches += 1
+        sync()
         elapsed = time.perf_counter() - t0
         end = sampler.stats()
     decoded = end["images_decoded"] - start["images_decoded"]
@@ -151,6 +225,36 @@ def _end_to_end(files: list[str], args: argparse.Namespace, reuse: float) -> dic
             "distinct_fraction": end["distinct_fraction"], "round_batches": end["round_batches"],
             "producer_us_per_batch": end["producer_us_per_batch"], "refill_us_per_batch": end["refill_us_per_batch"],
             "handover_us_per_batch": end["handover_us_per_batch"]}
+
+
+def _rows(r: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, float, str]]:
+    patch_bytes = args.patch * args.patch * 3
+    bound = r["copy_bandwidth_bytes_s"] / patch_bytes
+    copy_name = "device-to-device copy" if args.device == "gpu" else "np.copyto"
+    rows = [("DALI hand-over floor (our pipeline, constant)", r["floor"], "no_copy=False"),
+            ("  floor, no_copy=True", r["floor_no_copy"], ""),
+            ("warm cache, sampler.pipeline()", r["warm_dali"], f"{r['warm_dali'] / r['floor']:.2f} × floor"),
+            ("warm cache, pipeline(no_copy=True)", r["warm_dali_no_copy"],
+             f"{r['warm_dali_no_copy'] / r['floor_no_copy']:.2f} × its floor"),
+            ("warm cache, plain arrays", r["warm_arrays"], f"{r['warm_arrays'] / bound:.2f} × copy bound")]
+    if "warm_direct" in r:
+        rows.append(("warm cache, torch DirectIterator", r["warm_direct"], f"{r['warm_direct'] / bound:.2f} × copy bound"))
+    rows += [(f"copy bound ({copy_name} ÷ patch bytes)", bound, f"{r['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s"),
+             ("gather alone (patches/s)", r["gather_bytes_s"] / patch_bytes,
+              f"{r['gather_bytes_s'] / r['copy_bandwidth_bytes_s']:.2f} × copy bandwidth"),
+             ("bare DALI decode (img/s)", r["bare_decode"], " / ".join(f"{v:.1f}" for v in r["bare_decode_runs"]))]
+    for reuse in args.reuse:
+        e = r[f"reuse_{reuse:g}"]
+        note = (f"{e['patches_per_s'] / (reuse * r['bare_decode']):.2f} × bound; decode "
+                f"{e['decodes_per_s'] / r['bare_decode']:.2f} × bare; distinct {e['distinct_fraction']:.3f}; "
+                f"host µs/batch: producer {e['producer_us_per_batch']:.0f}, refill {e['refill_us_per_batch']:.0f}, "
+                f"hand-over {e['handover_us_per_batch']:.0f}")
+        rows.append((f"reuse {reuse:g} end to end", e["patches_per_s"], note))
+        if args.multicrop:
+            m = r[f"multicrop_{reuse:g}"]
+            rows.append((f"multi-crop K={reuse:g} + shuffle", m["patches_per_s"],
+                         f"{m['distinct_images_per_batch']:.1f} distinct images per batch of {args.batch}"))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,9 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         mp = catalog.heights * catalog.widths / 1e6
         decode_batch = args.decode_batch or (64 if args.device == "gpu" else 8)
         r: dict[str, Any] = {"images": len(files), "mean_mp": float(mp.mean()), "max_mp": float(mp.max())}
-        r["floor"] = _floor(args.batch, args.patch, args.device, args.seconds)
         r.update(_warm(files, args))
-        r["copy_bandwidth_bytes_s"], r["copy_bound"] = _copy_bound(args.patch * args.patch * 3)
         bare = [bare_decode_rate(files, args.device, decode_batch, args.threads, args.seconds)]
         for reuse in args.reuse:
             r[f"reuse_{reuse:g}"] = _end_to_end(files, args, reuse)
@@ -192,29 +294,11 @@ def main(argv: list[str] | None = None) -> int:
                 r[f"multicrop_{reuse:g}"] = _multicrop(files, args, int(reuse), decode_batch)
         bare.append(bare_decode_rate(files, args.device, decode_batch, args.threads, args.seconds))
         r["bare_decode"], r["bare_decode_runs"] = float(np.mean(bare)), bare
-    rows = [("DALI hand-over floor (constant arrays)", r["floor"], ""),
-            ("warm cache, sampler.pipeline()", r["warm_dali"], f"{r['warm_dali'] / r['floor']:.2f} × floor"),
-            ("warm cache, plain arrays", r["warm_arrays"], f"{r['warm_arrays'] / r['copy_bound']:.2f} × copy bound"),
-            ("copy bound (np.copyto ÷ patch bytes)", r["copy_bound"], f"{r['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s")]
-    if "warm_direct" in r:
-        rows.insert(3, ("warm cache, torch DirectIterator", r["warm_direct"], f"{r['warm_direct'] / r['copy_bound']:.2f} × copy bound"))
-    rows.append(("bare DALI decode (img/s)", r["bare_decode"], " / ".join(f"{v:.1f}" for v in r["bare_decode_runs"])))
-    for reuse in args.reuse:
-        e = r[f"reuse_{reuse:g}"]
-        note = (f"{e['patches_per_s'] / (reuse * r['bare_decode']):.2f} × bound; decode "
-                f"{e['decodes_per_s'] / r['bare_decode']:.2f} × bare; distinct {e['distinct_fraction']:.3f}; "
-                f"host µs/batch: producer {e['producer_us_per_batch']:.0f}, refill {e['refill_us_per_batch']:.0f}, "
-                f"hand-over {e['handover_us_per_batch']:.0f}")
-        rows.append((f"reuse {reuse:g} end to end", e["patches_per_s"], note))
-        if args.multicrop:
-            m = r[f"multicrop_{reuse:g}"]
-            rows.append((f"multi-crop K={reuse:g} + shuffle", m["patches_per_s"],
-                         f"{m['distinct_images_per_batch']:.1f} distinct images per batch of {args.batch}"))
     print(f"{len(files)} images, {r['mean_mp']:.1f} MP mean (max {r['max_mp']:.1f}), P {args.patch}, B {args.batch}, "
           f"{args.device}, rounds of {r.get('round_batches', '?')} batches when warm")
-    print(f"{'method':<42}{'patches/s':>12}  ratio")
-    for name, value, note in rows:
-        print(f"{name:<42}{value:>12,.0f}  {note}")
+    print(f"{'method':<46}{'patches/s':>12}  ratio")
+    for name, value, note in _rows(r, args):
+        print(f"{name:<46}{value:>12,.0f}  {note}")
     if args.json:
         write_json(args.json, {"args": vars(args), "versions": versions(), "results": r})
     return 0

@@ -1,27 +1,106 @@
 #!/usr/bin/env bash
-# GPU acceptance in one short run (≤ 8 minutes on one GPU): the test suite with its `gpu` tests (the
-# hand-over race test, the gather kernel against its NumPy twin, bit-exact patches), then
-# benchmarks/engine.py at B 256, P 64 on photo-like images: warm throughput of the DALI path and of
-# the direct path against DALI's own hand-over floor, reuse 1/8/32/128 end to end against bare nvJPEG,
-# and the GPU form of the multi-crop recipe with its distinct images per batch. The short table comes
-# last on stdout; everything lands in OUT_DIR (default benchmarks/out) as txt and json.
+# GPU acceptance in one short run (about 6 minutes on one H200), on a bare copy of the tree:
+#   1. checks that DALI, CuPy, torch and pytest import, and says what is missing;
+#   2. the tests marked `gpu` (hand-over races through torch and DALI, the gather kernel against its
+#      NumPy twin, bit-exact patches, resume), their status recorded, while the photo-like images for
+#      step 3 are written in parallel;
+#   3. benchmarks/engine.py at B 256, P 64: the warm DALI path against its own pipeline's floor, the
+#      direct path and the gather kernel against the device's copy bandwidth, reuse 1/8/32/128 end to
+#      end against bare nvJPEG, and the multi-crop recipe with its distinct images per batch.
+# It never stops half-way: every step runs and is timed, the short table comes last on stdout, and
+# the exit status is non-zero at the end if any step failed. Everything lands in OUT_DIR (default
+# benchmarks/out): status.txt, pytest_<device>.txt, engine_<device>.txt and .json.
 #   bash benchmarks/gpu.sh [OUT_DIR]          # needs a CUDA GPU, CuPy, torch and DALI
 #   bash benchmarks/gpu.sh --dry-run [OUT]    # the same script on the CPU, small and short (CI)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-device=gpu; count=800; size=2600x3500; seconds=8; batch=256; cache=12GiB; reuse="1 8 32 128"; tests="tests/"
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # the package from this tree, installed or not
+device=gpu; count=800; size=2600x3500; seconds=5; batch=256; cache=12GiB; reuse="1 8 32 128"; test_limit=240
+tests="tests/test_handover.py tests/test_gather.py tests/test_sampler.py tests/test_producer.py tests/test_state.py
+       tests/test_cache.py tests/test_formats.py tests/test_companions.py tests/test_anchors.py tests/test_torch.py
+       tests/test_auto_reuse.py tests/test_augment.py"
+marker=gpu
 if [[ "${1:-}" == "--dry-run" ]]; then
-  shift; device=cpu; count=24; size=240x320; seconds=0.5; batch=8; cache=64MiB; reuse="8 32"
-  tests="tests/test_gather.py tests/test_handover.py tests/test_outputs.py"  # the GPU checks skip here
+  shift; device=cpu; count=24; size=240x320; seconds=0.5; batch=8; cache=64MiB; reuse="1 32"; test_limit=120
+  tests="tests/test_gather.py tests/test_handover.py tests/test_outputs.py"; marker="not gpu"
 fi
 out="${1:-benchmarks/out}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-set -o pipefail
-$py -m pytest -q -rs $tests 2>&1 | tee "$out/pytest_$device.txt" | tail -n 5
+status="$out/status.txt"
+: > "$status"
+failed=0
+note() { printf '%-34s %s\n' "$1" "$2" | tee -a "$status"; }
+started=$(date +%s)
+
+# 1. What this machine has.
+t0=$(date +%s)
+missing=$($py - <<'EOF'
+import importlib
+names = {"nvidia.dali": "DALI (nvidia-dali-cuda130)", "cupy": "CuPy (cupy-cuda13x)", "torch": "torch",
+         "pytest": "pytest", "numpy": "numpy", "PIL": "Pillow", "tqdm": "tqdm"}
+missing = []
+for module, name in names.items():
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure to import is "missing"
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+print("; ".join(missing))
+EOF
+)
+if [[ -n "$missing" ]]; then note "imports" "MISSING: $missing"; else note "imports" "ok"; fi
+if [[ "$device" == gpu ]]; then
+  gpu=$($py -c "import cupy; print(cupy.cuda.runtime.getDeviceProperties(0)['name'].decode())" 2>&1 | tail -1)
+  note "device" "$gpu"
+fi
+needed="nvidia.dali, numpy, PIL, tqdm"
+[[ "$device" == gpu ]] && needed="$needed, cupy"
+essential=$($py -c "import $needed" 2>&1 | tail -1)
+note "step 1 (checks)" "$(( $(date +%s) - t0 )) s"
+if [[ -n "$essential" ]]; then
+  note "result" "FAILED: nothing can be measured without DALI and CuPy: $essential"
+  exit 1
+fi
+
+# 2. The GPU tests, while the images are written.
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
-$py -m dali_patches.cli synth "$data" --count $count --size $size --format mixed --no-progress
+t0=$(date +%s)
+( $py -m dali_patches.cli synth "$data" --count $count --size $size --format mixed --no-progress \
+    > "$out/synth.txt" 2>&1; echo $? > "$out/synth.rc" ) &
+synth_pid=$!
+if $py -c "import pytest" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  timeout $test_limit $py -m pytest -q -rs -p no:cacheprovider -m "$marker" $tests > "$out/pytest_$device.txt" 2>&1
+  rc=$?
+  summary=$(tail -n 1 "$out/pytest_$device.txt")
+  if [[ $rc -eq 124 ]]; then summary="timed out after ${test_limit} s ($summary)"; fi
+  if [[ $rc -ne 0 ]]; then failed=1; note "tests" "FAILED (exit $rc): $summary"; else note "tests" "$summary"; fi
+else
+  failed=1; note "tests" "NOT RUN: pytest is missing"
+fi
+note "step 2 (tests)" "$(( $(date +%s) - t0 )) s"
+t0=$(date +%s)
+wait $synth_pid
+if [[ "$(cat "$out/synth.rc")" != 0 ]]; then
+  failed=1; note "images" "FAILED: $(tail -n 1 "$out/synth.txt")"
+fi
+note "images" "$(tail -n 1 "$out/synth.txt") (waited $(( $(date +%s) - t0 )) s more)"
+
+# 3. The engine against its bounds.
+t0=$(date +%s)
 # shellcheck disable=SC2086
 $py benchmarks/engine.py "$data" --device $device --batch $batch --patch 64 --cache $cache --reuse $reuse \
-  --seconds $seconds --multicrop --json "$out/engine_$device.json" 2>&1 | tee "$out/engine_$device.txt"
+  --seconds $seconds --multicrop --json "$out/engine_$device.json" > "$out/engine_$device.txt" 2>&1
+rc=$?
+if [[ $rc -ne 0 ]]; then failed=1; note "engine" "FAILED (exit $rc): $(tail -n 1 "$out/engine_$device.txt")"; fi
+note "step 3 (engine)" "$(( $(date +%s) - t0 )) s"
+note "total" "$(( $(date +%s) - started )) s"
+
+echo
+echo "=== status"
+cat "$status"
+echo "=== engine ($device)"
+grep -v "it/s\]\|img/s\]" "$out/engine_$device.txt" | tail -n 20
+exit $failed

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bare_decode_rate, image_source, rate, timed, versions, write_json
+from common import bare_decode_rate, device_sync, image_source, rate, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
 from dali_patches.backend import resolve_backend
@@ -38,7 +38,7 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
     with PatchSampler(files, patch_size=args.patch, batch_size=args.batch, reuse=1e12, cache_bytes=args.cache,
                       device=args.device, num_threads=args.threads) as sampler:
         backend = sampler.backend
-        sync = backend.xp.cuda.runtime.deviceSynchronize if backend.is_gpu else (lambda: None)
+        sync = device_sync(backend)
         next(sampler)  # warm: the producer now idles on a full queue (no refill at this reuse)
         producer = sampler._producer  # a benchmark may look inside
         cache, draws, stream = producer.cache, producer.draws, backend.new_stream()

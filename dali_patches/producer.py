@@ -150,7 +150,7 @@ class Producer:
 
     @property
     def ring_bytes(self) -> int:
-        """Device bytes of the output ring (GPU; 0 on CPU, where each round is allocated afresh)."""
+        """Bytes of the output ring (and the GPU staging) on the sampler's device."""
         return self.cutter.ring_bytes
 
     def start(self) -> None:

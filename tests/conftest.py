@@ -24,6 +24,7 @@ _DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("sim", id="sim"),
             pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
 _REAL_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
 KERNELS = {KERNEL_NAME: (kernel_twin, (0, 1), (2,))}  # the gather kernel runs as its NumPy twin there
+GPU_TEST_HW_DECODER_LOAD = 0.0  # nvJPEG's share for its hardware engine in GPU tests (see reference_decode)
 
 
 @contextlib.contextmanager
@@ -57,6 +58,20 @@ def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.undo()
 
 
+def _pin_hw_decoder_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a real GPU, every decode of the sampler uses :data:`GPU_TEST_HW_DECODER_LOAD`, as
+    :func:`reference_decode` does (see there), unless a test sets ``hw_decoder_load`` itself."""
+    import dali_patches.decode as decode_module
+
+    real = decode_module._decode_pipeline
+
+    def pinned(*args: object, hw_decoder_load: float | None = None, **kwargs: object) -> object:
+        load = GPU_TEST_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load
+        return real(*args, hw_decoder_load=load, **kwargs)
+
+    monkeypatch.setattr(decode_module, "_decode_pipeline", pinned)
+
+
 @pytest.fixture(params=_DEVICES)
 def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Each test runs on the CPU, on the simulated GPU (``sim``: the GPU code path with every stream
@@ -68,15 +83,19 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
         with simulated_gpu(monkeypatch):
             yield "gpu"
         return
+    if request.param == "gpu":
+        _pin_hw_decoder_load(monkeypatch)
     yield request.param
 
 
 @pytest.fixture(params=_REAL_DEVICES)
-def dali_device(request: pytest.FixtureRequest) -> str:
+def dali_device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """For tests of DALI's own GPU operators and plugins (the sample pipeline, torch and TF
     iterators): the CPU, and a real GPU when present; the simulated GPU cannot run DALI's GPU side."""
     if request.param == "gpu" and not cuda_available():
         pytest.skip("no CUDA GPU with CuPy on this machine")
+    if request.param == "gpu":
+        _pin_hw_decoder_load(monkeypatch)
     return request.param
 
 
@@ -135,9 +154,6 @@ def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
         h, w = int(rng.integers(64, 160)), int(rng.integers(64, 160))
         _save(folder / f"img_{i:03d}.jpg", synthetic_image(h, w, rng), quality=90)
     return folder
-
-
-GPU_TEST_HW_DECODER_LOAD = 0.0
 
 
 def reference_decode(paths: list[str], device: str, exif: bool = True, channels: int = 3,

@@ -31,6 +31,9 @@ def test_defaults_and_normalisation() -> None:
     assert cfg.patch_bytes == 64 * 64 * 3
     with pytest.raises(AttributeError):
         cfg.batch_size = 3  # type: ignore[misc]  # frozen
+    assert cfg.hw_decoder_load is None  # DALI's own default
+    pinned = SamplerConfig(patch_size=64, batch_size=8, reuse=4, cache_bytes="1MiB", hw_decoder_load=0)
+    assert pinned.hw_decoder_load == 0.0 and pinned.stream_fields() == cfg.stream_fields()  # pixels, not the stream
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -49,6 +52,9 @@ def test_defaults_and_normalisation() -> None:
     ({"queue_depth": 0}, "queue_depth=0"),
     ({"decode_batch": 0}, "decode_batch=0"),
     ({"shard_id": 2, "num_shards": 2}, "shard_id"),
+    ({"hw_decoder_load": 1.5}, "hw_decoder_load=1.5 must be a share between 0 and 1"),
+    ({"hw_decoder_load": "half"}, "hw_decoder_load='half'"),
+    ({"hw_decoder_load": True}, "hw_decoder_load=True"),
 ])
 def test_nonsense_parameters_fail_with_their_name(kwargs: dict, match: str) -> None:
     base = {"patch_size": 32, "batch_size": 8, "reuse": 4, "cache_bytes": "1MiB"}

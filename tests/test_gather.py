@@ -1,7 +1,11 @@
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from dali_patches.gather import gather, gather_twin, patch_table
+from dali_patches.gather import KERNEL_NAME, KERNEL_SOURCE, gather, gather_twin, patch_table
 
 
 def _arena(rng: np.random.Generator, shapes: list[tuple[int, int]], pixel_bytes: int):
@@ -65,3 +69,29 @@ def test_gather_of_nothing_and_into_a_buffer(backend) -> None:
             gather(xp, arena, table, (2, 2), 3, out=np.zeros(4096, np.uint8))
         out = gather(xp, arena, table, (2, 2), 3)
     assert np.array_equal(backend.to_host(out), gather_twin(backend.to_host(arena), table, (2, 2), 3))
+
+
+@pytest.mark.parametrize("pixel_bytes", [1, 2, 3, 4, 6])
+def test_the_kernel_twin_handles_every_source_alignment(pixel_bytes: int) -> None:
+    """Word-sized rows take the funnel-shift path; each of the four byte alignments of a source row
+    (and rows that are not word-sized) must give the slicing result."""
+    rng = np.random.default_rng(pixel_bytes)
+    shapes = [(20, 30), (25, 17)]
+    arena, images, offsets = _arena(rng, shapes, pixel_bytes)
+    for patch in [(4, 4), (3, 8), (5, 5), (2, 1)]:
+        pick, table, ys, xs = _draw(rng, shapes, offsets, 64, *patch)
+        twin = gather_twin(arena, table, patch, pixel_bytes).reshape(64, *patch, pixel_bytes)
+        for b, i in enumerate(pick):
+            assert np.array_equal(twin[b], images[i][ys[b]: ys[b] + patch[0], xs[b]: xs[b] + patch[1]])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler on this machine")
+def test_the_kernel_source_compiles_for_hopper(tmp_path: Path) -> None:
+    """The kernel compiles where CI has NVIDIA's compiler (no GPU needed), so a typo in it shows before
+    a GPU run."""
+    source = tmp_path / "gather.cu"
+    source.write_text(KERNEL_SOURCE)
+    done = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", str(source), "-o", str(tmp_path / "gather.ptx")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert KERNEL_NAME in (tmp_path / "gather.ptx").read_text()
