@@ -4,7 +4,7 @@ Every batch holds patches of ``batch_size`` different images; each decoded image
 patches on average, so throughput is ``reuse × decode rate`` while batches stay diverse.
 
 The names below are imported on first use, so ``import dali_patches`` (and the header-scan worker
-processes, which import only :mod:`dali_patches.index`) does not load DALI.
+processes, which import only :mod:`dali_patches.columns`) does not load DALI.
 """
 
 from __future__ import annotations

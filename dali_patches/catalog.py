@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from . import storage
 from .headers import Header, parse, pillow_header
-from .index import Columns, default_index_path, load_index, lookup
+from .columns import Columns
+from .index import default_index_path, load_index, lookup
 from .options import Companion, CompanionKind, Part, scaled
-from .sources import IMAGE_SUFFIXES, Problem, pair_sources
+from .sources import IMAGE_SUFFIXES, Listing, Problem, pair_sources, user_stacklevel
 
 __all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES"]
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 _PROGRESS_MIN_FILES = 2000  # below this a header scan takes well under a second: no bar
 _INDEX_MIN_FILES = 1000  # index=None keeps an index from this many files on (smaller scans are instant)
 _OBJECT_THREADS = 32  # concurrent ranged GETs for object headers (network-bound)
+_ALPHA_MODES = (b"RGBA", b"LA", b"PA", b"La", b"RGBa")  # Pillow modes with an alpha channel
 
 
 class CatalogWarning(UserWarning):
@@ -56,6 +58,28 @@ def _companion_problem(part: Companion, found: Problem | tuple[int, int, str], m
         return Problem(f"{part.name!r} is a palette PNG: the decoder would turn its colour indices into grey "
                        "levels; save the label values as a single-channel ('L') PNG", "palette mask")
     return None
+
+
+def _nameable(columns: list[list[str]]) -> tuple[list[list[str]], list[tuple[str, Problem]]]:
+    """The rows whose every path DALI's reader can take (valid UTF-8: a name made of other bytes
+    comes through Python as an undecodable string), and the others, each named by its ``repr``."""
+    try:
+        for column in columns:
+            "\0".join(column).encode("utf-8")
+        return columns, []
+    except UnicodeEncodeError:
+        pass
+    bad = set()
+    for column in columns:
+        for i, path in enumerate(column):
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                bad.add(i)
+    keep = [i for i in range(len(columns[0])) if i not in bad]
+    skipped = [(columns[0][i], Problem(f"its name is not valid UTF-8 ({columns[0][i]!r} has bytes of another encoding); "
+                                       "DALI's reader cannot open it: rename it", "unusable name")) for i in sorted(bad)]
+    return [[column[i] for i in keep] for column in columns], skipped
 
 
 def _object_reader(uris: Sequence[str], size_of: dict[str, int], bar: tqdm) -> Columns:
@@ -271,6 +295,7 @@ class Catalog:
         stamps = read = loaded = None
         columns: list[list[str]] | None = None
         skipped: list[tuple[str, str]] = []
+        notes = Listing([])
         if objects:
             listing = storage.list_objects(source)
             columns = [listing.uris]
@@ -290,7 +315,9 @@ class Catalog:
             else:
                 log.info("trust_index: no index for %s yet; listing and scanning it", root)
         if columns is None:
-            columns, skipped = pair_sources(source, names)
+            columns, skipped, notes = pair_sources(source, names)
+        columns, unnamed = _nameable(columns)
+        skipped += unnamed
         paths = [p for column in columns for p in column] if names else columns[0]
         if loaded is None:
             root = _root(source, paths)
@@ -301,6 +328,13 @@ class Catalog:
         report: dict[str, Any] = {}
         cols = lookup(paths, keys, identity, index_file, trust_index, read=read, stamps=stamps,
                       workers=workers, progress=bool(show), report=report, loaded=loaded)
+        report["ignored"] = dict(notes.ignored.most_common())
+        report["ignored_examples"] = list(notes.ignored_examples)
+        if notes.ignored and check:
+            warnings.warn(f"ignored {sum(notes.ignored.values())} file(s) that are not images this sampler reads "
+                          f"({', '.join(f'{k or chr(39) * 2} ×{v}' for k, v in notes.ignored.most_common(6))}), e.g. "
+                          f"{notes.ignored_examples[0]!r}; it reads {', '.join(IMAGE_SUFFIXES)} (convert others, "
+                          "e.g. SVG, to PNG to use them)", CatalogWarning, stacklevel=user_stacklevel())
         return replace(cls._build(columns, cols, skipped, root, min_size, exif, pad, companions, check), scan_report=report)
 
     @classmethod
@@ -368,8 +402,14 @@ class Catalog:
                 f"{f'; {merged} duplicates of other files merged' if merged else ''}), "
                 f"e.g. {examples}. Catalog.skipped lists them all.",
                 CatalogWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
+        alpha = [i for i in np.flatnonzero(usable).tolist() if cols.mode[i] in _ALPHA_MODES]
+        if alpha and check:
+            warnings.warn(f"{len(alpha)} image(s) have an alpha channel (e.g. {images[alpha[0]]!r}, "
+                          f"{cols.mode[alpha[0]].decode()}): it is dropped when decoding, so their transparent "
+                          "areas appear as the colour stored under them (often flat black or white)",
+                          CatalogWarning, stacklevel=user_stacklevel())
         log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
 
         def labels(column: np.ndarray) -> tuple[str, ...]:

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import io
 import os
+import stat as stat_module
 import struct
+import threading
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from PIL import Image
 
 from .sources import Problem
 
-__all__ = ["Header", "Reader", "parse", "pillow_header", "read_local"]
+__all__ = ["Header", "Reader", "not_regular", "parse", "pillow_header", "read_local"]
 
 Reader = Callable[[int, int], bytes]
 
@@ -218,9 +220,18 @@ def parse(read: Reader, size: int, suffix: str = "") -> Header | Problem | None:
     return None
 
 
-def pillow_header(data: bytes | str) -> Header | Problem:
-    """The same :class:`Header` from Pillow (a path, or the whole file's bytes): the fallback, and
-    the reference the parser is tested against."""
+_BOMB_LIMIT = threading.Lock()  # Pillow's limit is one global: lifted and restored by one thread at a time
+
+
+def pillow_header(data: bytes | str | BinaryIO) -> Header | Problem:
+    """The same :class:`Header` from Pillow (a path, an open file, or the whole file's bytes): the fallback, and
+    the reference the parser is tested against. Thread-safe: Pillow's image-size limit is lifted
+    for the header read only, under a lock (object headers are read from many threads)."""
+    with _BOMB_LIMIT:
+        return _pillow_header(data)
+
+
+def _pillow_header(data: bytes | str | BinaryIO) -> Header | Problem:
     bomb_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # sizes only: a 20k × 20k scan is legitimate data, not a bomb
     try:
@@ -240,18 +251,37 @@ def pillow_header(data: bytes | str) -> Header | Problem:
         Image.MAX_IMAGE_PIXELS = bomb_limit
 
 
+def not_regular(mode: int) -> Problem | None:
+    """Why a file of ``st_mode`` ``mode`` must never be handed to a reader (a FIFO would block it
+    forever, a device never ends), or ``None`` for a regular file."""
+    if stat_module.S_ISREG(mode):
+        return None
+    kinds = {stat_module.S_ISFIFO: "a FIFO (named pipe)", stat_module.S_ISCHR: "a character device",
+             stat_module.S_ISBLK: "a block device", stat_module.S_ISSOCK: "a socket", stat_module.S_ISDIR: "a folder"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return Problem(f"{kind}, not a regular file: reading it could block forever; remove it or replace it by the image",
+                   "not a regular file")
+
+
 def read_local(path: str) -> tuple[Header | Problem, os.stat_result | None]:
     """``(header or problem, the file's stat)`` of a local file, in a few positioned reads
-    (``None`` for the stat of a file that cannot be opened)."""
+    (``None`` for the stat of a file that cannot be opened). Opened without blocking, and read only
+    when it is a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
     except OSError as e:
         return Problem(f"unreadable: {e.strerror or e}; fix its permissions or remove it", "unreadable"), None
     try:
         stat = os.fstat(fd)
+        odd = not_regular(stat.st_mode)
+        if odd is not None:
+            return odd, None
         found = parse(lambda offset, length: os.pread(fd, length, offset), stat.st_size, os.path.splitext(path)[1])
+        if found is None:  # Pillow reads the same open file (the name may lead elsewhere by now)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                found = pillow_header(f)
     except OSError as e:
         return Problem(f"unreadable: {e.strerror or e}", "unreadable"), None
     finally:
         os.close(fd)
-    return (pillow_header(path) if found is None else found), stat
+    return found, stat

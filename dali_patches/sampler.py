@@ -30,7 +30,7 @@ from .options import AnchorMode, Companion
 from .outputs import PatchBatch
 from .producer import HELD_GROUPS, Producer
 from .provenance import ProvenanceWriter
-from .sources import Problem, declared_companions
+from .sources import Problem, declared_companions, user_stacklevel
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
@@ -209,7 +209,7 @@ class PatchSampler:
                 msg = f"every image of the source has corrupt data, e.g. {example[0]}: {example[1]}"
                 raise ValueError(msg)
             warnings.warn(f"skipped {len(corrupt)} JPEG(s) with corrupt data, e.g. {example[0]}: {example[1]}",
-                          CatalogWarning, stacklevel=3)
+                          CatalogWarning, stacklevel=user_stacklevel())
             self.catalog = cat.without(corrupt)
 
     def _check_data_fits(self) -> HostArray:
@@ -235,7 +235,7 @@ class PatchSampler:
                                            "too large") for i in np.flatnonzero(sizes > cfg.cache_bytes)}
             example = next(iter(large.items()))
             warnings.warn(f"skipped {len(large)} image(s) larger than the cache, e.g. {example[0]}: {example[1]}",
-                          CatalogWarning, stacklevel=3)
+                          CatalogWarning, stacklevel=user_stacklevel())
             self.catalog = cat.without(large)
             sizes = sizes[fits]
         queue_bytes = 3 * (cfg.decode_batch or 1) * int(sizes.max())

@@ -44,7 +44,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(path)
         return real(path)
 
-    monkeypatch.setattr("dali_patches.index.read_local", counting)
+    monkeypatch.setattr("dali_patches.columns.read_local", counting)
     return seen
 
 
@@ -131,14 +131,14 @@ def test_trust_index_neither_lists_nor_stats(folder: Path, tmp_path: Path, monke
         raise AssertionError("trust_index must not list or stat the data set")
 
     monkeypatch.setattr("dali_patches.catalog.pair_sources", refuse)
-    monkeypatch.setattr("dali_patches.index._stat_chunk", refuse)
+    monkeypatch.setattr("dali_patches.columns._stat_chunk", refuse)
     trusted = _scan(folder, index, trust_index=True)
     assert reads == [] and trusted.files == first.files  # the new file is not seen: that is the deal
 
 
 _CHILD = """
 import json, sys, warnings
-import dali_patches.index as index
+import dali_patches.columns as index
 from dali_patches.catalog import Catalog
 seen = []
 real = index.read_local
