@@ -46,7 +46,7 @@ from common import bare_decode_rate, device_sync, rate, timed, versions, write_j
 from dali_patches import Catalog, PatchSampler
 from dali_patches.backend import Backend, resolve_backend
 from dali_patches.config import SamplerConfig
-from dali_patches.gather import gather, patch_table
+from dali_patches.gather import OVERREAD_BYTES, gather, patch_table
 from dali_patches.outputs import PatchBatch
 from dali_patches.pipeline import build_pipeline
 
@@ -56,14 +56,17 @@ def _sampler(files: list[str], args: argparse.Namespace, reuse: float) -> PatchS
                         device=args.device, num_threads=args.threads, progress=False)
 
 
-def _constant(batch: PatchBatch, backend: Backend) -> PatchBatch:
-    """A copy of ``batch`` that nothing else refers to (the floor's feed)."""
+def _constant(sampler: PatchSampler) -> PatchBatch:
+    """A copy of the sampler's next batch that nothing else refers to (the floor's feed), taken
+    without making the benchmark's thread a consumer the producer must wait for."""
+    backend = sampler.backend
+    batch = sampler.take(None)
     if not backend.is_gpu:
         return PatchBatch(batch.patches.copy(), batch.source.copy(), batch.anchor.copy(), 0)
-    with backend.on_device():
+    with backend.use(sampler._producer.stream):  # ordered after the gather that wrote it
         out = PatchBatch(batch.patches.copy(), batch.source.copy(), batch.anchor.copy(), 0,
                          device_source=batch.device_source.copy(), device_anchor=batch.device_anchor.copy())
-        backend.xp.cuda.runtime.deviceSynchronize()
+    backend.synchronize(sampler._producer.stream)
     return out
 
 
@@ -74,11 +77,15 @@ def _floor(sampler: PatchSampler, constant: PatchBatch, args: argparse.Namespace
 
 
 def _gather_bytes_per_s(sampler: PatchSampler, args: argparse.Namespace) -> float:
-    """The gather alone: 64 rounds' worth of patches from the warm cache, output bytes per second."""
+    """The gather alone: 64 rounds' worth of patches from the warm cache (anchors drawn here, with an
+    RNG of its own), output bytes per second."""
     producer, backend = sampler._producer, sampler.backend  # a benchmark may look inside
     cache, xp = producer.cache, backend.xp
-    draw = producer.draws.draw_round(cache, 64)
-    table = cache.table(0, draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1))
+    rng = np.random.default_rng(0)
+    slots = rng.choice(cache.resident_slots(), 64 * args.batch * producer.round_batches)
+    heights, widths = cache.sizes(slots)
+    ys, xs = rng.integers(0, heights - args.patch + 1), rng.integers(0, widths - args.patch + 1)
+    table = cache.table(0, slots, ys, xs)
     part = cache.parts[0]
     nbytes = len(table) * part.patch_bytes
     if backend.is_gpu:
@@ -120,7 +127,7 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     with _sampler(files, args, 1e12) as sampler:
         backend, sync = sampler.backend, device_sync(sampler.backend)
-        constant = _constant(next(sampler), backend)  # warm: no refill at this reuse
+        constant = _constant(sampler)  # warm: no refill at this reuse
         out["floor"] = _floor(sampler, constant, args, no_copy=False)
         out["floor_no_copy"] = _floor(sampler, constant, args, no_copy=True)
         out["warm_arrays"] = rate(timed(lambda: next(sampler), args.seconds, warmup_steps=20, sync=sync), args.batch)
@@ -165,31 +172,37 @@ def _multicrop_batches(files: list[str], args: argparse.Namespace, k: int, decod
     carried: tuple[Any, np.ndarray] | None = None  # crops (n, P, P·3) and their sources, waiting for a batch
     index = 0
     while True:
-        with backend.use(stream):
-            images, labels = pipe.run()
+        images, labels = pipe.run()
+        labels = np.asarray(labels.as_cpu().as_tensor() if hasattr(labels, "as_cpu") else labels.as_tensor())
+        with backend.use(stream):  # GPU work on the stream DALI copies on; never held across a yield
             arrays = [backend.as_array(images[i]) for i in range(decode_batch)]
-            labels = np.asarray(labels.as_cpu().as_tensor() if hasattr(labels, "as_cpu") else labels.as_tensor())
             shapes = np.array([a.shape[:2] for a in arrays])
             offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])[:-1]])
-            flat = xp.concatenate([a.reshape(-1) for a in arrays])  # the decoded set, back to back
+            # the decoded set back to back, with the slack the gather may read past its last row
+            flat = xp.concatenate([*(a.reshape(-1) for a in arrays), xp.asarray(np.zeros(OVERREAD_BYTES, np.uint8))])
             owner = rng.permutation(np.repeat(np.arange(decode_batch), k))  # the shuffle buffer's order
             ys, xs = rng.integers(0, shapes[owner, 0] - p + 1), rng.integers(0, shapes[owner, 1] - p + 1)
             crops = gather(xp, flat, patch_table(offsets[owner], shapes[owner, 1], ys, xs), (p, p), 3)
             sources = labels.reshape(-1)[owner]
             if carried is not None:
                 crops, sources = xp.concatenate([carried[0], crops]), np.concatenate([carried[1], sources])
-            whole = len(sources) // b * b
-            carried = (crops[whole:], sources[whole:])
-            for j in range(0, whole, b):
-                source = sources[j: j + b].astype(np.int64)
-                distinct.append(len(np.unique(source)))
-                anchor = np.zeros((b, 2), np.int32)
+        backend.synchronize(stream)  # DALI's decoded views are read: they may go back to DALI now
+        del arrays, images
+        whole = len(sources) // b * b
+        carried = (crops[whole:], sources[whole:])
+        for j in range(0, whole, b):
+            source = sources[j: j + b].astype(np.int64)
+            distinct.append(len(np.unique(source)))
+            anchor = np.zeros((b, 2), np.int32)
+            if backend.is_gpu:
+                with backend.use(stream):
+                    device_source, device_anchor = xp.asarray(source), xp.asarray(anchor)
+                batch = PatchBatch(crops[j: j + b].reshape(b, p, p, 3), source, anchor, index,
+                                   device_source=device_source, device_anchor=device_anchor)
+            else:
                 batch = PatchBatch(crops[j: j + b].reshape(b, p, p, 3), source, anchor, index)
-                if backend.is_gpu:
-                    batch = PatchBatch(batch.patches, source, anchor, index, device_source=xp.asarray(source),
-                                       device_anchor=xp.asarray(anchor))
-                index += 1
-                yield batch
+            index += 1
+            yield batch
 
 
 def _multicrop(files: list[str], args: argparse.Namespace, k: int, decode_batch: int) -> dict[str, float]:
@@ -201,6 +214,7 @@ def _multicrop(files: list[str], args: argparse.Namespace, k: int, decode_batch:
     batches = _multicrop_batches(files, args, k, decode_batch, backend, stream, distinct)
     pipe, _ = build_pipeline(lambda: next(batches), config, backend, stream)
     served = rate(timed(pipe.run, args.seconds, warmup_steps=3, sync=device_sync(backend)), args.batch)
+    batches.close()
     return {"patches_per_s": served, "distinct_images_per_batch": float(np.mean(distinct)),
             "all_distinct_fraction": float(np.mean(np.array(distinct) == args.batch))}
 

@@ -34,6 +34,17 @@ failed=0
 note() { printf '%-34s %s\n' "$1" "$2" | tee -a "$status"; }
 started=$(date +%s)
 
+# 0. DALI may come from an unpacked folder on PYTHONPATH whose nvidia/__init__.py would hide the
+#    image's own nvidia.* packages (or be hidden by them): make such a copy inside this tree extend
+#    the package path instead.
+IFS=: read -r -a entries <<< "${PYTHONPATH}"
+for entry in "${entries[@]}"; do
+  init="$entry/nvidia/__init__.py"
+  if [[ -f "$init" && "$(cd "$entry" && pwd)" == "$repo"/* ]] && ! grep -q extend_path "$init"; then
+    echo '__path__ = __import__("pkgutil").extend_path(__path__, __name__)' > "$init"
+  fi
+done
+
 # 1. What this machine has.
 t0=$(date +%s)
 missing=$($py - <<'EOF'
@@ -55,20 +66,25 @@ if [[ "$device" == gpu ]]; then
   note "device" "$gpu"
 fi
 needed="nvidia.dali, numpy, PIL, tqdm"
-[[ "$device" == gpu ]] && needed="$needed, cupy"
-essential=$($py -c "import $needed" 2>&1 | tail -1)
-note "step 1 (checks)" "$(( $(date +%s) - t0 )) s"
-if [[ -n "$essential" ]]; then
-  note "result" "FAILED: nothing can be measured without DALI and CuPy: $essential"
+[[ "$device" == gpu ]] && needed="$needed, cupy, torch"
+if ! essential=$($py -c "import $needed" 2>&1); then
+  note "step 1 (checks)" "$(( $(date +%s) - t0 )) s"
+  note "result" "FAILED: nothing can be measured without $needed: $(echo "$essential" | tail -n 1)"
   exit 1
 fi
+if [[ "$device" == gpu ]]; then  # nvJPEG and nvImageCodec load only when a mixed decoder is built
+  if smoke=$($py benchmarks/smoke_mixed.py 2>&1); then note "nvJPEG (mixed decoder)" "ok, $(echo "$smoke" | tail -n 1)"
+  else failed=1; note "nvJPEG (mixed decoder)" "FAILED: $(echo "$smoke" | tail -n 1)"; fi
+fi
+note "step 1 (checks)" "$(( $(date +%s) - t0 )) s"
 
 # 2. The GPU tests, while the images are written.
 data=$(mktemp -d)
 trap 'rm -rf "$data"' EXIT
 t0=$(date +%s)
-( $py -m dali_patches.cli synth "$data" --count $count --size $size --format mixed --no-progress \
-    > "$out/synth.txt" 2>&1; echo $? > "$out/synth.rc" ) &
+workers=$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))  # half the cores: the tests run beside it
+( $py -m dali_patches.cli synth "$data" --count $count --size $size --format mixed --workers $workers \
+    --no-progress > "$out/synth.txt" 2>&1; echo $? > "$out/synth.rc" ) &
 synth_pid=$!
 if $py -c "import pytest" 2>/dev/null; then
   # shellcheck disable=SC2086

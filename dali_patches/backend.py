@@ -126,11 +126,25 @@ class Backend:
         with self.on_device():
             return self.xp.cuda.get_current_stream()
 
-    def empty_device(self, shape: tuple[int, ...] | int, dtype: Any) -> DeviceArray:
-        """An uninitialised array on the sampler's device (CuPy's pool on GPU: allocate only after the
-        stream that will write it waits for every stream that read the memory it may reuse)."""
-        with self.on_device():
+    def empty_device(self, shape: tuple[int, ...] | int, dtype: Any, pool: Any = None) -> DeviceArray:
+        """An uninitialised array on the sampler's device: from CuPy's default pool, or from ``pool``
+        (:meth:`memory_pool`) when given, whose memory nothing else is handed (GPU)."""
+        if not self.is_gpu:
+            return np.empty(shape, dtype)
+        with self.on_device(), self.xp.cuda.using_allocator(pool.malloc) if pool is not None else contextlib.nullcontext():
             return self.xp.empty(shape, dtype)
+
+    def free_pool_blocks(self, stream: Any) -> None:
+        """Return the free memory CuPy's default pool keeps for ``stream`` to the device (GPU; the
+        stream is about to go, and memory it kept would count as used to the next sampler's plan)."""
+        if self.is_gpu and stream is not None:
+            with self.on_device():
+                self.xp.get_default_memory_pool().free_all_blocks(stream=stream)
+
+    def memory_pool(self) -> Any:
+        """A CuPy memory pool of its own (GPU; ``None`` on the CPU): memory freed into it goes to no
+        other allocation than those made from it."""
+        return self.xp.cuda.MemoryPool() if self.is_gpu else None
 
     @staticmethod
     def wait(stream: Any, event: Any) -> None:

@@ -23,9 +23,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import storage
-from .headers import Header, parse, pillow_header
 from .columns import Columns
-from .index import default_index_path, load_index, lookup
+from .headers import Header, parse, pillow_header
+from .index import default_index_path, distrust, load_index, lookup
 from .options import Companion, CompanionKind, Part, scaled
 from .sources import IMAGE_SUFFIXES, Listing, Problem, pair_sources, user_stacklevel
 
@@ -202,6 +202,11 @@ class Catalog:
         keep = [i for i, f in enumerate(self.files) if f not in problems]
         subset = self.subset(keep)
         return replace(subset, skipped=(*subset.skipped, *problems.items()))
+
+    def distrust(self, paths: Sequence[str]) -> None:
+        """Decoding found ``paths`` to differ from their index entries (another size than the header
+        said): the next scan reads them again and corrects the index (see :func:`~dali_patches.index.distrust`)."""
+        distrust(self.scan_report.get("index"), relative_keys(list(paths), self.root))
 
     def sample_bytes(self, parts: Sequence[Part]) -> np.ndarray:
         """``(N,) int64`` cache bytes of each image with its companions (``SamplerConfig.parts``)."""

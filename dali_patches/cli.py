@@ -140,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="jpg", choices=["jpg", "png", "mixed"],
                    help="mixed: 70%% baseline JPEG, 20%% progressive JPEG, 10%% PNG, like a photo collection [jpg]")
     s.add_argument("--seed", type=int, default=0, help="[0]")
+    s.add_argument("--workers", type=int, default=None, help="processes writing images [every core]")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s.set_defaults(run=commands.cmd_synth)
     return p

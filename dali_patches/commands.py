@@ -225,7 +225,7 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
                            companions=config.companions, check=False, index=options["index"],
                            trust_index=options["trust_index"])
     if args.verify:
-        from .decode import find_corrupt
+        from .verify import find_corrupt
 
         catalog = catalog.without(find_corrupt(catalog.files, os.cpu_count() or 1, progress=not args.no_progress))
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
@@ -347,7 +347,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         h, w = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size {args.size!r} must look like 1536x2048 (HEIGHTxWIDTH)") from None
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers} must be at least 1 (or leave it out: every core)")
     paths = write_synthetic_images(args.folder, args.count, (h, w), seed=args.seed, fmt=args.format,
-                                   progress=not args.no_progress)
+                                   progress=not args.no_progress, workers=args.workers)
     sys.stdout.write(f"wrote {len(paths)} images to {args.folder}\n")
     return 0

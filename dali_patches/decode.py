@@ -14,28 +14,29 @@ import base64
 import contextlib
 import logging
 import os
-import sys
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
-from tqdm.auto import tqdm
 
+from . import storage
 from .backend import Backend
-from .sources import Problem
+from .headers import not_regular
 
-__all__ = ["DALI_DTYPES", "DecodeError", "DecodeStage", "decode_files", "find_corrupt"]
+__all__ = ["DALI_DTYPES", "DecodeError", "DecodeStage", "decode_files", "error_cause"]
 
 log = logging.getLogger(__name__)
 
 DALI_DTYPES = {"uint8": types.UINT8, "uint16": types.UINT16}  # the sampler's dtype names → DALI types
 _MAX_FAILED_RUNS_IN_A_ROW = 8  # a reader that fails this often is broken, not unlucky
+ENDPOINT_PATIENCE_S = 120.0  # how long an object store that stopped answering is waited for
 
 
-def _cause(error: BaseException) -> str:
+def error_cause(error: BaseException) -> str:
     """The line of a DALI error that says what went wrong (after its operator traceback)."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
@@ -158,8 +159,10 @@ class DecodeStage:
         self._skip = 0
         self.images_decoded = 0
         self.failed_runs = 0
+        self._report = threading.Lock()  # broken and errors: written by the decoding thread, read by others
         self.errors: list[str] = []
-        self.broken: dict[int, str] = {}  # source index → why it cannot be decoded
+        self.broken: dict[int, str] = {}  # source index → why it cannot be decoded (read via broken_items())
+        self._prefetch = prefetch
         self.skipped_decodes = 0  # reads of broken files (their stand-in's decode is discarded)
         self._failed_in_a_row = 0
         self._output: dict[str, Any] = {"exif": exif, "parts": tuple(parts), "hw_decoder_load": hw_decoder_load}
@@ -180,7 +183,8 @@ class DecodeStage:
 
     def _build(self, checkpoint: bytes | None) -> None:
         """(Re)build the reader at ``checkpoint``. Building prefetches, so a second missing file of
-        the same batch can fail the build itself: set it aside as well and build again."""
+        the same batch can fail the build itself: set it aside as well and build again; an object
+        store that does not answer is waited for (:meth:`_unreachable`)."""
         while True:
             try:
                 with _list_files(self._columns) as lists:
@@ -189,16 +193,77 @@ class DecodeStage:
                     self._pipe.build()
                 return
             except RuntimeError as e:
+                if self._unreachable(str(e)):
+                    continue
                 source = self._named_in(str(e))
                 if source is None:
                     raise
-                self._mark_broken(source, _cause(e))
+                self._mark_broken(source, error_cause(e))
 
     def _named_in(self, text: str) -> int | None:
-        """The row whose file an error message names (the longest matching path), if any."""
+        """The row whose file an error message names (the longest matching path; DALI's S3 reader
+        writes ``bucket=B object=KEY``), if any."""
+        text = f"{text}\n{storage.named_object(text) or ''}"
         named = [(len(path), i) for column in self._columns for i, path in enumerate(column)
                  if path in text and i not in self.broken]
         return max(named)[1] if named else None
+
+    def _unreachable(self, text: str) -> bool:
+        """An object store that did not answer (not "no such object"): wait for it with backoff, at most
+        :data:`ENDPOINT_PATIENCE_S`; ``True`` once it answers again (build and read again, nothing is
+        set aside). Raises :class:`DecodeError` naming the endpoint when it does not come back."""
+        uri = storage.named_object(text)
+        if uri is None or storage.unreachable(text) is None:
+            return False
+        try:
+            storage.wait_for_endpoint(text, uri, ENDPOINT_PATIENCE_S)
+        except storage.EndpointUnreachable as e:
+            raise DecodeError(str(e)) from None
+        return True
+
+    def broken_items(self) -> list[tuple[int, str]]:
+        """``(source, why)`` of every file set aside so far (a copy: safe from any thread)."""
+        with self._report:
+            return sorted(self.broken.items())
+
+    def error_list(self) -> list[str]:
+        """The decode errors reported so far (a copy: safe from any thread)."""
+        with self._report:
+            return list(self.errors)
+
+    def irregular(self) -> dict[int, str]:
+        """Rows of the shard whose file is (now) not a regular file — a FIFO or a device put in its
+        place: any reader would block on it or read without end. Stats every local file of the
+        columns (not opened); objects are skipped. For recovery and the feeder's watchdog."""
+        found: dict[int, str] = {}
+        for column in self._paths:
+            for i, path in enumerate(column):
+                if i in found or i in self.broken or path.startswith("s3://"):
+                    continue
+                try:
+                    mode = os.stat(path).st_mode
+                except OSError:
+                    continue  # missing: the reader names it
+                why = not_regular(mode)
+                if why is not None:
+                    found[i] = f"became {why[:why.index(',')]} during the run" if "," in why else str(why)
+        return found
+
+    def unblock(self) -> list[str]:
+        """The watchdog's remedy for a reader stuck opening a FIFO that replaced a file: open each such
+        FIFO for writing, without blocking, and close it, so the reader's open returns and it reads an
+        empty file (an error the recovery then blames on it). Returns the paths poked."""
+        poked = []
+        for i in self.irregular():
+            for column in self._paths:
+                path = column[i]
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    continue  # not a FIFO, or no reader waiting on it
+                os.close(fd)
+                poked.append(path)
+        return poked
 
     def peek(self) -> tuple[int, list[Any]]:
         """The next ``(source index, [(H, W, C) image, *its companions]])`` without consuming it."""
@@ -218,7 +283,7 @@ class DecodeStage:
         """Where the stream of images stands: restoring it into a new stage (``position=``) makes
         that stage return the same images as this one would from here on."""
         return {"checkpoint": self._run_checkpoint, "skip": self._taken_from_run, "images_decoded": self.images_decoded,
-                "broken": {str(k): v for k, v in self.broken.items()}}
+                "broken": {str(k): v for k, v in self.broken_items()}}
 
     def _run(self) -> None:
         checkpoint = self._pipe.checkpoint()
@@ -244,47 +309,71 @@ class DecodeStage:
         self._skip = 0
 
     def _recover(self, error: RuntimeError, checkpoint: bytes) -> None:
-        """A decode batch failed. If DALI's message names a file (corrupt, unreadable, deleted during
-        the run), swap a stand-in for its row and redo the batch from ``checkpoint``: the batch's good
-        images are not lost, and the file is reported once and skipped from then on. Otherwise the
-        batch is lost (counted); ``_MAX_FAILED_RUNS_IN_A_ROW`` such failures in a row end the run."""
+        """A decode batch failed. Find the file to blame and set it aside — one DALI's message names
+        (corrupt, unreadable, deleted during the run, an object that is gone), one that is no longer
+        a regular file, or one the decoder rejects alone — then redo the batch from ``checkpoint``
+        with a stand-in in its place: no good image is lost, and the file is reported once and
+        skipped from then on. The failure may come from any batch DALI had already prefetched, so the
+        search covers ``prefetch + 1`` batches from the checkpoint. An object store that stopped
+        answering is waited for. When nothing can be blamed the batch is lost (counted);
+        ``_MAX_FAILED_RUNS_IN_A_ROW`` such failures in a row end the run."""
         text = str(error)
         self.failed_runs += 1
-        named = self._named_in(text)
-        if named is not None:  # the reader names the file (missing, unreadable)
-            self._mark_broken(named, _cause(error))
-            self._failed_in_a_row = 0  # a file was found and set aside: progress, not a failing reader
-        elif self._find_undecodable(checkpoint):
-            self._failed_in_a_row = 0
-        else:
-            self._failed_in_a_row += 1
-            if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
-                msg = (f"{self._failed_in_a_row} decode batches failed in a row and no file could be blamed; "
-                       f"last error: {text}")
-                raise DecodeError(msg) from error
-            self.errors.append(text.splitlines()[0] if text else repr(error))
-            log.warning("decode batch failed and was skipped (no file could be blamed): %s", text)
-            # A failed pipeline may be dead for good: rebuild it just past the lost batch.
-            self._build(self._read_batch_at(checkpoint)[1])
+        if self._unreachable(text):
+            self._build(checkpoint)
             return
-        self._build(checkpoint)  # the same batch again, stand-ins in the broken files' places
+        named = self._named_in(text)
+        if named is not None:
+            self._mark_broken(named, error_cause(error))
+        blamed = named is not None
+        for source, why in self.irregular().items():
+            self._mark_broken(source, why)
+            blamed = True
+        if blamed or self._find_undecodable(checkpoint):
+            self._failed_in_a_row = 0  # a file was found and set aside: progress, not a failing reader
+            self._build(checkpoint)  # the same batch again, stand-ins in the broken files' places
+            return
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row >= _MAX_FAILED_RUNS_IN_A_ROW:
+            msg = (f"{self._failed_in_a_row} decode batches failed in a row and no file could be blamed; "
+                   f"last error: {text}")
+            raise DecodeError(msg) from error
+        with self._report:
+            self.errors.append(text.splitlines()[0] if text else repr(error))
+        log.warning("decode batch failed and was skipped (no file could be blamed): %s", text)
+        # A failed pipeline may be dead for good: rebuild it just past the lost batch.
+        self._build(self._read_batches_at(checkpoint, 1)[1])
 
-    def _read_batch_at(self, checkpoint: bytes) -> tuple[np.ndarray, bytes]:
-        """Source indices of the batch the reader yields at ``checkpoint`` (read, not decoded), and
-        the reader's checkpoint after it."""
+    def _read_batches_at(self, checkpoint: bytes, batches: int) -> tuple[list[int], bytes]:
+        """Source indices of the next ``batches`` batches the reader yields at ``checkpoint`` (read,
+        not decoded), and the reader's checkpoint after the first of them."""
         with _list_files(self._columns) as lists:
             reader = _decode_pipeline(columns=self._columns, checkpoint=checkpoint, decode=False, lists=lists,
                                       **{**self._options, "prefetch_queue_depth": 1})
             reader.build()
-        _, labels = reader.run()
-        return np.asarray(labels.as_tensor()).reshape(-1), reader.checkpoint()
+        sources: list[int] = []
+        after = b""
+        for k in range(batches):
+            _, labels = reader.run()
+            sources += np.asarray(labels.as_tensor()).reshape(-1).tolist()
+            if k == 0:
+                after = reader.checkpoint()
+        return sources, after
 
     def _find_undecodable(self, checkpoint: bytes) -> bool:
-        """Which rows of the failed batch does the decoder reject? (The decoder's error does not
-        name the file.) Reads the batch again without decoding, then decodes its rows one by one."""
-        labels, _ = self._read_batch_at(checkpoint)
+        """Which rows does the decoder reject? (The decoder's error does not name the file, and the
+        failing batch may be one DALI prefetched.) Reads the ``prefetch + 1`` batches from
+        ``checkpoint`` again without decoding, then decodes their rows one by one."""
+        try:
+            labels, _ = self._read_batches_at(checkpoint, self._prefetch + 1)
+        except RuntimeError as e:  # the reader itself fails there: blame what it names, if anything
+            named = self._named_in(str(e))
+            if named is None:
+                return False
+            self._mark_broken(named, error_cause(e))
+            return True
         found = False
-        for source in labels.tolist():
+        for source in dict.fromkeys(labels):
             if source in self.broken:
                 continue
             try:
@@ -292,7 +381,7 @@ class DecodeStage:
                                       **self._output):
                     pass
             except RuntimeError as e:
-                self._mark_broken(source, f"the decoder rejects it ({_cause(e)})")
+                self._mark_broken(source, f"the decoder rejects it ({error_cause(e)})")
                 found = True
         return found
 
@@ -304,14 +393,15 @@ class DecodeStage:
 
     def _mark_broken(self, source: int, reason: str, quiet: bool = False) -> None:
         path = self._paths[0][source]
-        self.broken[source] = reason
+        with self._report:
+            self.broken[source] = reason
         good = [i for i in range(len(self._columns[0])) if i not in self.broken and self._columns[0][i] != path]
         if not good:
             msg = f"every file failed to decode or changed during the run; the last one, {path!r}: {reason}"
             raise DecodeError(msg)
         left = self.shard_size - len(self.broken) if hasattr(self, "shard_size") else len(good)
         if left < self._min_good:
-            examples = "; ".join(f"{self._paths[0][i]}: {why}" for i, why in list(self.broken.items())[-3:])
+            examples = "; ".join(f"{self._paths[0][i]}: {why}" for i, why in list(self.broken_items())[-3:])
             msg = (f"only {left} files of this shard still decode, fewer than the {self._min_good} distinct images "
                    f"a batch needs: {len(self.broken)} were deleted, broken or changed during the run (e.g. {examples}). "
                    "Restore them, or restart the sampler on the data as it is now")
@@ -322,7 +412,8 @@ class DecodeStage:
                 for column in self._columns:
                     column[i] = column[stand_in]
         if not quiet:
-            self.errors.append(f"{path}: {reason}")
+            with self._report:
+                self.errors.append(f"{path}: {reason}")
             log.warning("skipping %s from now on: %s", path, reason)
 
     def close(self) -> None:
@@ -351,52 +442,3 @@ def decode_files(columns: Sequence[Sequence[str]], backend: Backend, num_threads
         for i in range(min(left, batch_size)):
             yield [backend.as_array(images[i]) for images in outputs[:n]]
         left -= min(left, batch_size)
-
-
-_LIBJPEG_WARNING = "Corrupt JPEG data"
-
-
-def find_corrupt(paths: Sequence[str], num_threads: int = 1, progress: bool = False) -> dict[str, Problem]:
-    """Decode every JPEG of ``paths`` once with DALI's CPU decoder and return those whose data is
-    corrupt: libjpeg decodes them without an error (grey or garbled rows, e.g. a truncated body with
-    an end marker appended) and only prints a warning to the process's stderr, naming no file. Each
-    file's decode runs with file descriptor 2 captured, so the warning is tied to its file and not
-    shown. A full decode of the data set: opt-in (``PatchSampler(verify=True)``, ``inspect --verify``).
-    Other threads' stderr output during the pass is captured too (and dropped)."""
-    jpegs = [p for p in paths if p.lower().endswith((".jpg", ".jpeg"))]
-    found: dict[str, Problem] = {}
-    if not jpegs:
-        return found
-
-    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
-    def one_by_one():  # a DALI graph
-        encoded, _ = fn.readers.file(files=list(jpegs), dont_use_mmap=True)
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-
-    pipe = one_by_one()
-    pipe.build()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as captured, tqdm(jpegs, desc="verifying JPEG data", unit="file",
-                                                        disable=not progress, leave=False) as bar:
-            for path in bar:
-                sys.stderr.flush()
-                captured.seek(0)
-                captured.truncate()
-                os.dup2(captured.fileno(), 2)
-                try:
-                    pipe.run()
-                    error = ""
-                except RuntimeError as e:
-                    error = _cause(e)
-                finally:
-                    os.dup2(saved, 2)
-                captured.seek(0)
-                warned = [ln for ln in captured.read().decode(errors="replace").splitlines() if _LIBJPEG_WARNING in ln]
-                if error:  # the next run() goes on with the next file
-                    found[path] = Problem(f"the decoder rejects it ({error})", "corrupt data")
-                elif warned:
-                    found[path] = Problem(f"libjpeg: {warned[0].strip()}; part of its pixels would be grey", "corrupt data")
-    finally:
-        os.close(saved)
-    return found

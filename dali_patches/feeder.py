@@ -11,21 +11,33 @@ Every image carries the decode stage's position from before it was taken, so the
 the last image the cache took" is exact however far the thread has run ahead: a resumed sampler
 re-decodes nothing twice and skips nothing. The stage is not thread-safe; this thread calls it
 under a lock, and so does :meth:`DecodeFeeder.mark_broken`.
+
+Nothing waits forever on the decoder: a watchdog thread looks at a decode that has not returned for
+:data:`STALL_S` and unblocks a reader stuck on a FIFO that replaced a file
+(:meth:`~dali_patches.decode.DecodeStage.unblock`: the recovery then sets it aside); a decode that
+has not returned after :data:`STALL_LIMIT_S` ends the run with a :class:`DecodeError` that says so.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 from collections import deque
 from typing import Any
 
 from .backend import Backend
-from .decode import DecodeStage
+from .decode import DecodeError, DecodeStage
 
-__all__ = ["DecodeFeeder"]
+__all__ = ["DecodeFeeder", "STALL_LIMIT_S", "STALL_S"]
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a waiting thread checks for close()
+STALL_S = 5.0  # a decode call this old is looked at: a reader blocked on a FIFO is unblocked
+_UNBLOCK_EVERY_S = 30.0  # ... and again this often while it stays stuck
+STALL_LIMIT_S = 600.0  # a decode call this old ends the run: what it waits for does not answer
 
 
 class DecodeFeeder:
@@ -50,12 +62,41 @@ class DecodeFeeder:
         self.paused_s = 0.0  # time with `capacity` images waiting: the decoder idles
         self.waited_s = 0.0  # time the producer waited for an image
         self.taken = decoder.images_decoded  # images handed to the producer (a resumed stage starts where it was)
+        self._decoding_since: float | None = None  # when the decode call in progress began
         self._thread = threading.Thread(target=self._run, name="dali-patches-decode", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="dali-patches-decode-watchdog", daemon=True)
 
     # -- the thread --------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread.ident is None:
             self._thread.start()
+            self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Unblock a decode stuck on a FIFO; end the run when a decode never returns (see the module)."""
+        next_unblock = 0.0
+        while not self._stop.wait(1.0):
+            since = self._decoding_since
+            if since is None:
+                next_unblock = 0.0
+                continue
+            waited = time.monotonic() - since
+            if waited >= STALL_LIMIT_S:
+                paths = self.decoder._paths[0]
+                where = os.path.commonpath(paths[:1000]) if paths and not paths[0].startswith("s3://") else "its source"
+                error = DecodeError(f"no image came out of the decoder for {waited:.0f} s: DALI's reader waits on a "
+                                    f"file or object under {where!r} that does not answer (a hung network mount, "
+                                    "a storage server that stopped); check the storage, then restart")
+                with self._state:
+                    self._error = error
+                    self._state.notify_all()
+                return
+            if waited >= STALL_S and time.monotonic() >= next_unblock:
+                poked = self.decoder.unblock()
+                if poked:
+                    log.warning("the decoder was stuck for %.0f s on %d FIFO(s) that replaced files, e.g. %s; "
+                                "unblocked them (they will be set aside)", waited, len(poked), poked[0])
+                next_unblock = time.monotonic() + _UNBLOCK_EVERY_S
 
     def _run(self) -> None:
         try:
@@ -71,7 +112,11 @@ class DecodeFeeder:
                         position = self.decoder.position()
                         with self._state:
                             self._next_position = position
-                        source, images = self.decoder.next()
+                        self._decoding_since = time.monotonic()
+                        try:
+                            source, images = self.decoder.next()
+                        finally:
+                            self._decoding_since = None
                     with self._state:
                         self._buffer.append((position, source, images))
                         self._state.notify_all()
@@ -130,10 +175,12 @@ class DecodeFeeder:
             self.decoder.mark_broken(source, reason)
 
     def close(self) -> None:
-        """Stop the thread (after the image it is decoding) and drop the buffer."""
+        """Stop the thread (after the image it is decoding; not when that decode never returns) and
+        drop the buffer."""
         self._stop.set()
         with self._state:
             self._state.notify_all()
         if self._thread.ident is not None:
-            self._thread.join()
+            self._thread.join(timeout=None if self._error is None else _POLL_S)
+            self._watchdog.join()
         self._buffer.clear()

@@ -61,12 +61,15 @@ class OutputRing:
 
     :meth:`acquire` is the only way to a group. The producer's stream must then wait for every stream
     that read the ring *before* anything writes the group: a group is free because its readers let go
-    of it, and a replacement comes from CuPy's pool on the producer's stream, where memory a consumer
-    dropped may be handed out again; only an event recorded after the choice covers their reads.
+    of it; only an event recorded after the choice covers their reads. On a GPU the groups come from
+    a memory pool of the ring's own, so a replaced group that a consumer drops later is handed to no
+    other allocation than a later replacement (in CuPy's shared pool a smaller request — a pad, a
+    mask sum — could take part of it before that wait).
     """
 
     def __init__(self, backend: Backend, round_bytes: list[int], depth: int) -> None:
         self._backend = backend
+        self._pool = backend.memory_pool()
         self._round_bytes = list(round_bytes)
         self._groups = [self._new_group() for _ in range(depth)]
         self._next = 0
@@ -74,7 +77,14 @@ class OutputRing:
         self._baseline = max(self._references(self._groups[0]))  # references while only the ring holds it
 
     def _new_group(self) -> list[DeviceArray]:
-        return [self._backend.empty_device(nbytes, np.uint8) for nbytes in self._round_bytes]
+        return [self._backend.empty_device(nbytes, np.uint8, self._pool) for nbytes in self._round_bytes]
+
+    def release(self) -> None:
+        """Drop the ring and return its pool's free memory to the device (the stream writing it is
+        done: the caller has synchronised it)."""
+        self._groups = []
+        if self._pool is not None:
+            self._pool.free_all_blocks()
 
     @staticmethod
     def _references(group: list[DeviceArray]) -> list[int]:

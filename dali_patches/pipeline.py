@@ -13,7 +13,9 @@ work is queued behind it on the same stream).
 buffers unchanged until the iteration's outputs are consumed (``prefetch_queue_depth`` iterations
 later): the feed keeps the last ``prefetch_queue_depth + 2`` batches referenced, and neither the
 host rounds (fresh every round) nor the output ring (a buffer is rewritten only when nothing refers
-to it) changes a referenced batch.
+to it) changes a referenced batch. On a GPU DALI then ignores ``cuda_stream=`` and orders its reads
+after the stream the arrays name (CuPy's current stream of the thread calling ``run()``), so the
+sampler hands the batch over on that stream (:meth:`~dali_patches.PatchSampler.take`).
 """
 
 from __future__ import annotations

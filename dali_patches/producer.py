@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,11 +67,13 @@ class Producer:
             a decode of another size means the file changed during the run, and it is set aside.
         progress: progress bar for the warm-up (``None``: only for long ones).
         points: ``POINTS`` anchors: source → ``(K, 2)`` centres.
+        on_changed: called with the path of each file that decodes to another size than measured
+            (the catalog then distrusts its index entry).
     """
 
     def __init__(self, columns: list[list[str]], config: SamplerConfig, backend: Backend, plan: CachePlan,
                  sizes: tuple[HostArray, HostArray], progress: bool | None = None,
-                 points: dict[int, HostArray] | None = None) -> None:
+                 points: dict[int, HostArray] | None = None, on_changed: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.backend = backend
         self.columns = columns
@@ -78,6 +81,7 @@ class Producer:
         self._heights, self._widths = (np.asarray(v, np.int64) for v in sizes)
         self._pid = os.getpid()
         self.changed_files = 0  # set aside because they decoded to another size than measured
+        self._on_changed = on_changed
         self._output: dict[str, Any] = {"exif": config.exif_orientation, "parts": [(p.channels, p.dtype) for p in config.parts],
                                         "hw_decoder_load": config.hw_decoder_load}
         self._stream = backend.new_stream()
@@ -217,6 +221,7 @@ class Producer:
         self._held.clear()
         self._holding.clear()
         self.cache.release()
+        self.backend.free_pool_blocks(self._stream)
 
     # -- producer side -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -280,6 +285,8 @@ class Producer:
                                             f"{self._heights[source]}x{self._widths[source]} measured at the start "
                                             "(restart the sampler to sample its new contents)")
             self.changed_files += 1
+            if self._on_changed is not None:
+                self._on_changed(self.files[source])
             return
         slot = self.cache.insert(images, source)
         self.draws.anchors.on_insert(self.cache, slot)
@@ -438,8 +445,8 @@ class Producer:
             "decode_failed_batches": self.decoder.failed_runs,
             "changed_files": self.changed_files,
             "anchor_fallbacks": self.draws.anchors.fallbacks,
-            "broken_files": [(self.files[i], why) for i, why in sorted(self.decoder.broken.items())],
-            "decode_errors": list(self.decoder.errors),
+            "broken_files": [(self.files[i], why) for i, why in self.decoder.broken_items()],
+            "decode_errors": self.decoder.error_list(),
         }
 
     def pace_stats(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,6 +25,8 @@ from .options import Reuse
 from .outputs import OutputRing
 
 __all__ = ["RoundCutter", "RoundStates", "round_batches"]
+
+log = logging.getLogger(__name__)
 
 _ROUND_PATCHES = 8192  # a round cuts about this many patches ...
 _MAX_ROUND = 16  # ... in at most this many batches ...
@@ -158,11 +161,19 @@ class RoundCutter:
                 self._consumers[int(getattr(stream, "ptr", id(stream)))] = stream
 
     def wait_for_consumers(self, stream: Any) -> None:
-        """Make ``stream`` wait (on the device) for the work queued so far on every consumer stream."""
+        """Make ``stream`` wait (on the device) for the work queued so far on every consumer stream. A
+        consumer stream that no longer exists (its framework destroyed it) is dropped, with a warning."""
         with self._lock:
-            consumers = list(self._consumers.values())
-        for consumer in consumers:
-            self.backend.wait(stream, self.backend.record(consumer))
+            consumers = list(self._consumers.items())
+        for key, consumer in consumers:
+            try:
+                event = self.backend.record(consumer)
+            except Exception as e:  # noqa: BLE001 - CUDA reports a destroyed stream in its own error types
+                log.warning("stopped waiting for consumer stream %#x: recording on it failed (%s)", key, e)
+                with self._lock:
+                    self._consumers.pop(key, None)
+                continue
+            self.backend.wait(stream, event)
 
     def cut(self, cache: RingCache, draw: RoundDraw, stream: Any) -> tuple[list[Any], Any, Any]:
         """The round's patches per part, and on a GPU its ``source`` ``(n, B)`` and ``anchor``
@@ -219,6 +230,10 @@ class RoundCutter:
         return cache.cut(k, table).reshape(n, b, *shape)
 
     def close(self) -> None:
+        """Stop the helper; drop the ring and the staging (the producer's stream is synchronised)."""
         if self._helper is not None:
             self._helper.shutdown()
+        if self._ring is not None:
+            self._ring.release()
         self._ring = None
+        self._stages = []

@@ -9,6 +9,7 @@ for DALI's framework plugins.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -25,12 +26,12 @@ from .backend import HostArray, resolve_backend
 from .cache import RingCache
 from .catalog import Catalog, CatalogWarning
 from .config import Device, SamplerConfig, format_bytes
-from .decode import find_corrupt
 from .options import AnchorMode, Companion
 from .outputs import PatchBatch
 from .producer import HELD_GROUPS, Producer
 from .provenance import ProvenanceWriter
 from .sources import Problem, declared_companions, user_stacklevel
+from .verify import find_corrupt
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 
 OUTPUT_NAMES = ("patches", "source", "anchor")  # without companions; see PatchSampler.output_names
 _STATE_FORMAT = 2
+
+
+def _distrust(catalog: Catalog, path: str) -> None:  # the producer's callback: refers to the catalog, not back to us
+    catalog.distrust([path])
 
 
 def _close(producer: Producer, provenance: ProvenanceWriter | None) -> None:
@@ -186,7 +191,8 @@ class PatchSampler:
         self._files_sha: str | None = None  # the data set's digest, worked out when a state first needs it
         columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
         self._producer = Producer(columns, cfg, self.backend, self.plan, (self.catalog.heights, self.catalog.widths),
-                                  progress=progress, points=self._points)
+                                  progress=progress, points=self._points,
+                                  on_changed=functools.partial(_distrust, self.catalog))
         self._pipelines: list[tuple[Any, sample_pipeline.Feed]] = []
         self._handover_s = 0.0  # consumer time in next(): taking a batch (waits included) and logging it
         self._provenance = None
@@ -406,9 +412,13 @@ class PatchSampler:
         if self._producer.closed:
             msg = "this sampler is closed; create a new PatchSampler"
             raise RuntimeError(msg)
-        pipe, feed = sample_pipeline.build_pipeline(lambda: self.take(None), self.config, self.backend,
-                                                    self._producer.stream, prefetch_queue_depth, num_threads,
-                                                    no_copy, **kwargs)
+        # Copying, DALI queues its copy on the producer's stream (cuda_stream=), after the gather. Reading
+        # in place it orders its reads after the stream the arrays name (CuPy's current stream of the
+        # calling thread, not cuda_stream=): that stream waits for the gather, and the ring's rewrites
+        # wait for it.
+        take = (lambda: self.take(self.backend.current_stream())) if no_copy else (lambda: self.take(None))
+        pipe, feed = sample_pipeline.build_pipeline(take, self.config, self.backend, self._producer.stream,
+                                                    prefetch_queue_depth, num_threads, no_copy, **kwargs)
         self._pipelines.append((pipe, feed))
         return pipe
 

@@ -9,8 +9,11 @@ It uses ``boto3`` (``pip install "dali-patches[s3]"``), which reads the same var
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +21,67 @@ import numpy as np
 
 from .sources import IMAGE_SUFFIXES
 
-__all__ = ["Listing", "is_uri", "list_objects", "read_range"]
+__all__ = ["EndpointUnreachable", "Listing", "is_uri", "list_objects", "named_object", "read_range", "unreachable",
+           "wait_for_endpoint"]
+
+log = logging.getLogger(__name__)
 
 _SCHEME = "s3://"
 _local = threading.local()
+# DALI's S3 reader names an object "bucket=B object=KEY" in its errors, and a connection that failed
+# by its curl code; "Could not connect" and the like come with it.
+_NAMED = re.compile(r"bucket=(\S+) object=(.+?)(?::\s|\s*$)", re.MULTILINE)
+_UNREACHABLE = re.compile(r"curlCode: (\d+)[^\n]*", re.MULTILINE)
+_CONNECT_TO = re.compile(r"Failed to connect to (\S+)")
+
+
+class EndpointUnreachable(ConnectionError):
+    """The object store stopped answering and did not come back within the time allowed."""
+
+
+def named_object(text: str) -> str | None:
+    """The ``s3://bucket/key`` an error of DALI's S3 reader names, if any."""
+    found = _NAMED.search(text)
+    return f"{_SCHEME}{found.group(1)}/{found.group(2)}" if found else None
+
+
+def unreachable(text: str) -> str | None:
+    """The connection failure an error of DALI's S3 reader reports (the server did not answer, as
+    opposed to answering "no such object"), or ``None``."""
+    found = _UNREACHABLE.search(text)
+    return found.group(0).strip() if found else None
+
+
+def _endpoint(text: str = "") -> str:
+    where = _CONNECT_TO.search(text)
+    configured = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return configured or (where.group(1) if where else "the default AWS S3 endpoint")
+
+
+def wait_for_endpoint(text: str, uri: str, patience_s: float) -> float:
+    """After a connection failure (``text``, DALI's error) on object ``uri``: ask the server for that
+    object again, with exponential backoff (0.5 s, 1 s, 2 s, … at most 8 s apart) until it answers or
+    ``patience_s`` have passed. Returns the seconds waited.
+
+    Raises:
+        EndpointUnreachable: it did not answer in time; the message names the endpoint and the cause.
+    """
+    bucket, key = _split(uri)
+    t0, delay, last = time.monotonic(), 0.5, unreachable(text) or text.strip().splitlines()[-1]
+    log.warning("the object store at %s did not answer (%s); retrying for up to %.0f s", _endpoint(text), last, patience_s)
+    while time.monotonic() - t0 < patience_s:
+        time.sleep(min(delay, max(0.0, patience_s - (time.monotonic() - t0))))
+        delay = min(8.0, delay * 2)
+        try:
+            _client().head_object(Bucket=bucket, Key=key)
+            return time.monotonic() - t0
+        except Exception as e:  # noqa: BLE001 - any answer ends the wait; no answer keeps it going
+            if getattr(e, "response", None) is not None:  # the server answered (404, 403): it is back
+                return time.monotonic() - t0
+            last = f"{type(e).__name__}: {e}"
+    msg = (f"the object store at {_endpoint(text)} has not answered for {patience_s:.0f} s (last error: {last}); "
+           "check that it is running and reachable from here (AWS_ENDPOINT_URL), then start again")
+    raise EndpointUnreachable(msg)
 
 
 def is_uri(source: Any) -> bool:
@@ -52,8 +112,8 @@ def _client() -> Any:
             msg = 's3:// sources need boto3 for listing and headers: pip install "dali-patches[s3]"'
             raise ImportError(msg) from e
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        client = boto3.client("s3", endpoint_url=endpoint, config=Config(max_pool_connections=64,
-                                                                         retries={"max_attempts": 5}))
+        client = boto3.client("s3", endpoint_url=endpoint, config=Config(max_pool_connections=64, connect_timeout=5,
+                                                                         read_timeout=30, retries={"max_attempts": 5}))
         _local.client = client
     return client
 

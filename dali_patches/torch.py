@@ -31,6 +31,25 @@ def _check_epoch(batches_per_epoch: int | None) -> None:
         raise ValueError(msg)
 
 
+class _StreamHandle:
+    """A raw CUDA stream handle under the CUDA stream protocol (what CuPy's ``Stream.from_external``
+    takes; a torch stream need not implement it)."""
+
+    def __init__(self, ptr: int) -> None:
+        self._ptr = int(ptr)
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self._ptr)
+
+
+def _cupy_stream(xp: Any, torch_stream: Any, device: int) -> Any:
+    """CuPy's view of a torch stream: ``Stream.from_external`` (CuPy 14+), else ``ExternalStream``."""
+    from_external = getattr(xp.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(torch_stream.cuda_stream))
+    return xp.cuda.ExternalStream(torch_stream.cuda_stream, device)
+
+
 class _Epochs:
     """``len()`` and epoch-bounded ``for`` loops over an endless stream of batches."""
 
@@ -119,8 +138,7 @@ class DirectIterator(_Epochs):
         # torch's stream of the sampler's device (not of whichever device is current), seen by CuPy as
         # its current stream there: the batch is ordered on it, and DLPack adds no second event.
         device = backend.device_id
-        torch_stream = torch.cuda.current_stream(device)
-        with backend.on_device(), backend.xp.cuda.ExternalStream(torch_stream.cuda_stream, device) as stream:
+        with backend.on_device(), _cupy_stream(backend.xp, torch.cuda.current_stream(device), device) as stream:
             return self._tensors(sampler.take(stream))
 
     def _tensors(self, batch: Any) -> dict[str, Any]:

@@ -27,9 +27,10 @@ A hazard is recorded with the operation, the buffer and both streams named, and 
 :class:`HazardError` by :meth:`Simulator.check` (the test fixture calls it after every test).
 
 The memory pool follows CuPy's: a freed block returns to the pool of the stream that was current
-when it was allocated and is handed out again only on that stream; the new owner's accesses are
-checked against the last owner's (memory dropped by one stream and rewritten by another without an
-event between them is a hazard).
+when it was allocated and is handed out again only on that stream, best fit (a larger block serves
+a smaller request, as CuPy splits one); the new owner's accesses are checked against the last
+owner's (memory dropped by one stream and rewritten by another without an event between them is a
+hazard). ``cuda.MemoryPool()`` with ``cuda.using_allocator`` gives a pool of its own.
 Driver memory (``cuda.Memory``) and DALI's decoded views are released at once (their owners may hand
 them to another stream right away). Kernels are executed by registered NumPy twins.
 """
@@ -86,7 +87,7 @@ class _Block:
     device: int
     kind: str  # "pool" | "driver" | "dali"
     address: int
-    pool_key: tuple[int, int, int] | None = None  # (device, stream id, nbytes): the pool it returns to
+    pool_key: tuple[int, int, int] | None = None  # (pool, device, stream id): the free list it returns to
     released: bool = False
     accesses: list[_Access] = field(default_factory=list)
     pending: int = 0  # queued operations on it that have not run
@@ -413,6 +414,7 @@ class Simulator:
         self._null: dict[int, Stream] = {}
         self._host: VectorClock = {}
         self._pool: dict[tuple[int, int, int], list[_Block]] = {}
+        self._pools = itertools.count(1)  # ids of memory pools made with cuda.MemoryPool (0: the default)
         self._tracked: set[int] = set()  # ids of blocks with accesses not yet known to the host
         self._blocks: dict[int, _Block] = {}
         self._pinned: list[tuple[int, int]] = []  # address ranges of pinned host memory
@@ -439,14 +441,14 @@ class Simulator:
             Device=lambda device=None: Device(sim, device),
             Memory=lambda size: Memory(sim, size), MemoryPointer=MemoryPointer,
             alloc_pinned_memory=sim._pinned_memory, get_current_stream=lambda device_id=-1: sim.get_current_stream(),
-            runtime=runtime, is_available=lambda: True)
+            MemoryPool=sim._memory_pool, using_allocator=sim._using_allocator, runtime=runtime, is_available=lambda: True)
         names = {name: getattr(np, name) for name in ("uint8", "uint16", "uint32", "int32", "int64", "float32",
                                                       "float64", "bool_")}
         return types.SimpleNamespace(
             __name__="simulated_cupy", cuda=cuda, ndarray=lambda shape, dtype=np.float64, memptr=None, strides=None:
             ndarray(shape, dtype, memptr, strides, _sim=sim), empty=sim.empty, zeros=sim.zeros, asarray=sim.asarray,
             asnumpy=sim.asnumpy, pad=sim.pad, greater=sim.greater, concatenate=sim.concatenate,
-            RawKernel=sim._raw_kernel, **names)
+            RawKernel=sim._raw_kernel, get_default_memory_pool=sim._default_pool, **names)
 
     def empty(self, shape: Any, dtype: Any = np.float64) -> ndarray:
         shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
@@ -582,20 +584,52 @@ class Simulator:
             return block
 
     def _pool_block(self, nbytes: int) -> _Block:
+        """A block from the current allocator's pool, as CuPy's: best fit among the blocks freed on the
+        current stream (any larger one will do: CuPy splits it), else a new one."""
         stream = self.get_current_stream()
-        key = (self._device(), stream.id, nbytes)
+        key = (getattr(self._local, "pool", 0), self._device(), stream.id)
         with self._cv:
-            free = self._pool.get(key)
-            if free:  # handed out again on the stream it was freed to; its history stays, so the new
-                block = free.pop()  # owner's first accesses are checked against the last owner's
-                block.released, block.name = False, f"pool memory of {nbytes} bytes (reused)"
-                self._used_bytes += nbytes
+            free = self._pool.get(key, [])
+            fits = [b for b in free if b.storage.size >= nbytes]
+            if fits:  # handed out again on the stream it was freed to; its history stays, so the new
+                block = min(fits, key=lambda b: b.storage.size)  # owner's accesses are checked against the last's
+                free.remove(block)
+                block.released, block.name = False, f"pool memory of {block.storage.size} bytes (reused for {nbytes})"
+                self._used_bytes += block.storage.size
                 if not block.pending:  # nothing queued still reads the old bytes: they are garbage now
                     block.storage.fill(_POISON)
                 return block
         block = self._new_block(nbytes, "pool", f"pool memory of {nbytes} bytes")
         block.pool_key = key
         return block
+
+    def _memory_pool(self) -> types.SimpleNamespace:
+        """``cupy.cuda.MemoryPool()``: a pool of its own; allocate from it under ``using_allocator``."""
+        pool_id = next(self._pools)
+
+        def free_all_blocks(stream: Any = None) -> None:
+            with self._cv:
+                for key in [k for k in self._pool if k[0] == pool_id]:
+                    self._pool.pop(key)
+
+        return types.SimpleNamespace(malloc=pool_id, free_all_blocks=free_all_blocks)
+
+    def _default_pool(self) -> types.SimpleNamespace:
+        def free_all_blocks(stream: Any = None) -> None:
+            with self._cv:
+                for key in [k for k in self._pool if k[0] == 0 and (stream is None or k[2] == stream.id)]:
+                    self._pool.pop(key)
+
+        return types.SimpleNamespace(free_all_blocks=free_all_blocks)
+
+    @contextlib.contextmanager
+    def _using_allocator(self, malloc: Any = None) -> Iterator[None]:
+        previous = getattr(self._local, "pool", 0)
+        self._local.pool = malloc if isinstance(malloc, int) else 0
+        try:
+            yield
+        finally:
+            self._local.pool = previous
 
     def _release(self, block: _Block) -> None:
         if self._stop or (block.released and block.kind != "pool"):

@@ -44,7 +44,7 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
     assert out.stdout.strip() == "ok"
 
 
-FLOW = ["options", "config", "backend", "sources", "storage", "headers", "columns", "index", "catalog", "decode", "feeder", "gather", "cache", "anchors", "draw",
+FLOW = ["options", "config", "backend", "sources", "storage", "headers", "columns", "index", "catalog", "decode", "verify", "feeder", "gather", "cache", "anchors", "draw",
         "augment", "outputs", "rounds", "pace", "producer", "provenance", "pipeline", "sampler", "torch", "tf", "review", "figures",
         "synth", "commands", "cli"]
 

@@ -81,7 +81,7 @@ def _corrupt_set(folder: Path) -> list[Path]:
 def test_verify_leaves_out_jpegs_with_corrupt_data(tmp_path: Path, capfd) -> None:
     from dali_patches import CatalogWarning, PatchSampler
     from dali_patches.cli import main
-    from dali_patches.decode import find_corrupt
+    from dali_patches.verify import find_corrupt
 
     paths = [str(p) for p in _corrupt_set(tmp_path / "data")]
     found = find_corrupt(paths)

@@ -65,6 +65,17 @@ def _consume(sim: Simulator, sampler: PatchSampler, batches: int, lag_s: float =
         return [(xp.asnumpy(c), s, a) for c, s, a in reads]
 
 
+def _check_exact_padded(sampler: PatchSampler, got: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    reference = reference_decode(list(sampler.files), "cpu")
+    p = sampler.config.patch_size
+    for patches, source, anchor in got:
+        for patch, s, (y, x) in zip(patches, source.tolist(), anchor.tolist()):
+            image = reference[sampler.files[s]]
+            padded = np.zeros((max(p[0], image.shape[0]), max(p[1], image.shape[1]), 3), np.uint8)
+            padded[: image.shape[0], : image.shape[1]] = image
+            assert np.array_equal(patch, padded[y: y + p[0], x: x + p[1]]), (s, y, x)
+
+
 def _check_exact(sampler: PatchSampler, got: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
     reference = reference_decode(list(sampler.files), "cpu")
     p = sampler.config.patch_size
@@ -88,12 +99,15 @@ def test_a_late_consumer_stream_reads_every_patch_as_cut(sim: Simulator, image_d
     sim.check()
 
 
-def test_padded_images_keep_their_decoded_views_until_padded(sim: Simulator, image_dir: Path) -> None:
-    """``pad=True``: the pad reads DALI's view on the producer's stream; the view must outlive it."""
+@pytest.mark.parametrize("keep", [0, 8])
+def test_padded_images_keep_their_decoded_views_until_padded(sim: Simulator, image_dir: Path, keep: int) -> None:
+    """``pad=True``: the pad reads DALI's view on the producer's stream; the view must outlive it.
+    With a consumer that keeps batches, the ring's replacements it drops later go back to CuPy's pool,
+    where the pad's temporaries must not find them before the consumer is waited for."""
     with PatchSampler(image_dir, device_id=DEVICE,
-                      **{**SETTINGS, "patch_size": 200, "pad": True, "cache_images": 10}) as sampler:
-        got = _consume(sim, sampler, 12, lag_s=0.0)
-    assert {int(s) for _, source, _ in got for s in source}
+                      **{**SETTINGS, "patch_size": 200, "pad": True, "cache_images": 10, "reuse": 1}) as sampler:
+        got = _consume(sim, sampler, 30, lag_s=0.004, keep=keep)
+    _check_exact_padded(sampler, got)
     sim.check()
 
 
@@ -165,7 +179,10 @@ def _wait_before_choosing_the_memory(monkeypatch: pytest.MonkeyPatch, sim: Simul
     def acquire_after_waiting(self: OutputRing) -> Any:
         if pending:
             real_wait(pending["cutter"], pending["stream"])  # the consumer event is recorded first ...
-            time.sleep(0.002)  # (the consumer's thread gets its turn here, as it may any time)
+            free = [self._free(g) for g in self._groups]
+            deadline = time.monotonic() + 0.1  # (the consumer's thread may let go of a group any time; wait
+            while time.monotonic() < deadline and [self._free(g) for g in self._groups] == free:  # for it)
+                time.sleep(0.001)
         return real_acquire(self)  # ... and memory it lets go of in between is rewritten unordered
 
     monkeypatch.setattr(RoundCutter, "wait_for_consumers", wait_first)
@@ -214,6 +231,24 @@ def test_each_known_mistake_is_caught(sim: Simulator, image_dir: Path, monkeypat
     sim.hazards.clear()
 
 
+def test_a_replaced_ring_group_goes_to_no_other_allocation(sim: Simulator) -> None:
+    """A group the consumer kept (so the ring replaced it) and dropped later must not come back as the
+    producer's pad or mask temporaries before the consumer is waited for: the ring has a pool of its own."""
+    from dali_patches.backend import resolve_backend
+
+    backend = resolve_backend("gpu", DEVICE)
+    with backend.use(backend.new_stream()):
+        ring = OutputRing(backend, [4096], depth=1)
+        held = ring.acquire()[0][:1]  # the consumer keeps a view ...
+        replacement = ring.acquire()  # ... so the ring allocates a new group
+        address = held.data.ptr
+        del held  # the consumer lets go of the first group
+        others = [backend.empty_device(n, np.uint8) for n in (4096, 1024, 64)]  # the producer's temporaries
+        assert all(not (address <= o.data.ptr < address + 4096) for o in others)
+        assert replacement[0].data.ptr != address
+    sim.check()
+
+
 def test_freeing_the_arena_under_a_running_sampler_is_caught(sim: Simulator, image_dir: Path) -> None:
     with PatchSampler(image_dir, device_id=DEVICE, **SETTINGS) as sampler:
         _consume(sim, sampler, 5)
@@ -240,12 +275,27 @@ def _check(held: list, sampler: PatchSampler, reference: dict[str, np.ndarray]) 
             assert np.array_equal(patch, reference[sampler.files[s]][y: y + p[0], x: x + p[1]])
 
 
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+  long long start = clock64();
+  while (clock64() - start < cycles) {}
+}
+"""
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("late", ["consumer", "producer"])
 @pytest.mark.parametrize("path", ["direct", "dali", "dali_no_copy"])
-def test_on_a_gpu_a_late_consumer_stream_reads_every_patch_as_cut(torch_cuda, image_dir: Path, path: str) -> None:
+def test_on_a_gpu_a_late_stream_never_changes_a_patch(torch_cuda, image_dir: Path, path: str, late: str) -> None:
+    """The consumer's stream held back (reads must still see each batch as cut), or the producer's
+    (reads must wait for the gathers: DALI in place orders itself on the arrays' stream, not on
+    ``cuda_stream=``)."""
     torch = torch_cuda
+    import cupy
+
     from dali_patches.torch import DirectIterator, PatchIterator
 
+    spin = cupy.RawKernel(_SPIN, "spin")
     with PatchSampler(image_dir, patch_size=16, batch_size=8, reuse=2, cache_images=12, device="gpu", seed=0,
                       hw_decoder_load=GPU_TEST_HW_DECODER_LOAD) as s:
         reference = reference_decode(list(s.files), "gpu")
@@ -253,7 +303,11 @@ def test_on_a_gpu_a_late_consumer_stream_reads_every_patch_as_cut(torch_cuda, im
                     else PatchIterator(s, no_copy=path == "dali_no_copy"))
         held = []
         for _, data in zip(range(80), iterator):
-            torch.cuda._sleep(5_000_000)  # the consumer's stream spins for milliseconds before it reads
+            if late == "consumer":
+                torch.cuda._sleep(5_000_000)  # the consumer's stream spins for milliseconds before it reads
+            else:
+                with s.backend.on_device(), s._producer.stream:
+                    spin((1,), (1,), (np.int64(5_000_000),))  # the gathers queued from now on run late
             held.append((data["patches"].clone(), data["source"].cpu().clone(), data["anchor"].cpu().clone()))
         torch.cuda.synchronize()
         _check([(p.cpu().numpy(), src, anc) for p, src, anc in held], s, reference)
