@@ -159,6 +159,7 @@ class DecodeStage:
         self._skip = 0
         self.images_decoded = 0
         self.failed_runs = 0
+        self.lost_batches = 0  # decode batches skipped because no file could be blamed (their images too)
         self._report = threading.Lock()  # broken and errors: written by the decoding thread, read by others
         self.errors: list[str] = []
         self.broken: dict[int, str] = {}  # source index → why it cannot be decoded (read via broken_items())
@@ -340,6 +341,7 @@ class DecodeStage:
             raise DecodeError(msg) from error
         with self._report:
             self.errors.append(text.splitlines()[0] if text else repr(error))
+        self.lost_batches += 1
         log.warning("decode batch failed and was skipped (no file could be blamed): %s", text)
         # A failed pipeline may be dead for good: rebuild it just past the lost batch.
         self._build(self._read_batches_at(checkpoint, 1)[1])

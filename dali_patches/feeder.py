@@ -35,8 +35,8 @@ __all__ = ["DecodeFeeder", "STALL_LIMIT_S", "STALL_S"]
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often a waiting thread checks for close()
-STALL_S = 5.0  # a decode call this old is looked at: a reader blocked on a FIFO is unblocked
-_UNBLOCK_EVERY_S = 30.0  # ... and again this often while it stays stuck
+STALL_S = 5.0  # a decode call this old is looked at: a reader blocked on a FIFO is unblocked ...
+_UNBLOCK_EVERY_S = 2.0  # ... and looked at again this often (at least twice the time a look takes)
 STALL_LIMIT_S = 600.0  # a decode call this old ends the run: what it waits for does not answer
 
 
@@ -92,11 +92,12 @@ class DecodeFeeder:
                     self._state.notify_all()
                 return
             if waited >= STALL_S and time.monotonic() >= next_unblock:
+                t0 = time.monotonic()
                 poked = self.decoder.unblock()
                 if poked:
                     log.warning("the decoder was stuck for %.0f s on %d FIFO(s) that replaced files, e.g. %s; "
                                 "unblocked them (they will be set aside)", waited, len(poked), poked[0])
-                next_unblock = time.monotonic() + _UNBLOCK_EVERY_S
+                next_unblock = time.monotonic() + max(_UNBLOCK_EVERY_S, 2 * (time.monotonic() - t0))
 
     def _run(self) -> None:
         try:

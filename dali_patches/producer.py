@@ -443,6 +443,7 @@ class Producer:
             "producer_us_per_batch": 1e6 * self.host_s["round"] / made if made else 0.0,
             "refill_us_per_batch": 1e6 * self.host_s["refill"] / made if made else 0.0,
             "decode_failed_batches": self.decoder.failed_runs,
+            "decode_lost_batches": self.decoder.lost_batches,
             "changed_files": self.changed_files,
             "anchor_fallbacks": self.draws.anchors.fallbacks,
             "broken_files": [(self.files[i], why) for i, why in self.decoder.broken_items()],

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _scenario(name: str, tmp_path: Path) -> tuple[int, dict]:
+    # Nothing may hang: a case that does not end within the bound fails its test (TimeoutExpired).
     run = subprocess.run([sys.executable, "-m", "tests.faults", name, str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, check=False)
+                         text=True, timeout=240, check=False)
     assert run.returncode in (0, 3), f"{name}: killed by a signal or crashed (rc {run.returncode}):\n{run.stderr[-3000:]}"
     return run.returncode, json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -99,3 +100,61 @@ def test_a_moved_data_set_resumes(tmp_path: Path, many_images: Path) -> None:
     with PatchSampler(moved, **settings) as s:
         s.load_state_dict(state)
         assert [(b.source.tolist(), b.anchor.tolist()) for b in (next(s) for _ in range(5))] == expected
+
+
+# -- from outside the data: object storage, FIFOs and devices, links (tests/faults_outside.py) -----------
+
+def test_objects_deleted_or_replaced_in_object_storage_are_skipped_and_reported(tmp_path: Path) -> None:
+    pytest.importorskip("moto.server", reason="the S3 test server needs moto[server]")
+    rc, r = _scenario("s3_delete", tmp_path)
+    assert rc == 0 and "error" not in r, r
+    assert r["wrong"] == 0 and r["served"] == 800 and r["distinct"] == 1.0 and r["lost_batches"] == 0
+    broken = [name for name, _ in r["broken"]]
+    assert set(broken) <= set(r["hit"]) and len(broken) == len(set(broken)) and len(broken) >= len(r["hit"]) // 2
+    assert all(count == 1 for count in r["reported"].values())
+
+
+def test_an_object_store_that_stops_answering_for_seconds_is_waited_for(tmp_path: Path) -> None:
+    pytest.importorskip("moto.server", reason="the S3 test server needs moto[server]")
+    rc, r = _scenario("s3_blip", tmp_path)
+    assert rc == 0 and "error" not in r, r
+    assert r["served"] == 800 and r["wrong"] == 0 and r["broken"] == [] and r["lost_batches"] == 0
+
+
+def test_an_object_store_that_stops_for_good_ends_the_run_naming_it(tmp_path: Path) -> None:
+    pytest.importorskip("moto.server", reason="the S3 test server needs moto[server]")
+    rc, r = _scenario("s3_down", tmp_path)
+    assert rc == 0, r  # the scenario itself ends normally, with the error it caught
+    assert r.get("error") == "DecodeError", r
+    assert f"the object store at {r['endpoint']} has not answered for 6 s" in r["message"]
+    assert "AWS_ENDPOINT_URL" in r["message"] and r["seconds"] < 60
+
+
+def test_a_fifo_named_like_an_image_is_skipped_not_opened(tmp_path: Path) -> None:
+    rc, r = _scenario("fifo_scan", tmp_path)
+    assert rc == 0, r
+    assert ["pipe.jpg", "not a regular file"] in r["skipped"] and r["wrong"] == 0 and r["served"] == 960
+
+
+def test_a_file_replaced_by_a_fifo_during_the_run_is_unblocked_and_set_aside(tmp_path: Path) -> None:
+    rc, r = _scenario("fifo_run", tmp_path)
+    assert rc == 0, r
+    assert r["served"] == 960 and r["wrong"] == 0 and r["lost_batches"] == 0 and r["seconds"] < 60
+    assert r["broken"] == [[r["hit"], "became a FIFO (named pipe) during the run"]]
+    assert r["reported"] == {r["hit"]: 1}
+
+
+def test_files_turned_into_devices_lose_no_good_image_ten_times_over(tmp_path: Path) -> None:
+    rc, r = _scenario("devices", tmp_path)
+    assert rc == 0, r
+    assert len(r["runs"]) == 10
+    for run in r["runs"]:
+        assert run["lost_batches"] == 0 and run["wrong"] == 0 and run["served"] == 480, run
+        assert {name for name, _ in run["broken"]} <= set(run["hit"])
+
+
+def test_a_link_to_the_root_inside_the_data_folder_is_skipped_not_walked(tmp_path: Path) -> None:
+    rc, r = _scenario("link_to_root", tmp_path)
+    assert rc == 0, r
+    assert r["files"] == 8 and r["seconds"] < 10
+    assert r["skipped"] == [["everything", "link loop"], ["up", "link loop"]]

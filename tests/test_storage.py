@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +20,7 @@ from dali_patches.catalog import Catalog, CatalogWarning
 from dali_patches.synth import synthetic_image
 
 from .conftest import reference_decode
+from .s3_server import moto_server
 
 boto3 = pytest.importorskip("boto3", reason="object storage needs boto3 (pip install 'dali-patches[s3]')")
 pytest.importorskip("moto.server", reason="the S3 test server needs moto[server] (pip install 'moto[server]')")
@@ -32,34 +28,18 @@ pytest.importorskip("moto.server", reason="the S3 test server needs moto[server]
 P = 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
     """An S3-compatible server (moto) on 127.0.0.1, for this module only."""
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.skip("moto_server could not start here")
-                time.sleep(0.1)
-        else:
-            pytest.skip("moto_server did not answer on 127.0.0.1 within 10 s")
+        server = moto_server()
+        url = server.__enter__()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
         yield url
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.__exit__(None, None, None)
 
 
 @pytest.fixture
