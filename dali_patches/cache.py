@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .backend import Backend, DeviceArray, HostArray
-from .config import format_bytes
+from .config import format_bytes, state_value
 from .gather import OVERREAD_BYTES, gather, patch_table
 from .options import CompanionKind, Part, scaled
 
@@ -285,14 +285,48 @@ class RingCache:
                 "evicted": self.evicted, "evicted_served": self.evicted_served,
                 **{name: getattr(self, name)[slots] for name in _SLOT_FIELDS}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the bookkeeping of :meth:`state_dict`; the resident images' bytes follow with
-        :meth:`rewrite` (they must be decoded again)."""
-        self._first, self._next, self._head = state["first"], state["next"], state["head"]
-        self._used, self.evicted, self.evicted_served = state["used"], state["evicted"], state["evicted_served"]
+    def load_state_dict(self, state: dict[str, Any], sources: int | None = None, where: str = "['cache']") -> None:
+        """Restore the bookkeeping of :meth:`state_dict` (checked first: see :meth:`checked_state`);
+        the resident images' bytes follow with :meth:`rewrite` (they must be decoded again)."""
+        self.apply_state(self.checked_state(state, sources, where))
+
+    def checked_state(self, state: dict[str, Any], sources: int | None = None,
+                      where: str = "['cache']") -> dict[str, Any]:
+        """A saved :meth:`state_dict`, every field checked (counts in range, one slot entry per resident
+        image, each inside the arena, ``source`` below ``sources`` and each once), without changing
+        anything; raises ``ValueError`` naming the field."""
+        cap = self.capacity_bytes
+        first = state_value(state, "first", where, int, 0)
+        last = state_value(state, "next", where, int, first, first + self.max_slots)
+        out: dict[str, Any] = {"first": first, "next": last, "head": state_value(state, "head", where, int, 0, cap),
+                               "used": state_value(state, "used", where, int, 0, cap),
+                               "evicted": state_value(state, "evicted", where, int, 0),
+                               "evicted_served": state_value(state, "evicted_served", where, int, 0)}
+        for name in _SLOT_FIELDS:
+            values = state_value(state, name, where, list)
+            if len(values) != last - first or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                msg = (f"state {where}[{name!r}] must hold one int per resident image ({last - first}); load a state "
+                       "made by state_dict() of the same version, unchanged")
+                raise ValueError(msg)
+            out[name] = np.asarray(values, np.int64).reshape(-1)
+        bad = ((out["offset"] < 0) | (out["height"] <= 0) | (out["width"] <= 0) | (out["source"] < 0)
+               | (out["served"] < 0) | ((out["source"] >= sources) if sources is not None else False))
+        if last > first:
+            bad |= out["offset"] + sum(self.part_bytes(out["height"], out["width"])) > cap
+        if np.any(bad) or len(set(out["source"].tolist())) != last - first:
+            msg = (f"state {where} holds slots outside the cache of this sampler, or a source twice (slot "
+                   f"{int(np.flatnonzero(bad)[0]) if np.any(bad) else '?'}); load a state made by state_dict() of "
+                   "the same version, with the same files and settings")
+            raise ValueError(msg)
+        return out
+
+    def apply_state(self, checked: dict[str, Any]) -> None:
+        """Take the bookkeeping of a :meth:`checked_state`."""
+        self._first, self._next, self._head, self._used = checked["first"], checked["next"], checked["head"], checked["used"]
+        self.evicted, self.evicted_served = checked["evicted"], checked["evicted_served"]
         slots = self.resident_slots()
         for name in _SLOT_FIELDS:
-            getattr(self, name)[slots] = state[name]
+            getattr(self, name)[slots] = checked[name]
         self._slot_of_source = {int(self.source[s]): int(s) for s in slots}
 
     def rewrite(self, images: Iterable[Any]) -> None:

@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--patches", type=int, default=10_000, help="patches to stream, rounded up to whole batches [10000]")
     c.add_argument("--out", required=True, help="PNG to write, e.g. coverage.png")
     c.add_argument("--images", type=int, default=4, help="images drawn with heat maps [4]")
+    c.add_argument("--images-from", metavar="DIR",
+                   help="reviewing a log: draw its images from DIR (the data set moved since) instead of the folder "
+                        "the log recorded; images outside it are never read")
     c.add_argument("--log", help="keep the provenance log of the streamed patches here (see dali_patches.review)")
     _json_arg(c, "the statistics")
     c.set_defaults(run=commands.cmd_coverage)

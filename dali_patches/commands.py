@@ -260,6 +260,15 @@ def _inspect_text(r: dict[str, Any], cache: str, shown: int = 50) -> str:
                   f"channels    {', '.join(f'{k} ch × {v:,}' for k, v in r['channels'].items())}",
                   f"size        {size}", f"cache {cache:<6}{fit}"]
     lines += [f"companions  {name}: {n:,} images paired" for name, n in r["companions"].items()]
+    alpha = {mode: n for mode, n in r["modes"].items() if mode in ("RGBA", "LA", "PA")}
+    if alpha:
+        lines.append(f"alpha       {sum(alpha.values()):,} images ({_counts(alpha)}): dropped when decoding, so "
+                     "transparent areas show the colour stored under them")
+    ignored = scan.get("ignored") if scan else None
+    if ignored:
+        examples = ", ".join(scan.get("ignored_examples", [])[:2])
+        lines.append(f"ignored     {sum(ignored.values()):,} files that are not images it reads "
+                     f"({', '.join(f'{k or chr(39) * 2} ×{v:,}' for k, v in ignored.items())}), e.g. {examples}")
     if r["padded"]:
         lines.append(f"padded      {r['padded']:,} images smaller than the patch (zero-padded)")
     if r["bad_files"]:
@@ -327,7 +336,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
         if not reviewing:
             _sample_log(args, log)
         run = review.load(log)
-        stats = coverage_figure(run, args.out, images=args.images)
+        stats = coverage_figure(run, args.out, images=args.images, images_from=args.images_from)
     shown = ", ".join(Path(run.files[i]).name for i in stats["shown"])
     text = (f"{stats['patches']:,} patches in {stats['batches']:,} batches from {stats['images']:,} images\n"
             f"patches per image  mean {stats['patches_per_image_mean']:.2f}, CV {stats['patches_per_image_cv']:.3f}"

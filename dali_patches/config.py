@@ -21,7 +21,7 @@ import numpy as np
 from .options import DTYPES as _DTYPES
 from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, Reuse, enum_value, scaled
 
-__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "parse_bytes"]
+__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "parse_bytes", "state_value"]
 
 _DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to this (see SamplerConfig)
 # Fields that do not change the stream of (source, anchor) and patches: a state saved under other
@@ -116,6 +116,35 @@ def _int(name: str, value: object, least: int = 1, most: int | None = None, hint
         msg = f"{name}={number} must be {bound}{hint}"
         raise ValueError(msg)
     return number
+
+
+def state_value(state: Any, key: str, where: str, kind: type = int, low: float | None = None,
+                high: float | None = None) -> Any:
+    """Field ``key`` of the saved state ``state`` (a dict, at ``where`` in the whole state), checked:
+    present, of ``kind`` (``int``, ``float``, ``str``, ``list``, ``dict``), within ``[low, high]``.
+    Every piece that loads a state reads it through here, so a damaged or hand-edited state fails
+    with the field's name instead of a raw error deep inside (or worse, loads)."""
+    def refuse(problem: str) -> ValueError:
+        return ValueError(f"state {where}[{key!r}] {problem}; load a state made by state_dict() of the same "
+                          "version, unchanged")
+
+    if not isinstance(state, dict):
+        msg = f"state {where} is a {type(state).__name__}, not a dict; load a state made by state_dict(), unchanged"
+        raise ValueError(msg)  # noqa: TRY004 - a bad state is a bad value, as everywhere in the state's checks
+    if key not in state:
+        raise refuse("is missing")
+    value: Any = state[key]
+    numbers = {int: (int, np.integer), float: (int, float, np.integer, np.floating)}
+    if isinstance(value, bool) or not isinstance(value, numbers.get(kind, kind)):
+        raise refuse(f"is {value!r:.80} ({type(value).__name__}), not {kind.__name__}")
+    if kind not in numbers:
+        return value
+    number = float(value)  # type: ignore[arg-type]  # a number: checked above
+    if not math.isfinite(number):
+        raise refuse(f"is {value!r}, not a finite number")
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise refuse(f"is {value!r}, outside [{low}, {high}]")
+    return int(value) if kind is int else number  # type: ignore[call-overload]
 
 
 def _patch_hw(value: object) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from . import storage
 from .backend import Backend
+from .config import state_value
 from .headers import not_regular
 
 __all__ = ["DALI_DTYPES", "DecodeError", "DecodeStage", "decode_files", "error_cause"]
@@ -173,14 +174,35 @@ class DecodeStage:
                          "prefetch_queue_depth": prefetch, "seed": seed}
         checkpoint = None
         if position:
-            self._skip, self.images_decoded = int(position["skip"]), int(position["images_decoded"])
-            checkpoint = base64.b64decode(position["checkpoint"]) if position["checkpoint"] else None
+            self._skip, self.images_decoded, checkpoint = self.checked_position(position)
             self._run_checkpoint, self._taken_from_run = position["checkpoint"], self._skip
             for source, reason in position.get("broken", {}).items():
                 self._mark_broken(int(source), reason, quiet=True)
         self._build(checkpoint)
         self.epoch_size = int(self._pipe.reader_meta("Reader")["epoch_size"])
         self.shard_size = -(-self.epoch_size // num_shards) if num_shards > 1 else self.epoch_size
+
+    def checked_position(self, position: dict[str, Any], where: str = "['decoder']") -> tuple[int, int, bytes | None]:
+        """``(skip, images decoded, reader checkpoint)`` of a saved :meth:`position`, every field checked
+        (for a stage over the same files and settings); nothing changes."""
+        skip = state_value(position, "skip", where, int, 0, int(self._options["batch_size"]))
+        decoded = state_value(position, "images_decoded", where, int, 0)
+        text = position.get("checkpoint") if isinstance(position, dict) else None
+        checkpoint = None
+        if text is not None:
+            try:
+                checkpoint = base64.b64decode(state_value(position, "checkpoint", where, str), validate=True)
+            except ValueError:
+                msg = (f"state {where}['checkpoint'] is not a reader checkpoint; load a state made by state_dict() "
+                       "of the same version, unchanged")
+                raise ValueError(msg) from None
+        broken = state_value(position, "broken", where, dict) if "broken" in position else {}
+        if not all(isinstance(k, str) and k.isdigit() and int(k) < len(self._paths[0]) and isinstance(v, str)
+                   for k, v in broken.items()):
+            msg = (f"state {where}['broken'] names files this sampler does not have; load a state of a sampler over "
+                   "the same files")
+            raise ValueError(msg)
+        return skip, decoded, checkpoint
 
     def _build(self, checkpoint: bytes | None) -> None:
         """(Re)build the reader at ``checkpoint``. Building prefetches, so a second missing file of

@@ -19,6 +19,7 @@ import numpy as np
 from .anchors import UniformAnchors
 from .backend import HostArray
 from .cache import RingCache
+from .config import state_value
 from .options import ImageChoice
 
 __all__ = ["Draws", "RefillSchedule", "RoundDraw", "inclusion_probabilities"]
@@ -93,9 +94,14 @@ class RefillSchedule:
     def state_dict(self) -> dict[str, Any]:
         return {"credit": self.credit, "owed": self.owed, "allowed": self.allowed}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.credit = float(state["credit"])
-        self.owed, self.allowed = float(state.get("owed", 0.0)), float(state.get("allowed", 0.0))
+    def load_state_dict(self, state: dict[str, Any], where: str = "['refill']") -> None:
+        self.credit, self.owed, self.allowed = self.checked_state(state, where)
+
+    def checked_state(self, state: dict[str, Any], where: str = "['refill']") -> tuple[float, float, float]:
+        """``(credit, owed, allowed)`` of a saved state, checked; nothing changes."""
+        credit = state_value(state, "credit", where, float, 0.0, self.rate + 1)
+        owed = state_value(state, "owed", where, float) if "owed" in state else 0.0
+        return credit, owed, state_value(state, "allowed", where, float) if "allowed" in state else 0.0
 
 
 @dataclass(frozen=True)
@@ -178,5 +184,20 @@ class Draws:
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rng.bit_generator.state = state["rng"]
+    def load_state_dict(self, state: dict[str, Any], where: str = "['draws']") -> None:
+        self.rng.bit_generator.state = self.checked_state(state, where)
+
+    def checked_state(self, state: dict[str, Any], where: str = "['draws']") -> dict[str, Any]:
+        """The generator state of a saved state, checked on a generator of its own; nothing changes."""
+        saved = state_value(state, "rng", where, dict)
+        kind = type(self.rng.bit_generator)
+        if saved.get("bit_generator") != kind.__name__:
+            msg = (f"state {where}['rng'] is not a {kind.__name__} state; load a state made by state_dict() of the "
+                   "same version, unchanged")
+            raise ValueError(msg)
+        try:
+            kind().state = saved
+        except (TypeError, ValueError, KeyError) as e:
+            msg = f"state {where}['rng'] is damaged ({e}); load a state made by state_dict() of the same version"
+            raise ValueError(msg) from None
+        return saved

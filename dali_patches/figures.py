@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .headers import not_regular
 from .review import Provenance, coverage, heat_map
 
 __all__ = ["Grid", "coverage_figure", "patch_grid", "pick_images"]
@@ -124,6 +125,22 @@ def pick_images(run: Provenance, count: int = 4) -> list[int]:
     return [int(order[p]) for p in picks]
 
 
+def _readable_under(path: str, root: str) -> str | None:
+    """Why ``path`` is not drawn (outside ``root``, or not a regular file), or ``None``: a log names
+    the images to draw, and a crafted one must not draw any file of the machine (nor block on a FIFO)."""
+    if not root or root.startswith("s3://") or path.startswith("s3://"):
+        return "it is not a local file under the log's data folder"
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
+        return f"it lies outside the log's data folder {root!r} (pass --images-from to review a moved data set)"
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        return str(e)
+    why = not_regular(mode)
+    return None if why is None else str(why)
+
+
 def _thumbnail(path: str, exif: bool, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The image as the sampler saw it (EXIF-rotated when ``exif``) as RGB, shrunk to about
     ``max_px`` a side, and its full ``(height, width)``."""
@@ -142,10 +159,14 @@ def _thumbnail(path: str, exif: bool, max_px: int) -> tuple[np.ndarray, tuple[in
 
 
 def coverage_figure(run: Provenance, out: str | os.PathLike, images: int = 4, max_px: int = 512,
-                    dpi: int = 100) -> dict[str, Any]:
+                    dpi: int = 100, images_from: str | None = None) -> dict[str, Any]:
     """Write a PNG: ``images`` sampled images with a heat map of where their patches were taken
     (:func:`~dali_patches.review.heat_map`, computed on a grid of ≤ ``max_px`` cells a side), and a
     histogram of patches per image with the :func:`~dali_patches.review.coverage` statistics.
+
+    Only regular image files under the log's data folder (:attr:`Provenance.root`) are drawn under
+    their heat maps; ``images_from`` names another folder holding the same relative paths (a moved
+    data set). Others get the heat map alone, with a warning.
 
     Returns:
         ``coverage(run)`` plus ``shown``: the image indices drawn.
@@ -170,9 +191,15 @@ def coverage_figure(run: Provenance, out: str | os.PathLike, images: int = 4, ma
         vmax = max(vmax, int(maps[-1][-1].max()))
     for col, (index, h, w, cell, heat) in enumerate(maps):
         ax = fig.add_subplot(grid[0, col])
+        path, root = run.files[index], run.root
+        if images_from is not None and root and not root.startswith("s3://"):
+            path, root = os.path.join(images_from, os.path.relpath(path, root)), images_from
+        refused = _readable_under(path, root)
         try:
-            picture, (real_h, real_w) = _thumbnail(run.files[index], exif, max_px)
-        except OSError as e:  # a log reviewed where its images are not: the heat map alone still tells
+            if refused is not None:
+                raise OSError(refused)
+            picture, (real_h, real_w) = _thumbnail(path, exif, max_px)
+        except (OSError, Image.DecompressionBombError, ValueError) as e:  # the heat map alone still tells
             log.warning("drawing the heat map of %s without its image: %s", run.files[index], e)
         else:
             grey = picture.mean(axis=-1) / 255  # a grey, faded image lets the heat map stand out

@@ -8,8 +8,9 @@ A patch is described by one row of a ``(n, 4) int64`` table, :data:`TABLE_COLUMN
 
 which is all the index arithmetic there is. Three bodies share it behind :func:`gather`:
 
-* on the host, one NumPy fancy index over a view of the arena as overlapping rows of one patch
-  row's bytes (a ``void`` element per row start): one pass, each patch row copied once;
+* on the host, a NumPy fancy index over a view of the arena as overlapping rows of one patch row's
+  bytes (a ``void`` element per row start), into a buffer of the output ring a cache-sized chunk
+  at a time;
 * on a GPU, one CuPy kernel launch for the whole table (:data:`KERNEL_SOURCE`): a warp per output
   row, no division per byte. Where a row is a whole number of 32-bit words (any patch of an even
   width in RGB, of a width divisible by 4 in grey), each thread stores aligned 32-bit words, each
@@ -36,6 +37,7 @@ TABLE_COLUMNS = ("offset", "width", "y", "x")
 OVERREAD_BYTES = 8  # readable bytes the kernel may touch past the last byte of a source row
 KERNEL_NAME = "dali_patches_gather"
 _ROWS_PER_BLOCK = 8  # warps per block: one output row each
+_HOST_CHUNK_BYTES = 96 << 10  # host gather into a buffer: rows gathered per step (a temporary that stays cached)
 _MAX_BLOCKS = 1 << 20  # the grid strides over more rows than this many blocks cover
 
 KERNEL_SOURCE = r"""
@@ -146,9 +148,8 @@ def gather(xp: Any, arena: DeviceArray, table: HostArray, patch_hw: tuple[int, i
         table: ``(n, 4) int64`` host table (:func:`patch_table`).
         patch_hw: ``(P_h, P_w)`` in pixels of the part being cut.
         pixel_bytes: bytes per pixel of that part.
-        out: GPU: a preallocated C-contiguous ``uint8`` buffer of at least ``n · P_h · P_w ·
-            pixel_bytes`` bytes, 4-byte aligned, to write into (the output ring's). Host: must be ``None``: the one
-            pass allocates its result, so nothing a consumer still holds is ever rewritten.
+        out: a preallocated C-contiguous ``uint8`` buffer of at least ``n · P_h · P_w · pixel_bytes``
+            bytes to write into (the output ring's; 4-byte aligned on a GPU); ``None``: a new one.
         device_table: GPU: the table already uploaded (e.g. once per round for every part).
 
     Returns:
@@ -157,14 +158,22 @@ def gather(xp: Any, arena: DeviceArray, table: HostArray, patch_hw: tuple[int, i
     """
     n, (patch_h, patch_w) = len(table), patch_hw
     row_bytes = patch_w * pixel_bytes
-    if xp is np:
-        if out is not None:
-            msg = "the host gather allocates its result; pass out=None"
-            raise ValueError(msg)
-        starts = (table[:, 0, None] + ((table[:, 2, None] + np.arange(patch_h)) * table[:, 1, None]
-                                       + table[:, 3, None]) * pixel_bytes)
-        return _host_rows(arena, row_bytes)[starts.reshape(-1)].view(np.uint8).reshape(n, patch_h, row_bytes)
     total = n * patch_h * row_bytes
+    if xp is np:
+        starts = (table[:, 0, None] + ((table[:, 2, None] + np.arange(patch_h)) * table[:, 1, None]
+                                       + table[:, 3, None]) * pixel_bytes).reshape(-1)
+        rows = _host_rows(arena, row_bytes)
+        if out is None:
+            return rows[starts].view(np.uint8).reshape(n, patch_h, row_bytes)
+        # NumPy's fancy index has no out= (and np.take would copy the overlapping view whole): gather a
+        # cache-sized chunk at a time and copy it into the buffer, so the temporary stays in the CPU's
+        # cache and the allocator reuses one small block instead of a fresh round-sized one each time.
+        result = out.reshape(-1)[:total]
+        target = result.view(rows.dtype)
+        step = max(1, _HOST_CHUNK_BYTES // row_bytes)
+        for k in range(0, len(starts), step):
+            target[k: k + step] = rows[starts[k: k + step]]
+        return result.reshape(n, patch_h, row_bytes)
     if out is None:
         out = xp.empty(total, xp.uint8)
     if device_table is None:

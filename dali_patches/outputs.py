@@ -1,13 +1,13 @@
 """Output buffers of the gathered patches, and the batch type that carries them.
 
-On a GPU the gather kernel writes each round into preallocated device memory, and DALI (or the
-trainer) reads it later on another stream. :class:`OutputRing` makes that safe by construction: a
-buffer is handed out for rewriting only when nothing outside the ring refers to it any more — no
-batch, view, DLPack tensor or DALI feed holds it (Python's reference count says so) — and the
-producer's stream additionally waits for the consumer's stream before the kernel overwrites it.
-A consumer that keeps batches longer only makes the ring allocate a replacement; it never sees its
-patches change. On the host the gather allocates every round afresh (one pass, nothing is ever
-rewritten), so no ring is needed there.
+The gather writes each round into preallocated memory (on a GPU the kernel, read later by DALI or
+the trainer on another stream; on the host NumPy passes). :class:`OutputRing` makes reusing it safe
+by construction: a buffer is handed out for rewriting only when nothing outside the ring refers to
+it any more — no batch, view, DLPack tensor or DALI feed holds it (Python's reference count says so)
+— and on a GPU the producer's stream additionally waits for the consumer streams before the kernel
+overwrites it. A consumer that keeps batches longer only makes the ring allocate a replacement; it
+never sees its patches change. On the host the ring keeps the resident memory flat: no round
+allocates (and the allocator trims) tens of MiB of fresh pages.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class OutputRing:
     """``depth`` groups of preallocated flat ``uint8`` device buffers, one buffer per part of a round.
 
     Args:
-        backend: the device (GPU; the host gather needs no ring). Buffers are allocated on its device.
+        backend: the device; buffers are allocated on it.
         round_bytes: bytes of one round of each part (``round batches × B × patch bytes``), and of
             anything else a round hands out with them (its ``source`` and ``anchor`` on the device).
         depth: groups kept; rounds in flight beyond it get fresh buffers (counted in ``replaced``).

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .anchors import MaskAnchors, PointAnchors, UniformAnchors
 from .backend import Backend, HostArray
 from .cache import CachePlan, RingCache
-from .config import SamplerConfig
+from .config import SamplerConfig, state_value
 from .decode import DecodeStage, decode_files
 from .draw import Draws, RefillSchedule
 from .feeder import DecodeFeeder
@@ -380,16 +380,35 @@ class Producer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a :meth:`state_after` of an earlier producer over the same files and config.
-        Re-decodes the images that were resident (their number × decode time) before the first batch."""
+        Every field is checked first (a damaged or edited state fails naming it, before anything
+        changes). Re-decodes the images that were resident (their number × decode time) before the
+        first batch."""
         if self._thread.is_alive() or self.batches_made:
             msg = "load_state_dict() must come before the first batch is drawn"
             raise RuntimeError(msg)
-        snapshot = state["round"]
+        where = "['stream']['round']"
+        skip = state_value(state, "skip", "['stream']", int, 0, self.round_batches - 1)
+        snapshot = state_value(state, "round", "['stream']", dict)
+        counts = {name: state_value(snapshot, name, where, int, 0) for name in
+                  ("batches_made", "distinct_batches", "duplicate_decodes", "warmup_images")}
+        if counts["distinct_batches"] > counts["batches_made"]:
+            msg = f"state {where}['distinct_batches'] exceeds ['batches_made']; load a state made by state_dict(), unchanged"
+            raise ValueError(msg)
+        taken_ahead = state_value(snapshot, "taken_ahead", where, int, 0) if "taken_ahead" in snapshot else 0
+        for name in ("draws", "refill", "decoder", "cache"):
+            state_value(snapshot, name, where, dict)
+        # Everything is checked before anything changes: a refused state leaves this producer as it was.
+        cache = self.cache.checked_state(snapshot["cache"], sources=len(self.files), where=f"{where}['cache']")
+        rng = self.draws.checked_state(snapshot["draws"], where=f"{where}['draws']")
+        refill = self.schedule.checked_state(snapshot["refill"], where=f"{where}['refill']")
+        self.decoder.checked_position(snapshot["decoder"], where=f"{where}['decoder']")
+        self.cache.apply_state(cache)
+        self.draws.rng.bit_generator.state = rng
+        self.schedule.credit, self.schedule.owed, self.schedule.allowed = refill
         self.feeder.close()
         self.decoder.close()
         self.decoder = self._new_decoder(position=snapshot["decoder"])
         self.feeder = DecodeFeeder(self.decoder, self.backend, self._stream, self.feeder.capacity)
-        self.cache.load_state_dict(snapshot["cache"])
         resident = [[column[s] for s in snapshot["cache"]["source"]] for column in self.columns]
 
         def images() -> Any:
@@ -401,12 +420,10 @@ class Producer:
             self.cache.rewrite(images())
             for slot in self.cache.resident_slots():
                 self.draws.anchors.on_insert(self.cache, slot)
-        self.draws.load_state_dict(snapshot["draws"])
-        self.schedule.load_state_dict(snapshot["refill"])
-        for name in ("batches_made", "distinct_batches", "duplicate_decodes", "warmup_images"):
-            setattr(self, name, snapshot[name])
-        self._taken_ahead = int(snapshot.get("taken_ahead", 0))
-        self._skip = int(state["skip"])
+        for name, value in counts.items():
+            setattr(self, name, value)
+        self._taken_ahead = taken_ahead
+        self._skip = skip
         self.last_delivered = self.batches_made + self._skip - 1
         self._count_round()
         self._snapshot(self.batches_made)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ class Provenance:
         files: paths; ``source`` indexes them.
         heights, widths: ``(N,) int64`` image sizes as cached; ``patch_size``: ``(P_h, P_w)``.
         batch, source: ``(M,) int64`` per recorded patch; ``anchor``: ``(M, 2) int64`` ``(y, x)``.
-        header: everything else the sampler wrote (settings).
+        header: everything else the sampler wrote (settings, and ``root``: the folder its images
+            lie under).
     """
 
     files: tuple[str, ...]
@@ -39,26 +41,94 @@ class Provenance:
     anchor: np.ndarray
     header: dict[str, Any]
 
+    @property
+    def root(self) -> str:
+        """The folder (or ``s3://`` prefix) the run's images lie under: as the sampler recorded it,
+        else the common folder of the files."""
+        recorded = self.header.get("root")
+        if isinstance(recorded, str) and recorded:
+            return recorded
+        try:
+            return os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in self.files]) if self.files else ""
+        except ValueError:
+            return ""
+
     def patches_per_image(self) -> np.ndarray:
         """``(N,) int64`` patches taken from each image."""
         return np.bincount(self.source, minlength=len(self.files))
 
 
+def _bad(path: str, what: str) -> ValueError:
+    return ValueError(f"{path!r} is not a usable provenance log: {what}; was it written by "
+                      "PatchSampler(provenance=...) and left whole?")
+
+
+def _header(path: str, raw: bytes) -> dict[str, Any]:
+    """The log's JSON header, every field the review reads checked by name."""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(path, f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "its header is not a JSON object")
+    files, heights, widths = header.get("files"), header.get("heights"), header.get("widths")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise _bad(path, "'files' is not a list of paths")
+    for name, values in (("heights", heights), ("widths", widths)):
+        if not isinstance(values, list) or len(values) != len(files) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31 for v in values):
+            raise _bad(path, f"{name!r} is not one positive size per file")
+    size = header.get("patch_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 0 < v < 2**31 for v in size)):
+        raise _bad(path, f"'patch_size' is {size!r}, not [height, width]")
+    if header.get("record", "int16") not in ("int16", "int32"):
+        raise _bad(path, f"'record' is {header.get('record')!r}")
+    for name in ("root", "settings"):
+        if name in header and not isinstance(header[name], (str, dict)):
+            raise _bad(path, f"{name!r} is {type(header[name]).__name__}")
+    return header
+
+
 def load(path: str | os.PathLike) -> Provenance:
     """Read a log written by ``PatchSampler(..., provenance=path)``; a run cut short (a partial last
-    record) loads up to its last whole record."""
-    with open(path, "rb") as f:
+    record) loads up to its last whole record.
+
+    Raises:
+        ValueError: the file is not such a log, or is damaged or crafted: a header that does not fit
+            the file, fields of the wrong type, records naming images or positions the log does not
+            have (the message says which).
+    """
+    name = os.fspath(path)
+    if not stat.S_ISREG(os.stat(name).st_mode):  # a FIFO would block the open below forever
+        raise _bad(name, "it is not a regular file")
+    with open(name, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         if f.read(len(MAGIC)) != MAGIC:
-            msg = f"{os.fspath(path)!r} is not a dali_patches provenance log (bad magic)"
+            msg = f"{name!r} is not a dali_patches provenance log (bad magic)"
             raise ValueError(msg)
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        length = int.from_bytes(f.read(8), "little")
+        if length > size - len(MAGIC) - 8:
+            raise _bad(name, f"its header claims {length:,} bytes but the file holds {size:,}")
+        header = _header(name, f.read(length))
         record = _BIG if header.get("record") == "int32" else RECORD
         data = f.read()
     rows = np.frombuffer(data[: len(data) // record.itemsize * record.itemsize], record)
-    return Provenance(tuple(header.pop("files")), np.asarray(header.pop("heights"), np.int64),
-                      np.asarray(header.pop("widths"), np.int64), tuple(header.pop("patch_size")),
-                      rows["batch"].astype(np.int64), rows["source"].astype(np.int64),
-                      np.stack([rows["y"], rows["x"]], axis=1).astype(np.int64), header)
+    heights, widths = np.asarray(header.pop("heights"), np.int64), np.asarray(header.pop("widths"), np.int64)
+    patch_size = tuple(header.pop("patch_size"))
+    source, batch = rows["source"].astype(np.int64), rows["batch"].astype(np.int64)
+    anchor = np.stack([rows["y"], rows["x"]], axis=1).astype(np.int64)
+    if len(rows):
+        wrong = (source < 0) | (source >= len(heights)) | (batch < 0)
+        inside = np.clip(source, 0, max(0, len(heights) - 1))
+        if len(heights):
+            wrong |= (anchor[:, 0] < 0) | (anchor[:, 1] < 0) | (anchor[:, 0] > heights[inside] - patch_size[0]) \
+                | (anchor[:, 1] > widths[inside] - patch_size[1])
+        if wrong.any():
+            first = int(np.flatnonzero(wrong)[0])
+            raise _bad(name, f"{int(wrong.sum()):,} record(s) name an image or a position the log does not have "
+                             f"(record {first}: batch {batch[first]}, source {source[first]}, anchor "
+                             f"{tuple(anchor[first])})")
+    return Provenance(tuple(header.pop("files")), heights, widths, patch_size, batch, source, anchor, header)
 
 
 def coverage(run: Provenance, bins: int = 4) -> dict[str, Any]:

@@ -123,9 +123,11 @@ class RoundCutter:
     buffer released between the wait and the choice would be rewritten unordered. The DALI pipeline
     is no consumer in this sense: its copy is queued on the producer's own stream.
 
-    On the host: NumPy passes, which release the GIL: half the round on a helper thread, half on the
-    calling one (random row reads are bound by memory latency, so two threads copy faster than one),
-    and few, long calls mean few waits for the GIL while the consumer runs Python.
+    On the host: NumPy passes into a ring group too (a buffer is rewritten only once nothing refers
+    to it, so no round allocates fresh pages and the resident memory stays flat), which release the
+    GIL: half the round on a helper thread, half on the calling one (random row reads are bound by
+    memory latency, so two threads copy faster than one), and few, long calls mean few waits for the
+    GIL while the consumer runs Python.
     """
 
     def __init__(self, backend: Backend, config: SamplerConfig, round_batches: int, queue_rounds: int) -> None:
@@ -133,25 +135,25 @@ class RoundCutter:
         self.patches = patches = round_batches * config.batch_size
         self._consumers: dict[int, Any] = {}  # GPU: stream handle → consumer stream
         self._lock = threading.Lock()
+        # Rounds alive at once are those queued, the one being taken, the one being cut, and one DALI
+        # may still be copying from; more only if a consumer keeps batches (then the ring grows).
+        round_bytes = [patches * p.patch_bytes for p in config.parts]
         if backend.is_gpu:
             self._stages = [_Staging(backend, len(config.parts), patches) for _ in range(2)]
             self._turn = 0
-            # Rounds alive at once are those queued, the one being taken, the one being cut, and one
-            # DALI may still be copying from; more only if a consumer keeps batches (then the ring grows).
-            self._ring: OutputRing | None = OutputRing(
-                backend, [patches * p.patch_bytes for p in config.parts] + [patches * 16], depth=queue_rounds + 3)
+            round_bytes.append(patches * 16)  # source and anchor on the device
         else:
-            self._pinned_table = np.empty((len(config.parts), patches, 4), np.int64)
-            self._ring = None
+            self._tables = np.empty((len(config.parts), patches, 4), np.int64)
+        self._ring: OutputRing | None = OutputRing(backend, round_bytes, depth=queue_rounds + 3)
         self._helper = (ThreadPoolExecutor(1, thread_name_prefix="dali-patches-gather")
                         if not backend.is_gpu and (config.num_threads or 1) > 1 else None)
 
     @property
     def ring_bytes(self) -> int:
-        """Device bytes of the output ring and staging (GPU; 0 on CPU, where each round is allocated afresh)."""
+        """Bytes of the output ring (and, on a GPU, of the staging) on the sampler's device."""
         if self._ring is None:
             return 0
-        return self._ring.nbytes + sum(stage.device.nbytes for stage in self._stages)
+        return self._ring.nbytes + (sum(stage.device.nbytes for stage in self._stages) if self.backend.is_gpu else 0)
 
     def add_consumer(self, stream: Any) -> None:
         """Note a stream that reads batches directly (GPU): buffers are rewritten only after the work
@@ -181,8 +183,12 @@ class RoundCutter:
         n, b = draw.slots.shape
         slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
         if self._ring is None:
-            tables = [cache.table(k, slots, ys, xs, out=self._pinned_table[k]) for k in range(len(self.parts))]
-            return [self._cut_host(cache, k, tables[k], n, b) for k in range(len(self.parts))], None, None
+            msg = "this sampler is closed"
+            raise RuntimeError(msg)
+        if not self.backend.is_gpu:
+            group = self._ring.acquire()
+            return [self._cut_host(cache, k, cache.table(k, slots, ys, xs, out=self._tables[k]), n, b, group[k])
+                    for k in range(len(self.parts))], None, None
         m = n * b
         stage = self._next_stage()
         for k in range(len(self.parts)):
@@ -215,19 +221,23 @@ class RoundCutter:
             stage.uploaded.synchronize()
         return stage
 
-    def _cut_host(self, cache: RingCache, k: int, table: Any, n: int, b: int) -> Any:
-        """One part of a round on the host: the first half on the helper thread when there is one."""
-        shape = self.parts[k].patch_shape
-        if self._helper is not None and n > 1:
-            half = n // 2
+    def _cut_host(self, cache: RingCache, k: int, table: Any, n: int, b: int, buffer: Any) -> Any:
+        """One part of a round on the host, into ``buffer``: the first half on the helper thread when
+        there is one. Returns ``(n, B, h, w, C)``."""
+        part = self.parts[k]
+        nbytes = len(table) * part.patch_bytes
+        half = n // 2 if self._helper is not None and n > 1 else 0
+        split = half * b * part.patch_bytes
+        first = None
+        if half:
             try:
-                first = self._helper.submit(cache.cut, k, table[: half * b])
-            except RuntimeError:  # the interpreter is exiting (executors refuse work): cut it here
-                self._helper = None
-                return cache.cut(k, table).reshape(n, b, *shape)
-            second = cache.cut(k, table[half * b:]).reshape(n - half, b, *shape)
-            return [*first.result().reshape(half, b, *shape), *second]
-        return cache.cut(k, table).reshape(n, b, *shape)
+                first = self._helper.submit(cache.cut, k, table[: half * b], None, buffer[:split])  # type: ignore[union-attr]
+            except RuntimeError:  # the interpreter is exiting (executors refuse work): cut it all here
+                self._helper, split, half = None, 0, 0
+        cache.cut(k, table[half * b:], None, buffer[split:nbytes])
+        if first is not None:
+            first.result()
+        return buffer[:nbytes].view(np.dtype(part.dtype)).reshape(n, b, *part.patch_shape)
 
     def close(self) -> None:
         """Stop the helper; drop the ring and the staging (the producer's stream is synchronised)."""

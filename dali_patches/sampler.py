@@ -25,7 +25,7 @@ from . import pipeline as sample_pipeline
 from .backend import HostArray, resolve_backend
 from .cache import RingCache
 from .catalog import Catalog, CatalogWarning
-from .config import Device, SamplerConfig, format_bytes
+from .config import Device, SamplerConfig, format_bytes, state_value
 from .options import AnchorMode, Companion
 from .outputs import PatchBatch
 from .producer import HELD_GROUPS, Producer
@@ -200,6 +200,7 @@ class PatchSampler:
             cat = self.catalog
             self._provenance = ProvenanceWriter(provenance, {
                 "files": list(cat.files), "heights": cat.heights.tolist(), "widths": cat.widths.tolist(),
+                "root": os.path.abspath(cat.root) if cat.root and not cat.root.startswith("s3://") else cat.root,
                 "patch_size": list(cfg.patch_size), "settings": self._fingerprint()})
         # A sampler dropped without close() still stops its thread (the producer does not refer back).
         self._finalizer = weakref.finalize(self, _close, self._producer, self._provenance)
@@ -356,18 +357,27 @@ class PatchSampler:
         if self._producer.closed:
             msg = "this sampler is closed; load the state into a new PatchSampler"
             raise RuntimeError(msg)
-        if state.get("format") != _STATE_FORMAT:
-            msg = (f"state format {state.get('format')!r} is not {_STATE_FORMAT}; "
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            msg = (f"state format {found!r} is not {_STATE_FORMAT}; "
                    "was it made by PatchSampler.state_dict() of this version?")
             raise ValueError(msg)
-        mine = self._fingerprint()
-        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
+        saved, mine = state_value(state, "fingerprint", "", dict), self._fingerprint()
+        missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+        if missing or extra:  # every field is compared: a fingerprint with fields left out proves nothing
+            msg = (f"this state's fingerprint lacks {missing} and has {extra} beyond this sampler's; load a state "
+                   "made by state_dict() of the same version, unchanged")
+            raise ValueError(msg)
+        diff = {k: (v, mine[k]) for k, v in saved.items() if mine[k] != v}
         if diff:
             listed = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in diff.items())
             msg = f"this state belongs to a different sampler ({listed}); create the sampler with the saved settings"
             raise ValueError(msg)
+        if "stream" not in state:
+            msg = "state has no 'stream'; load a state made by state_dict() of the same version, unchanged"
+            raise ValueError(msg)
         if state["stream"] is not None:
-            self._producer.load_state_dict(state["stream"])
+            self._producer.load_state_dict(state_value(state, "stream", "", dict))
 
     # -- DALI: the pieces of the sample pipeline, for pipeline(), dali_patches.tf and your own ---------
     def next_outputs(self) -> tuple[Any, ...]:

@@ -99,8 +99,10 @@ def s3(name: str, folder: Path) -> dict[str, Any]:
                 threading.Timer(2.0, proxy.up).start()
             else:
                 proxy.down()
+            before = sampler.stats()["images_decoded"]
             try:
                 out.update(_serve(sampler, 100, reference))
+                out["decoded_after"] = sampler.stats()["images_decoded"] - before
             except Exception as e:  # noqa: BLE001 - the error is the result to check
                 out.update(error=type(e).__name__, message=str(e))
             out["seconds"] = time.monotonic() - t0

@@ -5,7 +5,6 @@ and stops it."""
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -59,20 +58,27 @@ class Proxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._process = subprocess.Popen([sys.executable, "-m", "tests.s3_server", target, str(self.port)],
-                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                         text=True)
         if self._process.stdout is None or self._process.stdout.readline().strip() != "ready":
             msg = "the test proxy did not start"
             raise RuntimeError(msg)
 
     def down(self) -> None:
-        self._signal(signal.SIGUSR1)
+        self._say("down")
 
     def up(self) -> None:
-        self._signal(signal.SIGUSR2)
+        self._say("up")
 
-    def _signal(self, number: int) -> None:
-        self._process.send_signal(number)
-        time.sleep(0.2)  # handled by then
+    def _say(self, command: str) -> None:
+        """A command on the process's stdin, answered once carried out (a signal would reach whichever
+        of its threads the kernel picks)."""
+        assert self._process.stdin is not None and self._process.stdout is not None
+        self._process.stdin.write(command + "\n")
+        self._process.stdin.flush()
+        if self._process.stdout.readline().strip() != command:
+            msg = f"the test proxy did not carry out {command!r}"
+            raise RuntimeError(msg)
 
     def close(self) -> None:
         self._process.terminate()
@@ -90,7 +96,7 @@ class _Forwarder:
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
 
-    def up(self, *_: object) -> None:
+    def up(self) -> None:
         if self._listener is not None:
             return
         listener = socket.socket()
@@ -100,11 +106,14 @@ class _Forwarder:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
-    def down(self, *_: object) -> None:
+    def down(self) -> None:
         with self._lock:
             listener, self._listener = self._listener, None
             doomed, self._open = self._open, set()
+
         if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept(); close() alone does not
             listener.close()
         for s in doomed:
             with contextlib.suppress(OSError):
@@ -123,6 +132,10 @@ class _Forwarder:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # accepted as it went down: refuse it
+                    client.close()
+                    server.close()
+                    return
                 self._open |= {client, server}
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
@@ -140,9 +153,8 @@ class _Forwarder:
 
 if __name__ == "__main__":
     forwarder = _Forwarder(sys.argv[1], int(sys.argv[2]))
-    signal.signal(signal.SIGUSR1, forwarder.down)
-    signal.signal(signal.SIGUSR2, forwarder.up)
     forwarder.up()
     print("ready", flush=True)
-    while True:
-        signal.pause()
+    for line in sys.stdin:  # "down" / "up", each answered when done
+        getattr(forwarder, line.strip())()
+        print(line.strip(), flush=True)

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from dali_patches.catalog import Catalog, CatalogWarning
+from dali_patches.synth import synthetic_image
 
 from .conftest import make_image_set
 
@@ -153,3 +154,36 @@ def test_problems_keep_their_kind_through_pickle_and_copy() -> None:
     problem = Problem("truncated JPEG (no end-of-image marker)", "truncated")
     for clone in (pickle.loads(pickle.dumps(problem)), copy.deepcopy(problem)):
         assert clone == problem and clone.kind == "truncated" and isinstance(clone, str)
+
+
+def test_other_suffixes_are_counted_and_named_and_alpha_is_reported(tmp_path: Path) -> None:
+    data = tmp_path / "walls"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(synthetic_image(40, 50, rng)).save(data / "photo.jpg")
+    rgba = np.concatenate([synthetic_image(40, 50, rng), np.zeros((40, 50, 1), np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(data / "cutout.png")
+    for name in ("logo.svg", "icon.svg", "notes.txt"):
+        (data / name).write_text("<svg/>")
+    with pytest.warns(CatalogWarning) as caught:
+        cat = Catalog.scan(data, min_size=(16, 16))
+    text = " ".join(str(w.message) for w in caught)
+    assert cat.scan_report["ignored"] == {".svg": 2, ".txt": 1} and len(cat) == 2
+    assert "ignored 3 file(s) that are not images" in text and ".svg ×2" in text
+    assert "1 image(s) have an alpha channel" in text and "cutout.png" in text
+    assert all(w.filename == __file__ for w in caught)  # the warnings point at this line, not at the package
+
+
+def test_a_name_that_is_not_utf8_is_skipped_by_its_repr(tmp_path: Path) -> None:
+    data = tmp_path / "names"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(synthetic_image(40, 50, rng)).save(data / f"im_{i}.jpg")
+    odd = os.path.join(os.fsencode(data), b"caf\xe9.jpg")  # Latin-1 bytes: not valid UTF-8
+    with open(odd, "wb") as f:
+        f.write((data / "im_0.jpg").read_bytes())
+    with pytest.warns(CatalogWarning, match="not valid UTF-8"):
+        cat = Catalog.scan(data, min_size=(16, 16))
+    (path, problem), = [(p, r) for p, r in cat.skipped if r.kind == "unusable name"]
+    assert "caf" in path and repr(path) in str(problem) and len(cat) == 3

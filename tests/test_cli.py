@@ -218,3 +218,13 @@ def test_coverage_streams_draws_and_reads_back_its_log(many_images: Path, tmp_pa
     again = tmp_path / "again.png"
     assert main(["coverage", str(log), "--out", str(again), "--json"]) == 0  # a log as SOURCE: no sampling
     assert json.loads(capsys.readouterr().out)["patches"] == 512
+
+
+def test_coverage_of_a_damaged_log_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
+    from dali_patches.provenance import MAGIC
+
+    log = tmp_path / "bad.prov"
+    log.write_bytes(MAGIC + (2**62).to_bytes(8, "little") + b"{}")
+    assert main(["coverage", str(log), "--out", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.prov' is not a usable provenance log: its header claims" in err and "Traceback" not in err

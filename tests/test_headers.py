@@ -113,3 +113,24 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert isinstance(header, Problem)
     assert header.kind == "unreadable"
     assert stat is None
+
+
+def test_pillow_headers_from_many_threads_keep_the_size_limit() -> None:
+    """Pillow's limit on image size is one global: lifting it for a header read in one thread must not
+    lift it for good, nor refuse a large image in another (object headers are read from 32 threads)."""
+    import io
+    import struct
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from dali_patches.headers import Header, pillow_header
+
+    # a GIF header of 30000 x 30000 pixels (Pillow parses it; 10x its limit)
+    gif = b"GIF89a" + struct.pack("<HH", 30000, 30000) + b"\x00\x00\x00" + b",\x00\x00\x00\x00" \
+        + struct.pack("<HH", 30000, 30000) + b"\x00\x02\x02\x44\x01\x00;"
+    before = Image.MAX_IMAGE_PIXELS
+    with ThreadPoolExecutor(32) as pool:
+        found = list(pool.map(lambda _: pillow_header(io.BytesIO(gif).getvalue()), range(400)))
+    assert all(isinstance(h, Header) and (h.height, h.width) == (30000, 30000) for h in found), found[:3]
+    assert Image.MAX_IMAGE_PIXELS == before

@@ -86,19 +86,78 @@ def test_a_moved_data_set_keeps_its_digest(folder: Path, tmp_path: Path) -> None
     assert before.digest() == after.digest()
 
 
-@pytest.mark.parametrize("damage", ["torn", "foreign"])
+def _rewrite(index: Path, change) -> None:
+    """Write the index again with ``change(arrays)`` applied: a damaged file that is still a valid zip."""
+    with np.load(index) as data:
+        arrays = {k: data[k] for k in data.files}
+    change(arrays)
+    with open(index, "wb") as f:
+        np.savez(f, **arrays)
+
+
+DAMAGE = {
+    "short column": lambda a: a.update(height=a["height"][:-3]),
+    "wrong dtype": lambda a: a.update(width=a["width"].astype(np.float64)),
+    "false sizes": lambda a: a.update(height=np.where(a["problem"] == b"", -7, a["height"]).astype(np.int32)),
+    "unknown problem": lambda a: a.update(problem=np.full_like(a["problem"], b"gremlins")),
+    "too many channels": lambda a: a.update(channels=np.full_like(a["channels"], 9)),
+    "missing column": lambda a: a.pop("ctime"),
+}
+
+
+@pytest.mark.parametrize("damage", ["torn", "foreign", *DAMAGE])
 def test_a_damaged_index_is_rebuilt_with_a_warning(folder: Path, tmp_path: Path, damage: str, reads: list[str]) -> None:
     index = tmp_path / "idx.npz"
     _scan(folder, index)
     if damage == "torn":
         index.write_bytes(index.read_bytes()[:200])
-    else:
+    elif damage == "foreign":
         _scan(tmp_path / "data" / "sub", tmp_path / "other.npz")
         os.replace(tmp_path / "other.npz", index)
+    else:
+        _rewrite(index, DAMAGE[damage])
     reads.clear()
     with pytest.warns(IndexWarning, match="building a new one"):
         cat = _scan(folder, index)
     assert len(reads) == 31 and len(cat) == 30
+    reads.clear()
+    _scan(folder, index)
+    assert reads == []
+
+
+def _bmp(path: Path, h: int, w: int, value: int) -> None:
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path, "BMP")
+
+
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(folder: Path, tmp_path: Path, reads: list[str]) -> None:
+    """32x40 and 40x32 uncompressed BMPs have the same byte size; ``touch -d`` puts the mtime back. The
+    index keys on the inode's change time too, which no rewrite can set back."""
+    image = folder / "same_size.bmp"
+    _bmp(image, 32, 40, 10)
+    index = tmp_path / "idx.npz"
+    first = _scan(folder, index)
+    before = os.stat(image)
+    _bmp(image, 40, 32, 20)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(image).st_size == before.st_size and os.stat(image).st_mtime_ns == before.st_mtime_ns
+    reads.clear()
+    again = _scan(folder, index)
+    assert reads == [str(image)]
+    i, j = first.files.index(str(image)), again.files.index(str(image))
+    assert (first.heights[i], first.widths[i]) == (32, 40) and (again.heights[j], again.widths[j]) == (40, 32)
+
+
+def test_an_entry_decoding_proved_wrong_is_read_again_and_corrected(folder: Path, tmp_path: Path,
+                                                                    reads: list[str]) -> None:
+    index = tmp_path / "idx.npz"
+    first = _scan(folder, index)
+    doubted = first.files[4]
+    first.distrust([doubted])  # what the sampler does when a file decodes to another size
+    assert (tmp_path / "idx.npz.distrust").exists()
+    reads.clear()
+    _scan(folder, index)
+    assert reads == [doubted]  # read again, and the index written without the doubt
+    assert not (tmp_path / "idx.npz.distrust").exists()
     reads.clear()
     _scan(folder, index)
     assert reads == []

@@ -65,3 +65,88 @@ def test_a_log_is_readable_before_the_first_batch(many_images: Path, tmp_path: P
     run = review.load(log)  # read while the sampler is still open, as after a kill
     assert len(run.files) == len(sampler.files) and len(run.source) == 0
     sampler.close()
+
+
+def _log(tmp_path: Path, many_images: Path) -> Path:
+    log = tmp_path / "run.prov"
+    with PatchSampler(many_images, patch_size=32, batch_size=16, reuse=4, cache_images=24, device="cpu",
+                      provenance=log) as sampler:
+        for _ in range(3):
+            next(sampler)
+    return log
+
+
+def _craft(log: Path, change=None, records: bytes | None = None, length: int | None = None) -> Path:
+    """The log rewritten with its header changed (``change(header)``), its records replaced, or a false
+    header length: damaged or crafted, as a log handed over by someone else may be."""
+    import json
+
+    from dali_patches.provenance import MAGIC
+
+    raw = log.read_bytes()
+    n = int.from_bytes(raw[len(MAGIC): len(MAGIC) + 8], "little")
+    header = json.loads(raw[len(MAGIC) + 8: len(MAGIC) + 8 + n])
+    body = raw[len(MAGIC) + 8 + n:] if records is None else records
+    if change is not None:
+        change(header)
+    text = json.dumps(header).encode()
+    out = log.with_name("crafted.prov")
+    out.write_bytes(MAGIC + (len(text) if length is None else length).to_bytes(8, "little") + text + body)
+    return out
+
+
+CRAFTED = {
+    "header length of 2**62": ({"length": 2**62}, "its header claims"),
+    "no files": ({"change": lambda h: h.pop("files")}, "'files' is not a list of paths"),
+    "files not paths": ({"change": lambda h: h.update(files=[1, 2])}, "'files' is not a list of paths"),
+    "sizes missing one": ({"change": lambda h: h["heights"].pop()}, "'heights' is not one positive size per file"),
+    "negative width": ({"change": lambda h: h["widths"].__setitem__(0, -5)}, "'widths' is not one positive size"),
+    "patch size a string": ({"change": lambda h: h.update(patch_size="big")}, "'patch_size' is 'big'"),
+    "header a list": ({"change": lambda h: h.clear()}, "'files' is not a list of paths"),
+    "record of another image": ({"records": np.array([(0, 10_000, 0, 0)], review.RECORD).tobytes()},
+                                "name an image or a position the log does not have"),
+    "anchor outside": ({"records": np.array([(0, 0, 30_000, 0)], review.RECORD).tobytes()},
+                       "name an image or a position the log does not have"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_damaged_or_crafted_log_is_refused_by_name(tmp_path: Path, many_images: Path, case: str) -> None:
+    options, message = CRAFTED[case]
+    crafted = _craft(_log(tmp_path, many_images), **options)
+    with pytest.raises(ValueError, match=message):
+        review.load(crafted)
+
+
+def test_a_fifo_given_as_a_log_is_refused_without_opening_it(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.prov")
+    with pytest.raises(ValueError, match="not a regular file"):
+        review.load(tmp_path / "pipe.prov")
+
+
+def test_coverage_draws_only_images_under_the_logs_data_folder(tmp_path: Path, many_images: Path, caplog) -> None:
+    pytest.importorskip("matplotlib")
+    import os
+
+    from dali_patches.figures import coverage_figure
+
+    log = _log(tmp_path, many_images)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes((many_images / "img_000.jpg").read_bytes())
+    os.mkfifo(many_images / "zz_pipe.jpg") if not (many_images / "zz_pipe.jpg").exists() else None
+    try:
+        def point_elsewhere(h):  # image 0 → a file outside the data folder, image 1 → a FIFO inside it
+            h["files"][0], h["files"][1] = str(secret), str(many_images / "zz_pipe.jpg")
+
+        crafted = review.load(_craft(log, point_elsewhere))
+        assert crafted.root == str(many_images)
+        with caplog.at_level("WARNING"):
+            coverage_figure(crafted, tmp_path / "cov.png", images=len(crafted.files))
+    finally:
+        os.unlink(many_images / "zz_pipe.jpg")
+    warned = caplog.text
+    assert "secret.jpg without its image: it lies outside the log's data folder" in warned
+    assert "zz_pipe.jpg without its image: a FIFO" in warned
+    assert (tmp_path / "cov.png").stat().st_size > 0

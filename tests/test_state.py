@@ -87,3 +87,50 @@ def test_restore_with_companions_and_mask_anchors(device: str, sr_pairs: Path) -
     with PatchSampler(source, device=device, **{**settings, "pos_fraction": 0.9}) as other, \
             pytest.raises(ValueError, match="pos_fraction: saved 0.5, now 0.9"):
         other.load_state_dict(state)
+
+
+def _tamper(state: dict, path: tuple, value: object) -> dict:
+    """A deep copy of ``state`` with the field at ``path`` set to ``value`` (or removed: ``...``)."""
+    out = json.loads(json.dumps(state))
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    if value is ...:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return out
+
+
+ROUND = ("stream", "round")
+TAMPERED = {
+    "empty fingerprint": ((("fingerprint",), {}), "fingerprint lacks"),
+    "fingerprint of a list": ((("fingerprint",), []), r"\['fingerprint'\] is \[\]"),
+    "skip far beyond the round": ((("stream", "skip"), 10**9), r"\['stream'\]\['skip'\] is 1000000000, outside"),
+    "negative batch count": (((*ROUND, "batches_made"), -100), r"\['batches_made'\] is -100, outside"),
+    "a count as text": (((*ROUND, "warmup_images"), "ten"), r"\['warmup_images'\] is 'ten' \(str\), not int"),
+    "no cache": (((*ROUND, "cache"), ...), r"\['round'\]\['cache'\] is missing"),
+    "slots of another cache": (((*ROUND, "cache", "offset"), [10**12]), r"\['cache'\]\['offset'\] must hold one int"),
+    "source beyond the files": (((*ROUND, "cache", "source"), None), r"\['cache'\]\['source'\] is None"),
+    "credit of infinity": (((*ROUND, "refill", "credit"), float("inf")), r"\['credit'\] is inf, not a finite"),
+    "rng of another generator": (((*ROUND, "draws", "rng"), {"bit_generator": "MT19937"}), "not a PCG64 state"),
+    "reader skip beyond its batch": (((*ROUND, "decoder", "skip"), 999), r"\['decoder'\]\['skip'\] is 999"),
+    "reader checkpoint garbage": (((*ROUND, "decoder", "checkpoint"), "!!!"), r"\['checkpoint'\] is not a reader"),
+    "stream a string": ((("stream",), "later"), r"\['stream'\] is 'later' \(str\), not dict"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_state_is_refused_naming_the_field(many_images: Path, case: str) -> None:
+    (path, value), message = TAMPERED[case]
+    with PatchSampler(many_images, device="cpu", **SETTINGS) as original:
+        for _ in range(3):
+            next(original)
+        state = original.state_dict()
+    with PatchSampler(many_images, device="cpu", **SETTINGS) as fresh:
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict(_tamper(state, path, value))
+        producer = fresh._producer  # nothing was changed by the refused one ...
+        assert producer.cache.resident == 0 and producer.batches_made == 0 and producer.schedule.credit == 0
+        fresh.load_state_dict(state)  # ... and the good state still loads
+        assert next(fresh).index == 3
