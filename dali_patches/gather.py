@@ -180,8 +180,8 @@ def gather(xp: Any, arena: DeviceArray, table: HostArray, patch_hw: tuple[int, i
         device_table = xp.asarray(table)
     result = out.reshape(-1)[:total]
     if total:
-        rows = n * patch_h
-        grid, block = kernel_launch(rows)
+        out_rows = n * patch_h
+        grid, block = kernel_launch(out_rows)
         _kernel(xp)(grid, block, (arena, device_table, result, np.int32(patch_h), np.int32(row_bytes),
-                                  np.int32(pixel_bytes), np.int32(rows)))
+                                  np.int32(pixel_bytes), np.int32(out_rows)))
     return result.reshape(n, patch_h, row_bytes)
