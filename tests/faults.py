@@ -67,7 +67,8 @@ def _run(sampler: PatchSampler, batches: int, reference: dict[str, np.ndarray]) 
             wrong += not np.array_equal(patch, reference[sampler.files[s]][y: y + p[0], x: x + p[1]])
     stats = sampler.stats()
     return {"served": served, "wrong": wrong, "broken": [(Path(f).name, why) for f, why in stats["broken_files"]],
-            "changed": stats["changed_files"], "distinct": stats["distinct_fraction"]}
+            "changed": stats["changed_files"], "distinct": stats["distinct_fraction"],
+            "lost_batches": stats["decode_lost_batches"]}
 
 
 def scenario(name: str, folder: Path) -> dict[str, Any]:

@@ -18,24 +18,10 @@ from PIL import Image
 from dali_patches import PatchSampler
 from dali_patches.synth import synthetic_image
 
+from .faults import _run
 from .s3_server import Proxy, moto_server
 
 SETTINGS = {"patch_size": 24, "batch_size": 8, "reuse": 2, "device": "cpu", "seed": 0}
-
-
-def _serve(sampler: PatchSampler, batches: int, reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Take ``batches`` batches; count patches that differ from their file's decode before the fault."""
-    p = sampler.config.patch_size
-    wrong = served = 0
-    for _ in range(batches):
-        batch = next(sampler)
-        for patch, s, (y, x) in zip(batch.patches, batch.source.tolist(), batch.anchor.tolist()):
-            served += 1
-            wrong += not np.array_equal(patch, reference[sampler.files[s]][y: y + p[0], x: x + p[1]])
-    stats = sampler.stats()
-    return {"served": served, "wrong": wrong, "distinct": stats["distinct_fraction"],
-            "broken": [(Path(f).name, why) for f, why in stats["broken_files"]],
-            "lost_batches": stats["decode_lost_batches"]}
 
 
 def _jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -101,7 +87,7 @@ def s3(name: str, folder: Path) -> dict[str, Any]:
                 proxy.down()
             before = sampler.stats()["images_decoded"]
             try:
-                out.update(_serve(sampler, 100, reference))
+                out.update(_run(sampler, 100, reference))
                 out["decoded_after"] = sampler.stats()["images_decoded"] - before
             except Exception as e:  # noqa: BLE001 - the error is the result to check
                 out.update(error=type(e).__name__, message=str(e))
@@ -137,7 +123,7 @@ def fifo(name: str, folder: Path) -> dict[str, Any]:
             os.mkfifo(hit)
             out["hit"] = hit.name
         t0 = time.monotonic()
-        out.update(_serve(sampler, 120, reference))
+        out.update(_run(sampler, 120, reference))
         out["seconds"] = time.monotonic() - t0
     return out
 
@@ -162,7 +148,7 @@ def devices(name: str, folder: Path) -> dict[str, Any]:
             for path in hit:
                 path.unlink()
                 path.symlink_to("/dev/zero")
-            result = _serve(sampler, 60, reference)
+            result = _run(sampler, 60, reference)
         result["hit"] = sorted(p.name for p in hit)
         runs.append(result)
         shutil.rmtree(data)

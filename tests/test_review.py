@@ -45,11 +45,7 @@ def test_uniform_anchors_look_uniform_and_weighted_ones_do_not(tmp_path: Path, s
 
 
 def test_a_cut_short_log_loads_up_to_its_last_whole_record(tmp_path: Path, many_images: Path) -> None:
-    log = tmp_path / "run.prov"
-    with PatchSampler(many_images, patch_size=32, batch_size=16, reuse=4, cache_images=24, device="cpu",
-                      provenance=log) as sampler:
-        for _ in range(3):
-            next(sampler)
+    log = _log(tmp_path, many_images)
     log.write_bytes(log.read_bytes()[:-5])
     assert len(review.load(log).source) == 47
     (tmp_path / "other.prov").write_bytes(b"not a log")
