@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bare_decode_rate, image_source, versions
 
 from dali_patches import PatchSampler
-from dali_patches.sources import expand
+from dali_patches.sources.files import expand
 
 # (name, seconds, seconds per batch; None = a pause without batches)
 PHASES = [("fast", 10.0, 0.004), ("slow", 10.0, 0.08), ("pause", 4.0, None), ("fast again", 10.0, 0.004)]
@@ -88,7 +88,7 @@ def run(files: list[str], reuse: Any, args: argparse.Namespace, **bounds: Any) -
 
 def pacing(files: list[str], batch: int, args: argparse.Namespace, refill_ahead: bool = True) -> dict[str, Any]:
     """``reuse="auto"`` under a trainer taking ``args.pace`` patches/s at batch size ``batch``."""
-    import dali_patches.producer as producer_module
+    import dali_patches.engine.producer as producer_module
 
     real = producer_module.Producer._refill_ahead
     if not refill_ahead:  # the comparison: refill only once a round, as before the refill between rounds

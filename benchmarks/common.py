@@ -141,7 +141,7 @@ def bare_decode_rate(files: list[str], device: str, batch: int, threads: int, se
     """Images/s of DALI's own ``readers.file → decoders.image`` alone (no sampler): the decode bound."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from dali_patches.backend import resolve_backend
+    from dali_patches.engine.backend import resolve_backend
 
     backend = resolve_backend(device)
 
@@ -162,7 +162,7 @@ def image_source(args: Any):
     if args.source is not None:
         yield args.source
         return
-    from dali_patches.synth import write_synthetic_images
+    from dali_patches.cli.synth import write_synthetic_images
 
     h, w = (int(v) for v in args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:

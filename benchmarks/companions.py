@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import timed, versions, write_json
 
 from dali_patches import Augment, PatchSampler
-from dali_patches.synth import synthetic_image
+from dali_patches.cli.synth import synthetic_image
 
 
 def _write_data(root: Path, count: int, size: tuple[int, int]) -> None:

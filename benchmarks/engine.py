@@ -44,11 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bare_decode_rate, device_sync, rate, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
-from dali_patches.backend import Backend, resolve_backend
 from dali_patches.config import SamplerConfig
-from dali_patches.gather import OVERREAD_BYTES, gather, patch_table
-from dali_patches.outputs import PatchBatch
-from dali_patches.pipeline import build_pipeline
+from dali_patches.engine.backend import Backend, resolve_backend
+from dali_patches.engine.gather import OVERREAD_BYTES, gather, patch_table
+from dali_patches.engine.outputs import PatchBatch
+from dali_patches.export.pipeline import build_pipeline
 
 
 def _sampler(files: list[str], args: argparse.Namespace, reuse: float) -> PatchSampler:
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         source = args.source
         if source is None:
-            from dali_patches.synth import write_synthetic_images
+            from dali_patches.cli.synth import write_synthetic_images
 
             h, w = (int(v) for v in args.size.split("x"))
             write_synthetic_images(tmp, args.count, (h, w), seed=0, fmt="mixed", progress=True)

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import image_source, peak_rss, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
-from dali_patches.backend import resolve_backend
 from dali_patches.config import default_decode_batch
+from dali_patches.engine.backend import resolve_backend
 
 WARM = "warm"  # dali_patches@warm: reuse so high that the cache is never refilled
 _WARM_REUSE = 1e12

@@ -92,7 +92,7 @@ def start_proxy(upstream_port: int, counter: Counter) -> tuple[ThreadingHTTPServ
 
 
 def photo(rng: np.random.Generator, h: int, w: int) -> bytes:
-    from dali_patches.synth import synthetic_image
+    from dali_patches.cli.synth import synthetic_image
 
     out = io.BytesIO()
     Image.fromarray(synthetic_image(h, w, rng)).save(out, "JPEG", quality=90)

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bare_decode_rate, device_sync, image_source, rate, timed, versions, write_json
 
 from dali_patches import Catalog, PatchSampler
-from dali_patches.backend import resolve_backend
-from dali_patches.decode import DecodeStage
+from dali_patches.engine.backend import resolve_backend
+from dali_patches.engine.decode import DecodeStage
 
 
 def _decode_stage(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:

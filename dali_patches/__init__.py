@@ -4,7 +4,7 @@ Every batch holds patches of ``batch_size`` different images; each decoded image
 patches on average, so throughput is ``reuse × decode rate`` while batches stay diverse.
 
 The names below are imported on first use, so ``import dali_patches`` (and the header-scan worker
-processes, which import only :mod:`dali_patches.columns`) does not load DALI.
+processes, which import only :mod:`dali_patches.catalog.columns`) does not load DALI.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .catalog import Catalog, CatalogWarning
+    from .catalog.catalog import Catalog, CatalogWarning
     from .config import Device, SamplerConfig, format_bytes, parse_bytes
+    from .engine.outputs import PatchBatch
     from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, Layout
-    from .outputs import PatchBatch
     from .sampler import OUTPUT_NAMES, PatchSampler
-    from .sources import Problem
+    from .sources.files import Problem
 
 _HOME = {
-    "Catalog": "catalog", "CatalogWarning": "catalog",
+    "Catalog": "catalog.catalog", "CatalogWarning": "catalog.catalog",
     "Device": "config", "SamplerConfig": "config", "format_bytes": "config", "parse_bytes": "config",
     "AnchorMode": "options", "Augment": "options", "Companion": "options", "CompanionKind": "options",
     "ImageChoice": "options", "Layout": "options",
-    "PatchBatch": "outputs", "OUTPUT_NAMES": "sampler", "PatchSampler": "sampler", "Problem": "sources",
+    "PatchBatch": "engine.outputs", "OUTPUT_NAMES": "sampler", "PatchSampler": "sampler", "Problem": "sources.files",
 }
 
 __all__ = [

@@ -21,17 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from . import pipeline as sample_pipeline
-from .backend import HostArray, resolve_backend
-from .cache import RingCache
-from .catalog import Catalog, CatalogWarning
+from .catalog.catalog import Catalog, CatalogWarning
 from .config import Device, SamplerConfig, format_bytes, state_value
+from .engine.backend import HostArray, resolve_backend
+from .engine.cache import RingCache
+from .engine.outputs import PatchBatch
+from .engine.producer import HELD_GROUPS, Producer
+from .engine.provenance import ProvenanceWriter
+from .engine.verify import find_corrupt
+from .export import pipeline as sample_pipeline
 from .options import AnchorMode, Companion
-from .outputs import PatchBatch
-from .producer import HELD_GROUPS, Producer
-from .provenance import ProvenanceWriter
-from .sources import Problem, declared_companions, user_stacklevel
-from .verify import find_corrupt
+from .sources.files import Problem, declared_companions, user_stacklevel
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
@@ -102,7 +102,7 @@ class PatchSampler:
         verify: decode every JPEG once before sampling and leave out those whose data is corrupt
             (libjpeg decodes them to partly grey pixels, with a warning on stderr at every decode and
             no error). Costs one full decode of the data set; off by default.
-        index: the catalog's persistent header index (see :mod:`dali_patches.index`): ``None``
+        index: the catalog's persistent header index (see :mod:`dali_patches.catalog.index`): ``None``
             keeps one under the user's cache folder for 1000 files or more, a path keeps it there,
             ``False`` keeps none. A second start then only stats the files.
         trust_index: take a folder's file list and headers from its index without listing or
@@ -315,7 +315,7 @@ class PatchSampler:
         ``duplicate_decodes`` (fresh decodes of still-resident images, not inserted twice),
         ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
         ``skipped_files``, decode failures, ``anchor_fallbacks`` (weighted draws that fell back: see
-        :mod:`dali_patches.anchors`), ``round_batches`` and host time per batch in µs:
+        :mod:`dali_patches.engine.anchors`), ``round_batches`` and host time per batch in µs:
         ``producer_us_per_batch`` (draw + gather + snapshot), ``refill_us_per_batch`` (moving decoded
         images into the cache, waits for the decoder included) and ``handover_us_per_batch`` (the
         consumer's time in ``next()``, waits for the producer included)."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .pipeline import batch_outputs
+from .export.pipeline import batch_outputs
 from .sampler import PatchSampler
 
 __all__ = ["DirectIterator", "PatchIterator"]

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dali_patches.backend as backend_module
+import dali_patches.engine.backend as backend_module
 import dali_patches.sampler as sampler_module
-from dali_patches.backend import Backend, cuda_available
-from dali_patches.gather import KERNEL_NAME, kernel_twin
+from dali_patches.cli.synth import synthetic_image
+from dali_patches.engine.backend import Backend, cuda_available
+from dali_patches.engine.gather import KERNEL_NAME, kernel_twin
 from dali_patches.options import Device
-from dali_patches.synth import synthetic_image
 
 from .cuda_sim import Simulator
 
@@ -61,7 +61,7 @@ def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
 def _pin_hw_decoder_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a real GPU, every decode of the sampler uses :data:`GPU_TEST_HW_DECODER_LOAD`, as
     :func:`reference_decode` does (see there), unless a test sets ``hw_decoder_load`` itself."""
-    import dali_patches.decode as decode_module
+    import dali_patches.engine.decode as decode_module
 
     real = decode_module._decode_pipeline
 
@@ -166,7 +166,7 @@ def reference_decode(paths: list[str], device: str, exif: bool = True, channels:
     (``hw_decoder_load=``) to compare like with like."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from dali_patches.decode import DALI_DTYPES
+    from dali_patches.engine.decode import DALI_DTYPES
 
     backend = backend_module.resolve_backend(device)
     split = {"hw_decoder_load": GPU_TEST_HW_DECODER_LOAD} if backend.decoder_device == "mixed" else {}

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dali_patches import PatchSampler
-from dali_patches.synth import synthetic_image
+from dali_patches.cli.synth import synthetic_image
 
 SETTINGS = {"patch_size": 24, "batch_size": 8, "reuse": 2, "device": "cpu", "seed": 0}
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from dali_patches import PatchSampler
-from dali_patches.synth import synthetic_image
+from dali_patches.cli.synth import synthetic_image
 
 from .faults import _run
 from .s3_server import Proxy, moto_server
@@ -54,7 +54,7 @@ def s3(name: str, folder: Path) -> dict[str, Any]:
     good (``s3_down``) or for a few seconds (``s3_blip``), seen through a proxy that stops answering."""
     import boto3
 
-    from dali_patches import decode
+    from dali_patches.engine import decode
 
     decode.ENDPOINT_PATIENCE_S = 6.0  # the wait for a server that stopped, shortened for the test
     os.environ["FAULT_FOLDER"] = str(folder)
@@ -99,7 +99,7 @@ def s3(name: str, folder: Path) -> dict[str, Any]:
 def fifo(name: str, folder: Path) -> dict[str, Any]:
     """A FIFO named like an image at the start (``fifo_scan``) or put in a file's place during the
     run (``fifo_run``): nothing may block on it."""
-    from dali_patches import feeder
+    from dali_patches.engine import feeder
 
     from .conftest import reference_decode
 

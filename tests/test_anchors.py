@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dali_patches import PatchSampler
-from dali_patches.draw import inclusion_probabilities
+from dali_patches.engine.draw import inclusion_probabilities
 
 from .conftest import _save, coordinate_image
 

@@ -1,6 +1,5 @@
+import ast
 import importlib
-import pkgutil
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,23 @@ def test_all_is_sorted_and_importable() -> None:
         assert hasattr(dali_patches, name), name
 
 
+def _modules() -> list[str]:
+    """Every module of the package, dotted below it (``engine.cache``), packages' faces left out."""
+    package = Path(dali_patches.__file__).parent
+    return sorted(".".join(p.relative_to(package).with_suffix("").parts) for p in package.rglob("*.py")
+                  if p.name not in ("__init__.py", "__main__.py"))
+
+
 def test_every_module_lists_its_public_names_sorted() -> None:
-    for info in pkgutil.iter_modules(dali_patches.__path__):
-        if info.name in ("tf", "torch") and importlib.util.find_spec(info.name.replace("tf", "tensorflow")) is None:
+    for name in _modules():
+        if name in ("tf", "torch", "jax") and importlib.util.find_spec(name.replace("tf", "tensorflow")) is None:
             continue
-        module = importlib.import_module(f"dali_patches.{info.name}")
+        module = importlib.import_module(f"dali_patches.{name}")
         names = getattr(module, "__all__", None)
-        assert names is not None, f"{info.name} has no __all__"
-        assert list(names) == sorted(names), info.name
-        for name in names:
-            assert hasattr(module, name), f"{info.name}.{name}"
+        assert names is not None, f"{name} has no __all__"
+        assert list(names) == sorted(names), name
+        for attr in names:
+            assert hasattr(module, attr), f"{name}.{attr}"
 
 
 def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
@@ -34,8 +40,8 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
         "        if name.split('.')[0] in ('torch', 'cupy', 'tensorflow'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import dali_patches, dali_patches.cli, dali_patches.commands, dali_patches.figures\n"
-        "from dali_patches.backend import resolve_backend\n"
+        "import dali_patches, dali_patches.cli, dali_patches.cli.commands, dali_patches.review.figures\n"
+        "from dali_patches.engine.backend import resolve_backend\n"
         "assert resolve_backend('auto').device.value == 'cpu'\n"
         "print('ok')\n"
     )
@@ -44,16 +50,42 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
     assert out.stdout.strip() == "ok"
 
 
-FLOW = ["options", "config", "backend", "sources", "storage", "headers", "columns", "index", "catalog", "decode", "verify", "feeder", "gather", "cache", "anchors", "draw",
-        "augment", "outputs", "rounds", "pace", "producer", "provenance", "pipeline", "sampler", "torch", "tf", "review", "figures",
-        "synth", "commands", "cli"]
+# The data flow, upstream first: a module imports only modules before it (ARCHITECTURE.md draws it).
+FLOW = ["options", "config",
+        "sources.files", "sources.s3", "sources.headers",
+        "catalog.columns", "catalog.index", "catalog.catalog",
+        "engine.backend", "engine.decode", "engine.verify", "engine.feeder", "engine.gather", "engine.cache",
+        "engine.anchors", "engine.draw", "engine.outputs", "engine.rounds", "engine.pace", "engine.producer",
+        "engine.provenance",
+        "export.augment", "export.pipeline",
+        "sampler", "torch", "tf",
+        "review.runs", "review.figures",
+        "cli.synth", "cli.commands", "cli.main"]
+
+
+def _imports(path: Path, name: str) -> list[str]:
+    """The package modules ``name`` (dotted below the package) imports, relative imports resolved;
+    ``from .pkg import module`` counts as that module."""
+    package = name.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            for alias in node.names:
+                dotted = ".".join([*base, alias.name])
+                found.append(dotted if dotted in FLOW else ".".join(base))
+    return [f for f in found if f]
 
 
 def test_imports_follow_the_flow() -> None:
-    """A module imports only from modules earlier in the data flow (the README's "How it works")."""
+    """A module imports only from modules earlier in the data flow; a package's face only its own modules."""
     package = Path(dali_patches.__file__).parent
-    assert {p.stem for p in package.glob("*.py")} - {"__init__"} == set(FLOW)
+    assert set(_modules()) == set(FLOW)
     for name in FLOW:
-        text = (package / f"{name}.py").read_text()
-        for dep in re.findall(r"^\s*from \.(\w+) import", text, re.MULTILINE):
+        for dep in _imports(package / (name.replace(".", "/") + ".py"), name):
+            assert dep in FLOW, f"{name} imports {dep}, which is no module of the flow"
             assert FLOW.index(dep) < FLOW.index(name), f"{name} imports {dep}, which comes later in the flow"
+    for face in package.rglob("__init__.py"):
+        inner = ".".join(face.parent.relative_to(package).parts)
+        for dep in _imports(face, f"{inner}.__init__" if inner else "__init__"):
+            assert not inner or dep.startswith(inner + "."), f"{inner}/__init__.py imports {dep}, outside its package"

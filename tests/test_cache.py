@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dali_patches.cache import RingCache
+from dali_patches.engine.cache import RingCache
 
 
 def _image(xp, h: int, w: int, value: int):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_patches.catalog import Catalog, CatalogWarning
-from dali_patches.synth import synthetic_image
+from dali_patches.catalog.catalog import Catalog, CatalogWarning
+from dali_patches.cli.synth import synthetic_image
 
 from .conftest import make_image_set
 

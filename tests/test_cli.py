@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dali_patches import review
-from dali_patches.cli import _parser, main
+from dali_patches.cli.main import _parser, main
 
 from .conftest import make_image_set
 
@@ -71,7 +71,7 @@ def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
 
 
 def test_gpu_without_a_gpu_exits_2_with_the_fix(image_dir: Path, capsys) -> None:
-    from dali_patches.backend import cuda_available
+    from dali_patches.engine.backend import cuda_available
 
     if cuda_available():
         pytest.skip("this machine has a GPU")
@@ -221,7 +221,7 @@ def test_coverage_streams_draws_and_reads_back_its_log(many_images: Path, tmp_pa
 
 
 def test_coverage_of_a_damaged_log_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
-    from dali_patches.provenance import MAGIC
+    from dali_patches.engine.provenance import MAGIC
 
     log = tmp_path / "bad.prov"
     log.write_bytes(MAGIC + (2**62).to_bytes(8, "little") + b"{}")

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_patches.catalog import Catalog
-from dali_patches.decode import DecodeStage
+from dali_patches.catalog.catalog import Catalog
+from dali_patches.engine.decode import DecodeStage
 
 from .conftest import reference_decode
 
@@ -63,7 +63,7 @@ def _corrupt_set(folder: Path) -> list[Path]:
     entropy-coded data overwritten: both pass the structural screen and decode without an error."""
     from PIL import Image
 
-    from dali_patches.synth import synthetic_image
+    from dali_patches.cli.synth import synthetic_image
 
     rng = np.random.default_rng(0)
     folder.mkdir()
@@ -81,7 +81,7 @@ def _corrupt_set(folder: Path) -> list[Path]:
 def test_verify_leaves_out_jpegs_with_corrupt_data(tmp_path: Path, capfd) -> None:
     from dali_patches import CatalogWarning, PatchSampler
     from dali_patches.cli import main
-    from dali_patches.verify import find_corrupt
+    from dali_patches.engine.verify import find_corrupt
 
     paths = [str(p) for p in _corrupt_set(tmp_path / "data")]
     found = find_corrupt(paths)

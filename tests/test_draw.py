@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from dali_patches.anchors import UniformAnchors
-from dali_patches.cache import RingCache
-from dali_patches.draw import Draws, RefillSchedule
+from dali_patches.engine.anchors import UniformAnchors
+from dali_patches.engine.cache import RingCache
+from dali_patches.engine.draw import Draws, RefillSchedule
 from dali_patches.options import ImageChoice
 
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from dali_patches import PatchSampler, review
-from dali_patches.figures import coverage_figure, patch_grid, pick_images
 from dali_patches.review import Provenance, heat_map
+from dali_patches.review.figures import coverage_figure, patch_grid, pick_images
 
 from .conftest import coordinate_image, label_mask
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dali_patches import PatchSampler
-from dali_patches.synth import synthetic_image
+from dali_patches.cli.synth import synthetic_image
 
 from .conftest import reference_decode
 

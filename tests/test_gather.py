@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dali_patches.gather import KERNEL_NAME, KERNEL_SOURCE, gather, gather_twin, patch_table
+from dali_patches.engine.gather import KERNEL_NAME, KERNEL_SOURCE, gather, gather_twin, patch_table
 
 
 def _arena(rng: np.random.Generator, shapes: list[tuple[int, int]], pixel_bytes: int):

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from dali_patches import PatchSampler
-from dali_patches.backend import Backend, cuda_available
-from dali_patches.outputs import OutputRing
-from dali_patches.producer import Producer
-from dali_patches.rounds import RoundCutter
+from dali_patches.engine.backend import Backend, cuda_available
+from dali_patches.engine.outputs import OutputRing
+from dali_patches.engine.producer import Producer
+from dali_patches.engine.rounds import RoundCutter
 
 from .conftest import GPU_TEST_HW_DECODER_LOAD, reference_decode, simulated_gpu
 from .cuda_sim import Simulator
@@ -234,7 +234,7 @@ def test_each_known_mistake_is_caught(sim: Simulator, image_dir: Path, monkeypat
 def test_a_replaced_ring_group_goes_to_no_other_allocation(sim: Simulator) -> None:
     """A group the consumer kept (so the ring replaced it) and dropped later must not come back as the
     producer's pad or mask temporaries before the consumer is waited for: the ring has a pool of its own."""
-    from dali_patches.backend import resolve_backend
+    from dali_patches.engine.backend import resolve_backend
 
     backend = resolve_backend("gpu", DEVICE)
     with backend.use(backend.new_stream()):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_patches.headers import Header, parse, pillow_header, read_local
-from dali_patches.sources import Problem
-from dali_patches.synth import synthetic_image
+from dali_patches.cli.synth import synthetic_image
+from dali_patches.sources.files import Problem
+from dali_patches.sources.headers import Header, parse, pillow_header, read_local
 
 RNG = np.random.default_rng(3)
 RGB = synthetic_image(37, 53, RNG)
@@ -124,7 +124,7 @@ def test_pillow_headers_from_many_threads_keep_the_size_limit() -> None:
 
     from PIL import Image
 
-    from dali_patches.headers import Header, pillow_header
+    from dali_patches.sources.headers import Header, pillow_header
 
     # a GIF header of 30000 x 30000 pixels (Pillow parses it; 10x its limit)
     gif = b"GIF89a" + struct.pack("<HH", 30000, 30000) + b"\x00\x00\x00" + b",\x00\x00\x00\x00" \

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dali_patches import headers
-from dali_patches.catalog import Catalog, CatalogWarning
-from dali_patches.index import IndexWarning, default_index_path
-from dali_patches.synth import synthetic_image
+from dali_patches.catalog.catalog import Catalog, CatalogWarning
+from dali_patches.catalog.index import IndexWarning, default_index_path
+from dali_patches.cli.synth import synthetic_image
+from dali_patches.sources import headers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(path)
         return real(path)
 
-    monkeypatch.setattr("dali_patches.columns.read_local", counting)
+    monkeypatch.setattr("dali_patches.catalog.columns.read_local", counting)
     return seen
 
 
@@ -189,16 +189,16 @@ def test_trust_index_neither_lists_nor_stats(folder: Path, tmp_path: Path, monke
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("trust_index must not list or stat the data set")
 
-    monkeypatch.setattr("dali_patches.catalog.pair_sources", refuse)
-    monkeypatch.setattr("dali_patches.columns._stat_chunk", refuse)
+    monkeypatch.setattr("dali_patches.catalog.catalog.pair_sources", refuse)
+    monkeypatch.setattr("dali_patches.catalog.columns._stat_chunk", refuse)
     trusted = _scan(folder, index, trust_index=True)
     assert reads == [] and trusted.files == first.files  # the new file is not seen: that is the deal
 
 
 _CHILD = """
 import json, sys, warnings
-import dali_patches.columns as index
-from dali_patches.catalog import Catalog
+import dali_patches.catalog.columns as index
+from dali_patches.catalog.catalog import Catalog
 seen = []
 real = index.read_local
 index.read_local = lambda p: (seen.append(p), real(p))[1]

@@ -3,8 +3,8 @@ buffers here; on a GPU the same ring holds CuPy buffers)."""
 
 import gc
 
-from dali_patches.backend import resolve_backend
-from dali_patches.outputs import OutputRing
+from dali_patches.engine.backend import resolve_backend
+from dali_patches.engine.outputs import OutputRing
 
 
 def test_a_held_buffer_is_never_handed_out_again() -> None:

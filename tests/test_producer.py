@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dali_patches.producer as producer_module
+import dali_patches.engine.producer as producer_module
 from dali_patches import PatchSampler
-from dali_patches.draw import Draws
+from dali_patches.engine.draw import Draws
 
 SETTINGS = {"patch_size": 24, "batch_size": 8, "reuse": 2, "cache_bytes": "900KiB", "seed": 3}
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dali_patches.cli import main
-from dali_patches.synth import synthetic_image
+from dali_patches.cli.synth import synthetic_image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)

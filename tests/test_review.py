@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dali_patches import PatchSampler, review
+from dali_patches.engine.provenance import RECORD
 
 
 def test_log_round_trips_every_delivered_patch(device: str, many_images: Path, tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def _craft(log: Path, change=None, records: bytes | None = None, length: int | N
     header length: damaged or crafted, as a log handed over by someone else may be."""
     import json
 
-    from dali_patches.provenance import MAGIC
+    from dali_patches.engine.provenance import MAGIC
 
     raw = log.read_bytes()
     n = int.from_bytes(raw[len(MAGIC): len(MAGIC) + 8], "little")
@@ -99,9 +100,9 @@ CRAFTED = {
     "negative width": ({"change": lambda h: h["widths"].__setitem__(0, -5)}, "'widths' is not one positive size"),
     "patch size a string": ({"change": lambda h: h.update(patch_size="big")}, "'patch_size' is 'big'"),
     "header a list": ({"change": lambda h: h.clear()}, "'files' is not a list of paths"),
-    "record of another image": ({"records": np.array([(0, 10_000, 0, 0)], review.RECORD).tobytes()},
+    "record of another image": ({"records": np.array([(0, 10_000, 0, 0)], RECORD).tobytes()},
                                 "name an image or a position the log does not have"),
-    "anchor outside": ({"records": np.array([(0, 0, 30_000, 0)], review.RECORD).tobytes()},
+    "anchor outside": ({"records": np.array([(0, 0, 30_000, 0)], RECORD).tobytes()},
                        "name an image or a position the log does not have"),
 }
 
@@ -126,7 +127,7 @@ def test_coverage_draws_only_images_under_the_logs_data_folder(tmp_path: Path, m
     pytest.importorskip("matplotlib")
     import os
 
-    from dali_patches.figures import coverage_figure
+    from dali_patches.review.figures import coverage_figure
 
     log = _log(tmp_path, many_images)
     secret = tmp_path / "secret.jpg"

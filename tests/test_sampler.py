@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dali_patches import OUTPUT_NAMES, CatalogWarning, PatchSampler
-from dali_patches.cache import RingCache
+from dali_patches.engine.cache import RingCache
 
 from .conftest import reference_decode
 

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from dali_patches import PatchSampler
-from dali_patches.catalog import Catalog, CatalogWarning
-from dali_patches.synth import synthetic_image
+from dali_patches.catalog.catalog import Catalog, CatalogWarning
+from dali_patches.cli.synth import synthetic_image
 
 from .conftest import reference_decode
 from .s3_server import moto_server
@@ -91,7 +91,7 @@ def test_training_from_object_storage_skips_bad_objects_and_serves_exact_patches
 
 def test_object_index_is_keyed_by_etag(bucket: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     uri, _ = bucket
-    from dali_patches import storage
+    from dali_patches.sources import s3 as storage
 
     gets: list[str] = []
     real = storage.read_range

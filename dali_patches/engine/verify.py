@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from nvidia.dali import fn, pipeline_def, types
 from tqdm.auto import tqdm
 
+from ..sources.files import Problem
 from .decode import error_cause
-from .sources import Problem
 
 __all__ = ["find_corrupt"]
 

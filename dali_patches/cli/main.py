@@ -16,9 +16,9 @@ import signal
 import sys
 import threading
 
+from ..config import Device
+from ..engine.backend import DeviceUnavailableError
 from . import commands
-from .backend import DeviceUnavailableError
-from .config import Device
 
 __all__ = ["main"]
 
@@ -181,6 +181,3 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

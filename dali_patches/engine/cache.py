@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from ..config import format_bytes, state_value
+from ..options import CompanionKind, Part, scaled
 from .backend import Backend, DeviceArray, HostArray
-from .config import format_bytes, state_value
 from .gather import OVERREAD_BYTES, gather, patch_table
-from .options import CompanionKind, Part, scaled
 
 __all__ = ["CachePlan", "RingCache", "images_held"]
 
@@ -106,7 +106,7 @@ class RingCache:
     @staticmethod
     def arena_bytes(capacity_bytes: int) -> int:
         """Bytes allocated for a ring of ``capacity_bytes``: the GPU gather may read a few bytes past
-        an image's last row (:data:`~dali_patches.gather.OVERREAD_BYTES`), so they stay readable."""
+        an image's last row (:data:`~dali_patches.engine.gather.OVERREAD_BYTES`), so they stay readable."""
         return -(-(int(capacity_bytes) + OVERREAD_BYTES) // 16) * 16
 
     # -- planning ----------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class RingCache:
 
     # -- cutting -----------------------------------------------------------------------------
     def table(self, part: int, slots: HostArray, ys: HostArray, xs: HostArray, out: HostArray | None = None) -> HostArray:
-        """The gather table (:mod:`dali_patches.gather`) of patches of ``parts[part]`` whose main
+        """The gather table (:mod:`dali_patches.engine.gather`) of patches of ``parts[part]`` whose main
         image anchors are ``(ys, xs)`` in ``slots``: the companion's offset inside the slot, its
         width and the anchor, all scaled by its ``scale``."""
         offset, h, w = self.offset[slots], self.height[slots], self.width[slots]

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from .options import Device
+from ..options import Device
 
 __all__ = ["Backend", "DeviceArray", "DeviceUnavailableError", "HostArray", "cuda_available", "resolve_backend"]
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .provenance import _BIG, MAGIC, RECORD
+from ..engine.provenance import _BIG, MAGIC, RECORD
 
 __all__ = ["Provenance", "coverage", "heat_map", "load"]
 

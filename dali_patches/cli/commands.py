@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .config import format_bytes, parse_bytes
+from ..config import format_bytes, parse_bytes
 
 __all__ = ["cmd_bench", "cmd_coverage", "cmd_inspect", "cmd_preview", "cmd_synth", "run_bench"]
 
@@ -33,7 +33,7 @@ def _versions() -> dict[str, str]:
     import numpy
     from nvidia import dali
 
-    from . import __version__
+    from .. import __version__
 
     return {"dali_patches": __version__, "dali": dali.__version__, "numpy": numpy.__version__,
             "python": platform.python_version(), "machine": platform.machine()}
@@ -46,7 +46,7 @@ def _consumer(sampler: Any, via: str) -> Any:
     if via == "dali":
         pipe = sampler.pipeline()
         return pipe.run
-    from .torch import PatchIterator  # needs torch: imported only for --via torch
+    from ..torch import PatchIterator  # needs torch: imported only for --via torch
 
     iterator = iter(PatchIterator(sampler))
     return lambda: next(iterator)
@@ -57,7 +57,7 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float | str, cache: st
               **options: Any) -> dict[str, Any]:
     """Stream patches for ``seconds`` after the cache is warm; return throughput and quality metrics.
     ``options`` go to :class:`~dali_patches.PatchSampler` (``companions``, ``channels``, …)."""
-    from .sampler import PatchSampler  # imported here: keeps `--help` fast
+    from ..sampler import PatchSampler  # imported here: keeps `--help` fast
 
     t0 = time.perf_counter()
     with PatchSampler(source, patch_size=patch, batch_size=batch, reuse=reuse, cache_bytes=cache,
@@ -182,7 +182,7 @@ def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 def _open_sampler(args: argparse.Namespace, **extra: Any) -> Any:
     """The :class:`~dali_patches.PatchSampler` that the data and streaming flags describe."""
-    from .sampler import PatchSampler
+    from ..sampler import PatchSampler
 
     source, options = _sampler_options(args)
     return PatchSampler(source, patch_size=args.patch, batch_size=args.batch, reuse=args.reuse, cache_bytes=args.cache,
@@ -211,10 +211,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     """Scan the data set's headers and summarise it (formats, sizes, problems, cache capacity)."""
-    from .cache import images_held
-    from .catalog import Catalog
-    from .config import SamplerConfig
-    from .sources import declared_companions
+    from ..catalog.catalog import Catalog
+    from ..config import SamplerConfig
+    from ..engine.cache import images_held
+    from ..sources.files import declared_companions
 
     source, options = _sampler_options(args)
     config = SamplerConfig(patch_size=args.patch, batch_size=1, reuse=1, cache_bytes=args.cache,
@@ -225,7 +225,7 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
                            companions=config.companions, check=False, index=options["index"],
                            trust_index=options["trust_index"])
     if args.verify:
-        from .verify import find_corrupt
+        from ..engine.verify import find_corrupt
 
         catalog = catalog.without(find_corrupt(catalog.files, os.cpu_count() or 1, progress=not args.no_progress))
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
@@ -289,8 +289,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from .figures import patch_grid
-    from .options import CompanionKind
+    from ..options import CompanionKind
+    from ..review.figures import patch_grid
 
     with _open_sampler(args) as sampler:
         for _ in range(args.skip + 1):
@@ -318,7 +318,7 @@ def _sample_log(args: argparse.Namespace, log: str) -> None:
 
 
 def _is_log(path: str) -> bool:
-    from .provenance import MAGIC
+    from ..engine.provenance import MAGIC
 
     if not os.path.isfile(path):
         return False
@@ -327,8 +327,8 @@ def _is_log(path: str) -> bool:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from . import review
-    from .figures import coverage_figure
+    from ..review import runs as review
+    from ..review.figures import coverage_figure
 
     reviewing = _is_log(args.source)  # an existing run's log: nothing to sample
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 DALI calls an ``external_source`` callback on the *training* thread, so nothing slow may happen
 there. This thread runs decode → refill → draw → gather ahead of the trainer and hands over finished
-:class:`~dali_patches.outputs.PatchBatch` objects through a small bounded queue: in steady state
+:class:`~dali_patches.engine.outputs.PatchBatch` objects through a small bounded queue: in steady state
 neither side waits for the other.
 
 It works in **rounds** of ``round_batches`` batches: the round's new images enter the cache, one
@@ -10,7 +10,7 @@ vectorised draw picks every batch's distinct images and anchors, one gather per 
 their patches, and one state snapshot records where the stream stands. The fixed host cost per batch
 is then a fraction of a round's. On a GPU all of its CUDA work runs in order on one stream of its
 own; batches carry an event that the consumer's stream waits on, and gathers write into an
-:class:`~dali_patches.outputs.OutputRing` whose buffers are rewritten only once released.
+:class:`~dali_patches.engine.outputs.OutputRing` whose buffers are rewritten only once released.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..config import SamplerConfig, state_value
+from ..options import AnchorMode, Reuse
 from .anchors import MaskAnchors, PointAnchors, UniformAnchors
 from .backend import Backend, HostArray
 from .cache import CachePlan, RingCache
-from .config import SamplerConfig, state_value
 from .decode import DecodeStage, decode_files
 from .draw import Draws, RefillSchedule
 from .feeder import DecodeFeeder
-from .options import AnchorMode, Reuse
 from .outputs import PatchBatch
 from .pace import Pace
 from .rounds import RoundCutter, RoundStates, round_batches
@@ -62,7 +62,7 @@ class Producer:
         columns: the main images' paths, then each companion's, aligned.
         config: the resolved :class:`~dali_patches.config.SamplerConfig`.
         backend: the device.
-        plan: the cache's :class:`~dali_patches.cache.CachePlan`.
+        plan: the cache's :class:`~dali_patches.engine.cache.CachePlan`.
         sizes: ``(heights, widths)`` of every main image as the catalog measured them (padded):
             a decode of another size means the file changed during the run, and it is set aside.
         progress: progress bar for the warm-up (``None``: only for long ones).
@@ -469,7 +469,7 @@ class Producer:
 
     def pace_stats(self) -> dict[str, Any]:
         """How the two speeds met since the first batch and over the last 5 s (see
-        :meth:`~dali_patches.pace.Pace.figures`)."""
+        :meth:`~dali_patches.engine.pace.Pace.figures`)."""
         return {"reuse_mode": "auto" if self.schedule.auto else "fixed",
                 **self.pace.figures(self._counters(), self._since),
                 "consumer_wait_s": self.consumer_wait_s, "decoder_paused_s": self.feeder.paused_s}

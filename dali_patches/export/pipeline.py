@@ -1,7 +1,7 @@
 """The DALI sample pipeline: finished batches handed to DALI through ``external_source``.
 
 The callback runs on the thread that calls ``run()`` (the trainer's), so it only takes a finished
-:class:`~dali_patches.outputs.PatchBatch` and returns its arrays. It takes ``batch_info=True``, so
+:class:`~dali_patches.engine.outputs.PatchBatch` and returns its arrays. It takes ``batch_info=True``, so
 DALI counts the iterations (:attr:`Feed.fed` is how many batches this pipeline has taken, for
 ``state_dict``). Every output comes from one ``external_source`` on the sampler's device: on a GPU
 the patches, the companions and the round's ``source`` and ``anchor`` (written to the device with
@@ -27,12 +27,12 @@ from typing import Any
 
 from nvidia.dali import fn, pipeline_def, types
 
+from ..config import SamplerConfig
+from ..engine.backend import Backend
+from ..engine.decode import DALI_DTYPES
+from ..engine.outputs import PatchBatch
+from ..options import Layout
 from .augment import augment_outputs, output_dtype
-from .backend import Backend
-from .config import SamplerConfig
-from .decode import DALI_DTYPES
-from .options import Layout
-from .outputs import PatchBatch
 
 __all__ = ["Feed", "augment_nodes", "batch_outputs", "build_pipeline", "external_source_args", "output_dtypes",
            "output_names", "output_shapes"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .sources import IMAGE_SUFFIXES
+from .files import IMAGE_SUFFIXES
 
 __all__ = ["EndpointUnreachable", "Listing", "is_uri", "list_objects", "named_object", "read_range", "unreachable",
            "wait_for_endpoint"]

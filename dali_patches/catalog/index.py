@@ -1,7 +1,7 @@
 """Index: every file's header, kept between runs, so a second start re-stats instead of re-reading.
 
 One index per data-set root (a folder, or an ``s3://bucket/prefix``): a ``.npz`` of
-:class:`~dali_patches.columns.Columns` keyed by each file's path relative to the root, its size, its
+:class:`~dali_patches.catalog.columns.Columns` keyed by each file's path relative to the root, its size, its
 modification time in ns (an object's ETag digest), and what a rewrite cannot restore: the inode and
 the inode's change time (``touch -d`` puts an old mtime back, a file system with coarse mtimes may
 not see a quick rewrite; neither keeps the ctime). A file whose key changed is read again; one no
@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..sources.files import PROBLEM_KINDS, user_stacklevel
 from .columns import COLUMN_DTYPES, Columns, read_columns, stat_columns
-from .sources import PROBLEM_KINDS, user_stacklevel
 
 __all__ = ["IndexWarning", "default_index_path", "distrust", "load_index", "lookup"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .options import Companion
+from ..options import Companion
 
 __all__ = ["IMAGE_SUFFIXES", "Listing", "MAIN", "PROBLEM_KINDS", "Problem", "declared_companions", "expand",
            "list_source", "pair_sources", "user_stacklevel"]
@@ -62,8 +62,8 @@ def user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by the caller point at the first frame outside
     this package (the user's ``PatchSampler(...)`` line), not at ours."""
     frame: FrameType | None = sys._getframe(1)
-    level, package = 1, os.path.dirname(__file__)
-    while frame is not None and os.path.dirname(frame.f_code.co_filename) == package:
+    level, package = 1, os.path.dirname(os.path.dirname(__file__)) + os.sep
+    while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -83,7 +83,7 @@ class Listing:
 def list_source(source: str | os.PathLike | Sequence[str | os.PathLike]) -> Listing:
     """Folder (recursive), glob pattern or explicit list → the candidate paths and what was left out
     while listing. Files that are not regular files (a FIFO, a device) are listed: reading their
-    header reports them (:func:`~dali_patches.headers.read_local`), and nothing ever opens them."""
+    header reports them (:func:`~dali_patches.sources.headers.read_local`), and nothing ever opens them."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if os.path.isdir(text):

@@ -1,8 +1,8 @@
 """Columns: every file's size, stamps and header as one table, read in worker processes when many.
 
-:class:`Columns` is the table the catalog and the persistent index (:mod:`dali_patches.index`) share:
+:class:`Columns` is the table the catalog and the persistent index (:mod:`dali_patches.catalog.index`) share:
 one row per file. :func:`read_columns` and :func:`stat_columns` fill it for a list of local files —
-reading headers (:func:`~dali_patches.headers.read_local`) or only stat-ing — in plain worker
+reading headers (:func:`~dali_patches.sources.headers.read_local`) or only stat-ing — in plain worker
 subprocesses for large lists (they load neither DALI nor the user's script), since the per-file
 Python would otherwise be GIL-bound.
 """
@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 from tqdm.auto import tqdm
 
-from .headers import Header, not_regular, read_local
-from .sources import Problem
+from ..sources.files import Problem
+from ..sources.headers import Header, not_regular, read_local
 
 __all__ = ["COLUMN_DTYPES", "Columns", "read_columns", "stat_columns"]
 
@@ -43,7 +43,7 @@ class Columns:
     ``ctime`` (the inode's change time in ns, which no rewrite can set back; 0 for objects),
     ``dev``/``ino`` (0 for objects), the header as stored (``height``/``width`` before EXIF
     orientation, ``channels``, ``transposed``, ``mode``, ``format``), and ``problem``: the
-    :class:`~dali_patches.sources.Problem` kind (``b""``: a usable image) with its message in
+    :class:`~dali_patches.sources.files.Problem` kind (``b""``: a usable image) with its message in
     ``messages`` (row → text). :data:`COLUMN_DTYPES` gives each column's type."""
 
     size: np.ndarray
@@ -125,7 +125,7 @@ def _stat_chunk(paths: Sequence[str]) -> Columns:
 
 
 class _Workers:
-    """Worker processes (``dali_patches.index._worker("read"|"stat")``) that each take chunks of
+    """Worker processes (``dali_patches.catalog.index._worker("read"|"stat")``) that each take chunks of
     paths on stdin and answer with their :class:`Columns`. Plain
     subprocesses rather than ``multiprocessing``: they never re-run the user's script (which
     ``spawn`` does without an ``if __name__ == "__main__"`` guard) and never fork a threaded process."""

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from . import storage
+from ..config import state_value
+from ..sources import s3 as storage
+from ..sources.headers import not_regular
 from .backend import Backend
-from .config import state_value
-from .headers import not_regular
 
 __all__ = ["DALI_DTYPES", "DecodeError", "DecodeStage", "decode_files", "error_cause"]
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .headers import not_regular
-from .review import Provenance, coverage, heat_map
+from ..sources.headers import not_regular
+from .runs import Provenance, coverage, heat_map
 
 __all__ = ["Grid", "coverage_figure", "patch_grid", "pick_images"]
 

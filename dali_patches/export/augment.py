@@ -14,7 +14,7 @@ from typing import Any
 
 from nvidia.dali import fn, types
 
-from .options import Augment, CompanionKind, Layout, Part
+from ..options import Augment, CompanionKind, Layout, Part
 
 __all__ = ["DALI_OUT_DTYPES", "augment_outputs", "output_dtype"]
 

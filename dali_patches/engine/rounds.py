@@ -1,7 +1,7 @@
 """Rounds: how many batches the producer makes at once, how a round's patches are cut, and the
 resumable state of each round.
 
-The producer draws and cuts ``round_batches`` batches at a time (see :mod:`dali_patches.producer`).
+The producer draws and cuts ``round_batches`` batches at a time (see :mod:`dali_patches.engine.producer`).
 Its state is taken once per round, before the round is made; the state *after* any batch is then the
 snapshot of the round that holds the next batch plus how many of that round's batches were already
 delivered — a restored producer replays the round and skips them, so resuming is exact at every
@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ..config import SamplerConfig
+from ..options import Reuse
 from .backend import Backend
 from .cache import RingCache
-from .config import SamplerConfig
 from .draw import RoundDraw
-from .options import Reuse
 from .outputs import OutputRing
 
 __all__ = ["RoundCutter", "RoundStates", "round_batches"]
@@ -113,7 +113,7 @@ class _Staging:
 class RoundCutter:
     """Cuts every patch of a round, per part: ``n`` batches of ``(B, h, w, C)``.
 
-    On a GPU: one kernel launch per part, writing into an :class:`~dali_patches.outputs.OutputRing`
+    On a GPU: one kernel launch per part, writing into an :class:`~dali_patches.engine.outputs.OutputRing`
     group; the round's tables, ``source`` and ``anchor`` go up in one asynchronous copy from pinned
     memory (double-buffered, so the host does not wait for the device), and ``source``/``anchor``
     are copied into the group beside the patches. Once a group is chosen (a released one, or a

@@ -1,8 +1,8 @@
 """Catalog: a folder, glob, file list or ``s3://`` prefix → the indexed, screened list of images.
 
-Only headers are read (:mod:`dali_patches.headers`: a few positioned reads a file, Pillow only for
+Only headers are read (:mod:`dali_patches.sources.headers`: a few positioned reads a file, Pillow only for
 what it does not parse), in worker processes for large data sets, and kept in a persistent index
-(:mod:`dali_patches.index`) so that the next start only re-stats. Files that would break DALI's
+(:mod:`dali_patches.catalog.index`) so that the next start only re-stats. Files that would break DALI's
 reader for good (zero-byte, truncated, not an image), duplicates of other files and images smaller
 than the patch are screened out here and reported, before any training starts.
 """
@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import storage
+from ..options import Companion, CompanionKind, Part, scaled
+from ..sources import s3 as storage
+from ..sources.files import IMAGE_SUFFIXES, Listing, Problem, pair_sources, user_stacklevel
+from ..sources.headers import Header, parse, pillow_header
 from .columns import Columns
-from .headers import Header, parse, pillow_header
 from .index import default_index_path, distrust, load_index, lookup
-from .options import Companion, CompanionKind, Part, scaled
-from .sources import IMAGE_SUFFIXES, Listing, Problem, pair_sources, user_stacklevel
 
 __all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES"]
 
@@ -205,7 +205,7 @@ class Catalog:
 
     def distrust(self, paths: Sequence[str]) -> None:
         """Decoding found ``paths`` to differ from their index entries (another size than the header
-        said): the next scan reads them again and corrects the index (see :func:`~dali_patches.index.distrust`)."""
+        said): the next scan reads them again and corrects the index (see :func:`~dali_patches.catalog.index.distrust`)."""
         distrust(self.scan_report.get("index"), relative_keys(list(paths), self.root))
 
     def sample_bytes(self, parts: Sequence[Part]) -> np.ndarray:
@@ -219,7 +219,7 @@ class Catalog:
             ``images`` (usable) and ``skipped`` counts; ``formats``, ``modes`` and ``channels``:
             images per value; ``megapixels``: ``min``/``median``/``max``/``total``; ``sizes``:
             smallest and largest ``"HxW"``; ``problems``: skipped files per kind
-            (:class:`~dali_patches.sources.Problem`); ``companions``: name → images paired with one;
+            (:class:`~dali_patches.sources.files.Problem`); ``companions``: name → images paired with one;
             ``padded``.
         """
         mp = self.heights * self.widths / 1e6
@@ -269,7 +269,7 @@ class Catalog:
         Args:
             source: a folder (searched recursively for JPEG, PNG, TIFF, WebP, BMP), a glob, one file,
                 a list of files, ``s3://bucket/prefix`` or a list of ``s3://`` URIs, or, with
-                ``companions``, a dict or list naming them (see :mod:`dali_patches.sources`).
+                ``companions``, a dict or list naming them (see :mod:`dali_patches.sources.files`).
             min_size: ``(height, width)`` an image must reach, usually the patch size.
             progress: show a progress bar; ``None`` shows one for large data sets only.
             workers: processes reading headers of large local data sets (0: one per core).

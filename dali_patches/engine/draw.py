@@ -2,7 +2,7 @@
 
 A round is ``n`` consecutive batches drawn at once, after the round's new images entered the cache:
 ``batch_size`` distinct resident images per batch (uniformly, or with inclusion probability in
-proportion to their area), one anchor in each (see :mod:`dali_patches.anchors`), and provenance
+proportion to their area), one anchor in each (see :mod:`dali_patches.engine.anchors`), and provenance
 ``(source, y, x)`` for every patch. Every step is one array operation over the whole round. The
 refill schedule adds ``batch_size / reuse`` new images per batch on average (fractions carried over),
 so each decoded image serves ``reuse`` patches.
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from ..config import state_value
+from ..options import ImageChoice
 from .anchors import UniformAnchors
 from .backend import HostArray
 from .cache import RingCache
-from .config import state_value
-from .options import ImageChoice
 
 __all__ = ["Draws", "RefillSchedule", "RoundDraw", "inclusion_probabilities"]
 

@@ -14,7 +14,7 @@ under a lock, and so does :meth:`DecodeFeeder.mark_broken`.
 
 Nothing waits forever on the decoder: a watchdog thread looks at a decode that has not returned for
 :data:`STALL_S` and unblocks a reader stuck on a FIFO that replaced a file
-(:meth:`~dali_patches.decode.DecodeStage.unblock`: the recovery then sets it aside); a decode that
+(:meth:`~dali_patches.engine.decode.DecodeStage.unblock`: the recovery then sets it aside); a decode that
 has not returned after :data:`STALL_LIMIT_S` ends the run with a :class:`DecodeError` that says so.
 """
 

@@ -1,0 +1,1 @@
+"""Catalog: the screened, indexed list of usable items, from their headers."""

@@ -1,0 +1,1 @@
+"""Engine: decoded images → the bounded cache → rounds of finished patch batches."""

@@ -1,0 +1,1 @@
+"""Export: finished batches handed to DALI pipelines and training frameworks."""

@@ -1,0 +1,1 @@
+"""Sources: where the items live and how their bytes reach the decoder."""
