@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bare_decode_rate, image_source, versions
 
 from dali_patches import PatchSampler
-from dali_patches.sources.files import expand
+from dali_patches.sources.listing import expand
 
 # (name, seconds, seconds per batch; None = a pause without batches)
 PHASES = [("fast", 10.0, 0.004), ("slow", 10.0, 0.08), ("pause", 4.0, None), ("fast again", 10.0, 0.004)]

@@ -18,14 +18,14 @@ if TYPE_CHECKING:
     from .engine.outputs import PatchBatch
     from .options import AnchorMode, Augment, Companion, CompanionKind, ImageChoice, Layout
     from .sampler import OUTPUT_NAMES, PatchSampler
-    from .sources.files import Problem
+    from .sources.base import Problem
 
 _HOME = {
     "Catalog": "catalog.catalog", "CatalogWarning": "catalog.catalog",
     "Device": "config", "SamplerConfig": "config", "format_bytes": "config", "parse_bytes": "config",
     "AnchorMode": "options", "Augment": "options", "Companion": "options", "CompanionKind": "options",
     "ImageChoice": "options", "Layout": "options",
-    "PatchBatch": "engine.outputs", "OUTPUT_NAMES": "sampler", "PatchSampler": "sampler", "Problem": "sources.files",
+    "PatchBatch": "engine.outputs", "OUTPUT_NAMES": "sampler", "PatchSampler": "sampler", "Problem": "sources.base",
 }
 
 __all__ = [

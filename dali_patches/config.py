@@ -6,7 +6,6 @@ or any memory is allocated, with a message that names the parameter, its value a
 
 from __future__ import annotations
 
-import enum
 import math
 import numbers
 import os
@@ -20,8 +19,9 @@ import numpy as np
 
 from .options import DTYPES as _DTYPES
 from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, Reuse, enum_value, scaled
+from .state import plain
 
-__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "parse_bytes", "state_value"]
+__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "local_rank", "parse_bytes"]
 
 _DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to this (see SamplerConfig)
 # Fields that do not change the stream of (source, anchor) and patches: a state saved under other
@@ -61,6 +61,18 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def local_rank() -> tuple[int, int]:
+    """``(LOCAL_RANK, LOCAL_WORLD_SIZE)`` as launchers such as ``torchrun`` set them: this process's
+    rank among those on its machine (0 when unset), and their number — 1 when unset or not above
+    the rank: the process then works alone."""
+    try:
+        rank = max(0, int(os.environ.get("LOCAL_RANK", "0")))
+        world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        return 0, 1
+    return rank, world if world > rank else 1
+
+
 def distributed_defaults() -> tuple[int, int, int]:
     """``(shard_id, num_shards, device_id)`` of this process in a data-parallel job.
 
@@ -70,13 +82,13 @@ def distributed_defaults() -> tuple[int, int, int]:
     never imported here: only a ``torch.distributed`` the program already uses is asked.
     """
     env = os.environ
-    local_rank = int(env.get("LOCAL_RANK", "0"))
+    device = local_rank()[0]
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), local_rank
+        return dist.get_rank(), dist.get_world_size(), device
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank
-    return 0, 1, local_rank
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), device
+    return 0, 1, device
 
 
 _MAX_DECODE_BATCH = 1024  # DALI holds about 3 decode batches of decoded images: beyond this, memory is the limit
@@ -116,35 +128,6 @@ def _int(name: str, value: object, least: int = 1, most: int | None = None, hint
         msg = f"{name}={number} must be {bound}{hint}"
         raise ValueError(msg)
     return number
-
-
-def state_value(state: Any, key: str, where: str, kind: type = int, low: float | None = None,
-                high: float | None = None) -> Any:
-    """Field ``key`` of the saved state ``state`` (a dict, at ``where`` in the whole state), checked:
-    present, of ``kind`` (``int``, ``float``, ``str``, ``list``, ``dict``), within ``[low, high]``.
-    Every piece that loads a state reads it through here, so a damaged or hand-edited state fails
-    with the field's name instead of a raw error deep inside (or worse, loads)."""
-    def refuse(problem: str) -> ValueError:
-        return ValueError(f"state {where}[{key!r}] {problem}; load a state made by state_dict() of the same "
-                          "version, unchanged")
-
-    if not isinstance(state, dict):
-        msg = f"state {where} is a {type(state).__name__}, not a dict; load a state made by state_dict(), unchanged"
-        raise ValueError(msg)  # noqa: TRY004 - a bad state is a bad value, as everywhere in the state's checks
-    if key not in state:
-        raise refuse("is missing")
-    value: Any = state[key]
-    numbers = {int: (int, np.integer), float: (int, float, np.integer, np.floating)}
-    if isinstance(value, bool) or not isinstance(value, numbers.get(kind, kind)):
-        raise refuse(f"is {value!r:.80} ({type(value).__name__}), not {kind.__name__}")
-    if kind not in numbers:
-        return value
-    number = float(value)  # type: ignore[arg-type]  # a number: checked above
-    if not math.isfinite(number):
-        raise refuse(f"is {value!r}, not a finite number")
-    if (low is not None and number < low) or (high is not None and number > high):
-        raise refuse(f"is {value!r}, outside [{low}, {high}]")
-    return int(value) if kind is int else number  # type: ignore[call-overload]
 
 
 def _patch_hw(value: object) -> tuple[int, int]:
@@ -353,17 +336,6 @@ class SamplerConfig:
     def stream_fields(self) -> dict[str, Any]:
         """Every field that shapes the stream of batches, as plain JSON values: the part of a resume
         fingerprint that comes from the config (derived from the fields, so a new field is in it)."""
-
-        def plain(value: Any) -> Any:
-            if isinstance(value, enum.Enum):
-                return value.value
-            if isinstance(value, Fraction):
-                return str(value)
-            if isinstance(value, (tuple, list)):
-                return [plain(v) for v in value]
-            if isinstance(value, Companion):
-                return [plain(getattr(value, f.name)) for f in fields(value)]
-            return value
 
         return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.init and f.name not in _NOT_IN_STREAM}
 

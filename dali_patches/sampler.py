@@ -16,13 +16,13 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .catalog.catalog import Catalog, CatalogWarning
-from .config import Device, SamplerConfig, format_bytes, state_value
+from .config import Device, SamplerConfig, format_bytes
 from .engine.backend import HostArray, resolve_backend
 from .engine.cache import RingCache
 from .engine.outputs import PatchBatch
@@ -31,7 +31,9 @@ from .engine.provenance import ProvenanceWriter
 from .engine.verify import find_corrupt
 from .export import pipeline as sample_pipeline
 from .options import AnchorMode, Companion
-from .sources.files import Problem, declared_companions, user_stacklevel
+from .sources import open_source
+from .sources.base import Problem, user_stacklevel
+from .state import state_value
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
 
@@ -155,21 +157,20 @@ class PatchSampler:
             valid = sorted(set(SamplerConfig.__dataclass_fields__) - {"parts"})
             msg = f"unknown option(s) {sorted(unknown)}; valid: {valid}"
             raise TypeError(msg)
-        if isinstance(source, Iterator):  # a generator of paths: read it once, here
-            source = list(source)
         if points is not None:
             options["anchors"] = AnchorMode.POINTS
+        items = open_source(source, companions)
         config = SamplerConfig(patch_size=patch_size, batch_size=batch_size, reuse=reuse,  # type: ignore[arg-type]
                                cache_bytes=cache_bytes, cache_images=cache_images, device=device,  # type: ignore[arg-type]
-                               seed=seed, companions=declared_companions(source, companions), **options)
+                               seed=seed, companions=items.companions, **options)
         if config.anchors is AnchorMode.POINTS and points is None:
             msg = "anchors='points' needs points=[(file, y, x), ...]"
             raise ValueError(msg)
         self.backend = resolve_backend(config.device, config.device_id or 0, from_local_rank="device_id" not in options)
         self.config = config.resolved(self.backend.device)  # every default worked out once, here
         cfg = self.config
-        self.catalog = Catalog.scan(source, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
-                                    pad=cfg.pad, companions=cfg.companions, index=index, trust_index=trust_index)
+        self.catalog = Catalog.scan(items, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
+                                    pad=cfg.pad, index=index, trust_index=trust_index)
         if verify:
             self._skip_corrupt(progress)
         self._points: dict[int, HostArray] | None = None
@@ -192,7 +193,7 @@ class PatchSampler:
         columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
         self._producer = Producer(columns, cfg, self.backend, self.plan, (self.catalog.heights, self.catalog.widths),
                                   progress=progress, points=self._points,
-                                  on_changed=functools.partial(_distrust, self.catalog))
+                                  on_changed=functools.partial(_distrust, self.catalog), source=self.catalog.source)
         self._pipelines: list[tuple[Any, sample_pipeline.Feed]] = []
         self._handover_s = 0.0  # consumer time in next(): taking a batch (waits included) and logging it
         self._provenance = None
@@ -209,7 +210,7 @@ class PatchSampler:
         """``verify=True``: decode every JPEG once and leave out (and report) those whose data is
         corrupt, which libjpeg would otherwise decode to grey rows with a warning at every decode."""
         cat = self.catalog
-        corrupt = find_corrupt(cat.files, self.config.num_threads or 1, progress is not False)
+        corrupt = find_corrupt(cat.files, self.config.num_threads or 1, progress is not False, cat.source)
         if corrupt:
             example = next(iter(corrupt.items()))
             if len(corrupt) == len(cat.files):

@@ -14,10 +14,16 @@ def test_all_is_sorted_and_importable() -> None:
 
 
 def _modules() -> list[str]:
-    """Every module of the package, dotted below it (``engine.cache``), packages' faces left out."""
+    """Every module of the package, dotted below it (``engine.cache``); a subpackage's
+    ``__init__.py`` (its face) under the package's name."""
     package = Path(dali_patches.__file__).parent
-    return sorted(".".join(p.relative_to(package).with_suffix("").parts) for p in package.rglob("*.py")
-                  if p.name not in ("__init__.py", "__main__.py"))
+    names = []
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
+        if path.name == "__main__.py" or parts == ("__init__",):
+            continue
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return sorted(names)
 
 
 def test_every_module_lists_its_public_names_sorted() -> None:
@@ -51,24 +57,34 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
 
 
 # The data flow, upstream first: a module imports only modules before it (ARCHITECTURE.md draws it).
-FLOW = ["options", "config",
-        "sources.files", "sources.s3", "sources.headers",
-        "catalog.columns", "catalog.index", "catalog.catalog",
+FLOW = ["options", "state", "config",
+        "sources.base", "sources.headers", "sources.columns", "sources.workers", "sources.listing", "sources.pairing",
+        "sources.feeding", "sources.files", "sources.s3", "sources.tar", "sources",
+        "catalog.index", "catalog.lookup", "catalog.catalog", "catalog",
         "engine.backend", "engine.decode", "engine.verify", "engine.feeder", "engine.gather", "engine.cache",
         "engine.anchors", "engine.draw", "engine.outputs", "engine.rounds", "engine.pace", "engine.producer",
-        "engine.provenance",
-        "export.augment", "export.pipeline",
+        "engine.provenance", "engine",
+        "export.augment", "export.pipeline", "export",
         "sampler", "torch", "tf",
-        "review.runs", "review.figures",
-        "cli.synth", "cli.commands", "cli.main"]
+        "review.runs", "review", "review.figures",
+        "cli.synth", "cli.commands", "cli.main", "cli"]
 
 
-def _imports(path: Path, name: str) -> list[str]:
-    """The package modules ``name`` (dotted below the package) imports, relative imports resolved;
-    ``from .pkg import module`` counts as that module."""
-    package = name.split(".")[:-1]
+def _path(name: str) -> Path:
+    package = Path(dali_patches.__file__).parent / name.replace(".", "/")
+    return package / "__init__.py" if package.is_dir() else package.with_suffix(".py")
+
+
+def _imports(name: str) -> list[str]:
+    """The modules of the package that module ``name`` imports, relative imports resolved (``from
+    .pkg import module`` counts as that module, ``from .pkg import name`` as the package's face)."""
+    path = _path(name)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
+        block.body = []  # imports for the type checker only: not at run time
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
             for alias in node.names:
@@ -78,14 +94,9 @@ def _imports(path: Path, name: str) -> list[str]:
 
 
 def test_imports_follow_the_flow() -> None:
-    """A module imports only from modules earlier in the data flow; a package's face only its own modules."""
-    package = Path(dali_patches.__file__).parent
+    """A module (a package's ``__init__.py`` too) imports only modules earlier in the data flow."""
     assert set(_modules()) == set(FLOW)
     for name in FLOW:
-        for dep in _imports(package / (name.replace(".", "/") + ".py"), name):
+        for dep in _imports(name):
             assert dep in FLOW, f"{name} imports {dep}, which is no module of the flow"
             assert FLOW.index(dep) < FLOW.index(name), f"{name} imports {dep}, which comes later in the flow"
-    for face in package.rglob("__init__.py"):
-        inner = ".".join(face.parent.relative_to(package).parts)
-        for dep in _imports(face, f"{inner}.__init__" if inner else "__init__"):
-            assert not inner or dep.startswith(inner + "."), f"{inner}/__init__.py imports {dep}, outside its package"

@@ -7,6 +7,7 @@ from PIL import Image
 
 from dali_patches.catalog.catalog import Catalog, CatalogWarning
 from dali_patches.cli.synth import synthetic_image
+from dali_patches.config import SamplerConfig
 
 from .conftest import make_image_set
 
@@ -19,8 +20,9 @@ def test_folder_is_searched_recursively_and_sizes_are_read(image_dir: Path) -> N
         with Image.open(path) as im:
             assert (w, h) == im.size
     assert set(cat.channels.tolist()) == {1, 3, 4}
-    assert np.array_equal(cat.image_bytes(), cat.heights * cat.widths * 3)
-    assert np.array_equal(cat.image_bytes(2), cat.heights * cat.widths * 2)
+    assert np.array_equal(cat.sample_bytes(SamplerConfig(16, 4, 4, cache_images=8).parts), cat.heights * cat.widths * 3)
+    assert np.array_equal(cat.sample_bytes(SamplerConfig(16, 4, 4, cache_images=8, dtype="uint16", channels=1).parts),
+                          cat.heights * cat.widths * 2)
     assert cat.skipped == ()
 
 

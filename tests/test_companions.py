@@ -120,7 +120,7 @@ def test_companions_count_in_the_cache_plan_and_are_evicted_with_their_image(dev
                                companions={"target": {"scale": 2}})
     with sampler:
         sizes = sampler.catalog.sample_bytes(sampler.config.parts)
-        assert np.array_equal(sizes, sampler.catalog.image_bytes() * 5)  # LR + 4× HR bytes
+        assert np.array_equal(sizes, sampler.catalog.heights * sampler.catalog.widths * 3 * 5)  # LR + 4× HR bytes
         for _ in range(200):
             next(sampler)
         stats = sampler.stats()

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dali_patches.cli.synth import synthetic_image
-from dali_patches.sources.files import Problem
+from dali_patches.sources.base import Problem
 from dali_patches.sources.headers import Header, parse, pillow_header, read_local
 
 RNG = np.random.default_rng(3)

@@ -44,7 +44,7 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         seen.append(path)
         return real(path)
 
-    monkeypatch.setattr("dali_patches.catalog.columns.read_local", counting)
+    monkeypatch.setattr("dali_patches.sources.workers.read_local", counting)
     return seen
 
 
@@ -189,15 +189,15 @@ def test_trust_index_neither_lists_nor_stats(folder: Path, tmp_path: Path, monke
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("trust_index must not list or stat the data set")
 
-    monkeypatch.setattr("dali_patches.catalog.catalog.pair_sources", refuse)
-    monkeypatch.setattr("dali_patches.catalog.columns._stat_chunk", refuse)
+    monkeypatch.setattr("dali_patches.sources.files.pair_sources", refuse)
+    monkeypatch.setattr("dali_patches.sources.workers._stat_chunk", refuse)
     trusted = _scan(folder, index, trust_index=True)
     assert reads == [] and trusted.files == first.files  # the new file is not seen: that is the deal
 
 
 _CHILD = """
 import json, sys, warnings
-import dali_patches.catalog.columns as index
+import dali_patches.sources.workers as index
 from dali_patches.catalog.catalog import Catalog
 seen = []
 real = index.read_local

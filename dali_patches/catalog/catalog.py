@@ -14,20 +14,18 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..options import Companion, CompanionKind, Part, scaled
-from ..sources import s3 as storage
-from ..sources.files import IMAGE_SUFFIXES, Listing, Problem, pair_sources, user_stacklevel
-from ..sources.headers import Header, parse, pillow_header
-from .columns import Columns
-from .index import default_index_path, distrust, load_index, lookup
+from ..sources import open_source
+from ..sources.base import IMAGE_SUFFIXES, Problem, Source, user_stacklevel
+from ..sources.columns import Columns
+from .index import default_index_path, distrust, load_index
+from .lookup import lookup
 
 __all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES"]
 
@@ -60,13 +58,14 @@ def _companion_problem(part: Companion, found: Problem | tuple[int, int, str], m
     return None
 
 
-def _nameable(columns: list[list[str]]) -> tuple[list[list[str]], list[tuple[str, Problem]]]:
-    """The rows whose every path DALI's reader can take (valid UTF-8: a name made of other bytes
-    comes through Python as an undecodable string), and the others, each named by its ``repr``."""
+def _nameable(columns: list[list[str]]) -> tuple[list[list[str]], list[tuple[str, Problem]], list[int] | None]:
+    """The rows whose every location DALI's reader and a log can take (valid UTF-8: a name made of
+    other bytes comes through Python as an undecodable string), the others (each named by its
+    ``repr``), and the rows kept (``None``: all)."""
     try:
         for column in columns:
             "\0".join(column).encode("utf-8")
-        return columns, []
+        return columns, [], None
     except UnicodeEncodeError:
         pass
     bad = set()
@@ -79,39 +78,7 @@ def _nameable(columns: list[list[str]]) -> tuple[list[list[str]], list[tuple[str
     keep = [i for i in range(len(columns[0])) if i not in bad]
     skipped = [(columns[0][i], Problem(f"its name is not valid UTF-8 ({columns[0][i]!r} has bytes of another encoding); "
                                        "DALI's reader cannot open it: rename it", "unusable name")) for i in sorted(bad)]
-    return [[column[i] for i in keep] for column in columns], skipped
-
-
-def _object_reader(uris: Sequence[str], size_of: dict[str, int], bar: tqdm) -> Columns:
-    """Headers of objects (``size_of``: their sizes from the listing) from ranged reads of their
-    first and last bytes, in threads (network-bound)."""
-    out = Columns.empty(len(uris))
-
-    def one(i: int) -> Header | Problem:
-        uri, size = uris[i], size_of[uris[i]]
-        try:
-            found = parse(lambda offset, length: storage.read_range(uri, offset, length), size, os.path.splitext(uri)[1])
-            return pillow_header(storage.read_object(uri)) if found is None else found
-        except Exception as e:  # noqa: BLE001 - a refused or failed GET: the object is left out, named
-            return Problem(f"unreadable object: {e}", "unreadable")
-
-    with ThreadPoolExecutor(_OBJECT_THREADS) as pool:
-        for i, header in enumerate(pool.map(one, range(len(uris)))):
-            out.put(i, header)  # size and stamp: the listing's, set by lookup()
-            bar.update(1)
-    return out
-
-
-def _root(source: Any, paths: Sequence[str]) -> str:
-    """The folder (or ``s3://`` prefix) that every path lies under, as the paths spell it."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(os.fspath(source)):
-        return os.fspath(source).rstrip("/") or "/"
-    if storage.is_uri(source):
-        return (source if isinstance(source, str) else os.path.commonprefix(list(source))).rpartition("/")[0]
-    try:
-        return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
-    except ValueError:  # absolute and relative paths mixed
-        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [[column[i] for i in keep] for column in columns], skipped, keep
 
 
 def _joined_keys(paths: Sequence[str], root: str) -> str:
@@ -144,7 +111,7 @@ class Catalog:
     """The images to sample from, in index order, with their decoded sizes.
 
     Attributes:
-        files: paths (or ``s3://`` URIs); ``batch.source`` indexes this list.
+        files: locations (paths, ``s3://`` URIs, ``shard.tar#member``); ``batch.source`` indexes this list.
         heights, widths: ``(N,) int64`` size in pixels as decoded (EXIF orientation applied unless
             scanned with ``exif=False``) and, with ``pad=True``, raised to ``min_size``: the size an
             image takes in the cache.
@@ -161,6 +128,7 @@ class Catalog:
         scan_report: how the headers were found: ``files``, ``from_index`` (unchanged since the
             index was written), ``read_here``, ``read_by_peers`` (other local ranks), ``index`` (its
             path, or ``None``) and ``seconds``.
+        source: the :class:`~dali_patches.sources.base.Source` the files came from (it feeds the decoder).
     """
 
     files: tuple[str, ...]
@@ -176,13 +144,10 @@ class Catalog:
     stamps: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     root: str = ""
     scan_report: dict[str, Any] = field(default_factory=dict, compare=False)
+    source: Source | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.files)
-
-    def image_bytes(self, pixel_bytes: int = 3) -> np.ndarray:
-        """``(N,) int64`` bytes of each image decoded at ``pixel_bytes`` per pixel (3: RGB uint8)."""
-        return self.heights * self.widths * pixel_bytes
 
     def subset(self, indices: Sequence[int]) -> Catalog:
         """A catalog of the images at ``indices`` (in that order), with their companions."""
@@ -194,7 +159,7 @@ class Catalog:
         named = {name: take(paths) for name, paths in self.companions.items()}
         return Catalog(take(self.files), self.heights[idx], self.widths[idx], self.channels[idx], self.skipped,
                        self.padded, named, take(self.formats), take(self.modes), self.file_bytes[idx],
-                       self.stamps[idx], self.root, self.scan_report)
+                       self.stamps[idx], self.root, self.scan_report, self.source)
 
     def without(self, problems: dict[str, Problem]) -> Catalog:
         """This catalog without the images named in ``problems`` (path → why), which join
@@ -289,58 +254,38 @@ class Catalog:
             FileNotFoundError: a path does not exist.
             ValueError: nothing usable is left; the message says why and what to change.
         """
-        if isinstance(source, Iterator):  # a generator of paths: read it once
-            source = list(source)
-        names = [c.name for c in companions]
-        objects = storage.is_uri(source)
-        if (objects and names) or (isinstance(source, Mapping) and any(storage.is_uri(v) for v in source.values())):
-            msg = ("companions are not supported for s3:// sources yet; sample the images alone, or keep the "
-                   "pairs on a file system")
-            raise ValueError(msg)
-        stamps = read = loaded = None
-        columns: list[list[str]] | None = None
-        skipped: list[tuple[str, str]] = []
-        notes = Listing([])
-        if objects:
-            listing = storage.list_objects(source)
-            columns = [listing.uris]
-            stamps = Columns.empty(len(listing.uris))
-            stamps.size[:], stamps.stamp[:] = listing.sizes, listing.stamps
-            size_of = dict(zip(listing.uris, listing.sizes.tolist()))
-            read = lambda some, bar: _object_reader(some, size_of, bar)
-        elif trust_index and not names and isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-            root = _root(source, [])
-            identity = os.path.abspath(root)
-            index_file = _index_path(index if index is not None else True, identity, 0)
-            loaded = load_index(index_file, identity) if index_file else None
-            if loaded is not None:  # the listing and the keys come from the index: no walk, no stat
-                keys = loaded[0]
-                prefix = root.rstrip("/") + "/"
-                columns = [(prefix + ("\0" + prefix).join(keys)).split("\0") if keys else []]
-            else:
-                log.info("trust_index: no index for %s yet; listing and scanning it", root)
-        if columns is None:
-            columns, skipped, notes = pair_sources(source, names)
-        columns, unnamed = _nameable(columns)
-        skipped += unnamed
-        paths = [p for column in columns for p in column] if names else columns[0]
+        source = open_source(source, companions or None)
+        loaded = None
+        if trust_index and source.identity:  # a folder knows where it is before listing
+            index_file = _index_path(index if index is not None else True, source.identity, 0)
+            loaded = load_index(index_file, source.identity) if index_file else None
+            if loaded is None:
+                log.info("trust_index: no index for %s yet; listing and scanning it", source.root)
+        items = source.items(keys=loaded[0] if loaded is not None else None)
+        columns, unnamed, kept = _nameable(items.columns)
+        stamps = items.stamps
+        if kept is not None and stamps is not None:  # the same rows of every part
+            count = len(items.columns[0])
+            stamps = stamps.take(np.concatenate([np.asarray(kept, np.int64) + k * count for k in range(len(columns))]))
+        skipped: list[tuple[str, str]] = [*items.skipped, *unnamed]
+        paths = [p for column in columns for p in column] if len(columns) > 1 else columns[0]
         if loaded is None:
-            root = _root(source, paths)
-            identity = root if objects else os.path.abspath(root)
-            index_file = _index_path(index, identity, len(paths))
-            keys = relative_keys(paths, root)
+            index_file = _index_path(index, source.identity, len(paths))
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
         report: dict[str, Any] = {}
-        cols = lookup(paths, keys, identity, index_file, trust_index, read=read, stamps=stamps,
-                      workers=workers, progress=bool(show), report=report, loaded=loaded)
-        report["ignored"] = dict(notes.ignored.most_common())
-        report["ignored_examples"] = list(notes.ignored_examples)
-        if notes.ignored and check:
-            warnings.warn(f"ignored {sum(notes.ignored.values())} file(s) that are not images this sampler reads "
-                          f"({', '.join(f'{k or chr(39) * 2} ×{v}' for k, v in notes.ignored.most_common(6))}), e.g. "
-                          f"{notes.ignored_examples[0]!r}; it reads {', '.join(IMAGE_SUFFIXES)} (convert others, "
+        cols = lookup(paths, relative_keys(paths, source.root), source.identity, index_file, trust_index,
+                      read=lambda some, bar: source.read_headers(some, bar, workers),
+                      stat=lambda some: source.stat(some, workers), stamps=stamps,
+                      progress=bool(show), report=report, loaded=loaded)
+        report["ignored"] = dict(items.ignored.most_common())
+        report["ignored_examples"] = list(items.ignored_examples)
+        if items.ignored and items.warn_ignored and check:
+            warnings.warn(f"ignored {sum(items.ignored.values())} file(s) that are not images this sampler reads "
+                          f"({', '.join(f'{k or chr(39) * 2} ×{v}' for k, v in items.ignored.most_common(6))}), e.g. "
+                          f"{items.ignored_examples[0]!r}; it reads {', '.join(IMAGE_SUFFIXES)} (convert others, "
                           "e.g. SVG, to PNG to use them)", CatalogWarning, stacklevel=user_stacklevel())
-        return replace(cls._build(columns, cols, skipped, root, min_size, exif, pad, companions, check), scan_report=report)
+        catalog = cls._build(columns, cols, skipped, source.root, min_size, exif, pad, source.companions, check)
+        return replace(catalog, scan_report=report, source=source)
 
     @classmethod
     def _build(cls, columns: Sequence[Sequence[str]], cols: Columns, skipped: list[tuple[str, str]], root: str,

@@ -1,7 +1,8 @@
-"""Index: every file's header, kept between runs, so a second start re-stats instead of re-reading.
+"""Index: every item's header, kept between runs, so a second start re-stats instead of re-reading.
 
-One index per data-set root (a folder, or an ``s3://bucket/prefix``): a ``.npz`` of
-:class:`~dali_patches.catalog.columns.Columns` keyed by each file's path relative to the root, its size, its
+One index per data-set root (a folder, an ``s3://bucket/prefix``, the folder of a set of tar
+shards): a ``.npz`` of :class:`~dali_patches.sources.columns.Columns` keyed by each location
+relative to the root (``shard-000000.tar#0001.jpg`` for a member), its size, its
 modification time in ns (an object's ETag digest), and what a rewrite cannot restore: the inode and
 the inode's change time (``touch -d`` puts an old mtime back, a file system with coarse mtimes may
 not see a quick rewrite; neither keeps the ctime). A file whose key changed is read again; one no
@@ -14,11 +15,7 @@ An entry that decoding proves wrong (the file decodes to another size than its h
 *distrusted*: its key is appended to a small side file next to the index (:func:`distrust`), and the
 next start reads that file again and writes the corrected index — so a stale answer is healed once,
 not worked around at every start.
-
-Ranks on one machine (``LOCAL_RANK`` of ``LOCAL_WORLD_SIZE``, as ``torchrun`` sets them) share the
-first scan: each reads every W-th of the files the index lacks and leaves its part beside the index;
-each merges all parts (the same result everywhere); local rank 0 writes the new index. A rank that
-waits too long for a peer's part reads that part itself, with a warning.
+Ranks on one machine share the first scan (:mod:`dali_patches.catalog.lookup`).
 """
 
 from __future__ import annotations
@@ -28,24 +25,20 @@ import json
 import logging
 import os
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from ..sources.files import PROBLEM_KINDS, user_stacklevel
-from .columns import COLUMN_DTYPES, Columns, read_columns, stat_columns
+from ..sources.base import PROBLEM_KINDS, cache_folder, user_stacklevel
+from ..sources.columns import COLUMN_DTYPES, Columns
 
-__all__ = ["IndexWarning", "default_index_path", "distrust", "load_index", "lookup"]
+__all__ = ["IndexWarning", "default_index_path", "distrust", "load_index", "save_index"]
 
 log = logging.getLogger(__name__)
 
 _VERSION = 2  # 2: ctime in the key, structure checked on load
-_PATIENCE_S = 120.0  # extra wait for a peer rank's part beyond this rank's own scan time
 _DISTRUST = ".distrust"  # suffix of the side file listing entries decoding proved wrong
 
 
@@ -56,9 +49,7 @@ class IndexWarning(UserWarning):
 def default_index_path(root: str) -> str:
     """Where the index of ``root`` lives unless ``index=`` says otherwise: the user's cache folder
     (``$XDG_CACHE_HOME``, else ``~/.cache``) / ``dali_patches`` / a digest of the root."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    name = hashlib.sha256(root.encode()).hexdigest()[:24]
-    return os.path.join(base, "dali_patches", "index", f"{name}.npz")
+    return cache_folder("index", f"{hashlib.sha256(root.encode()).hexdigest()[:24]}.npz")
 
 
 # -- the index file ----------------------------------------------------------------------------
@@ -84,7 +75,7 @@ def _damage(table: Columns, count: int) -> str | None:
     return None
 
 
-def _load(path: str, root: str) -> tuple[list[str], Columns] | None:
+def load_index(path: str, root: str) -> tuple[list[str], Columns] | None:
     if not os.path.exists(path):
         return None
     try:
@@ -134,7 +125,7 @@ def _distrusted(path: str) -> set[str]:
         return set()
 
 
-def _save(path: str, root: str, keys: Sequence[str], table: Columns) -> bool:
+def save_index(path: str, root: str, keys: Sequence[str], table: Columns) -> bool:
     """Write atomically; ``False`` (with a warning) when the folder is not writable."""
     meta = {"version": _VERSION, "root": root, "count": len(keys),
             "messages": {str(k): v for k, v in table.messages.items()}}
@@ -159,147 +150,3 @@ def _save(path: str, root: str, keys: Sequence[str], table: Columns) -> bool:
                       "again. Pass index= a writable path, or index=False to stop trying", IndexWarning, stacklevel=user_stacklevel())
         return False
     return True
-
-
-def load_index(path: str, root: str) -> tuple[list[str], Columns] | None:
-    """The relative paths and columns an index of ``root`` holds, or ``None`` without a usable one
-    (for ``trust_index``, which takes its file list from here and hands the result to :func:`lookup`)."""
-    return _load(path, root)
-
-
-def _remove_old_parts(path: str, age_s: float = 600.0) -> None:
-    """Parts that peer ranks left beside the index more than ``age_s`` ago (every rank has merged
-    them by then, or read the late share itself)."""
-    folder, name = os.path.split(path)
-    try:
-        for entry in os.scandir(folder or "."):
-            if entry.name.startswith(name + ".part-") and time.time() - entry.stat().st_mtime > age_s:
-                os.unlink(entry.path)
-    except OSError:
-        pass
-
-
-def _local_rank() -> tuple[int, int]:
-    try:
-        rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        return 0, 1
-    return (rank, world) if 0 <= rank < world else (0, 1)
-
-
-def _read_shared(path: str, root: str, keys: Sequence[str], paths: Sequence[str], read: Callable[[Sequence[str], tqdm], Columns],
-                 bar: tqdm, report: dict[str, Any]) -> Columns:
-    """Headers of ``paths`` (keys ``keys``): this rank's share read here, the others' taken from
-    their parts beside the index (read here too when a peer is too late)."""
-    rank, world = _local_rank()
-    if world == 1 or not paths:
-        report["read_here"] = len(paths)
-        return read(paths, bar)
-    token = hashlib.sha256("\0".join(keys).encode()).hexdigest()[:16]
-
-    def part(r: int) -> str:
-        return f"{path}.part-{token}-{r}of{world}.npz"
-
-    t0 = time.perf_counter()
-    out = Columns.empty(len(paths))
-    mine = np.arange(rank, len(paths), world)
-    out.assign(mine, read([paths[i] for i in mine.tolist()], bar))
-    report["read_here"], report["read_by_peers"] = len(mine), len(paths) - len(mine)
-    _save(part(rank), root, [keys[i] for i in mine.tolist()], out.take(mine))
-    deadline = time.perf_counter() + 2 * (time.perf_counter() - t0) + _PATIENCE_S
-    waiting = [r for r in range(world) if r != rank]
-    while waiting:
-        for r in list(waiting):
-            loaded = _load(part(r), root) if os.path.exists(part(r)) else None
-            rows = np.arange(r, len(paths), world)
-            if loaded is not None and loaded[0] == [keys[i] for i in rows.tolist()]:
-                out.assign(rows, loaded[1])
-                waiting.remove(r)
-                bar.update(len(rows))
-        if waiting and time.perf_counter() > deadline:
-            warnings.warn(f"local rank(s) {waiting} did not share their part of the header scan in time; "
-                          "reading it here", IndexWarning, stacklevel=user_stacklevel())
-            for r in waiting:
-                rows = np.arange(r, len(paths), world)
-                out.assign(rows, read([paths[i] for i in rows.tolist()], bar))
-                report["read_here"] += len(rows)
-                report["read_by_peers"] -= len(rows)
-            break
-        if waiting:
-            time.sleep(0.05)
-    return out
-
-
-def _unchanged(old: Columns, now: Columns) -> np.ndarray:
-    """Rows whose file is the one the index saw: the same size, mtime (or ETag digest), inode change
-    time and inode, and one that could be stat-ed."""
-    return ((old.size == now.size) & (old.stamp == now.stamp) & (old.ctime == now.ctime) & (old.ino == now.ino)
-            & (now.size >= 0))
-
-
-def lookup(paths: Sequence[str], keys: list[str], root: str, index: str | None, trust: bool,
-           read: Callable[[Sequence[str], tqdm], Columns] | None = None, stamps: Columns | None = None,
-           workers: int = 0, progress: bool = False, report: dict[str, Any] | None = None,
-           loaded: tuple[list[str], Columns] | None = None) -> Columns:
-    """Headers of ``paths`` (``keys``: their paths relative to ``root``), from the index at ``index``
-    where size and stamp still match, read (and the index updated) where not.
-
-    Args:
-        read: reads the headers of some paths (default: local files, in worker processes when many).
-        stamps: size/stamp/dev/ino already known (object listings); default: stat the files.
-        trust: take the index's rows without stat-ing (read-only data sets).
-        index: the index file, or ``None`` for none (every start reads every header).
-        report: filled with ``files``, ``from_index``, ``read_here``, ``read_by_peers`` (local
-            ranks) and ``seconds``.
-        loaded: the index as :func:`load_index` already read it (not read again).
-    """
-    t0 = time.perf_counter()
-    report = {} if report is None else report
-    report.update(files=len(paths), from_index=0, read_here=0, read_by_peers=0, index=index)
-    workers = workers or os.cpu_count() or 1
-    read = read or (lambda some, bar: read_columns(some, workers, bar))
-    if loaded is None and index:
-        loaded = _load(index, root)
-    bar = tqdm(total=len(paths), desc="scanning headers", unit="file", disable=not progress)
-    with bar:
-        if stamps is None and loaded is not None and not trust:  # without an index, reading stats too
-            stamps = stat_columns(paths, workers)
-        out = Columns.empty(len(paths))
-        fresh = np.ones(len(paths), bool)
-        if loaded is not None:
-            table = loaded[1]
-            if loaded[0] == keys and (table.stamp != -2).all() and (stamps is None or _unchanged(table, stamps).all()):
-                out, found = table, np.arange(len(keys))  # the usual second start: nothing changed
-            else:
-                position = {k: i for i, k in enumerate(loaded[0])}
-                where = np.fromiter((position.get(k, -1) for k in keys), np.int64, len(keys))
-                found = np.flatnonzero(where >= 0)
-                old = table.take(where[found])
-                same = old.stamp != -2  # never an entry decoding proved wrong
-                if stamps is not None:
-                    same &= _unchanged(old, stamps.take(found))
-                found, old = found[same], old.take(np.flatnonzero(same))
-                out.assign(found, old)
-            fresh[found] = False
-            bar.update(len(found))
-            report["from_index"] = len(found)
-        stale = np.flatnonzero(fresh)
-        if len(stale):
-            some = [paths[i] for i in stale.tolist()]
-            if index:
-                out.assign(stale, _read_shared(index, root, [keys[i] for i in stale.tolist()], some, read, bar, report))
-            else:
-                out.assign(stale, read(some, bar))
-                report["read_here"] = len(stale)
-        if stamps is not None:  # the files as they are now
-            out.size[:], out.stamp[:], out.ctime[:] = stamps.size, stamps.stamp, stamps.ctime
-            out.dev[:], out.ino[:] = stamps.dev, stamps.ino
-    if index and (len(stale) or loaded is None or len(loaded[0]) != len(keys)) and _local_rank()[0] == 0:
-        listed = np.flatnonzero(out.stamp >= 0)
-        _save(index, root, [keys[i] for i in listed.tolist()], out.take(listed))
-        _remove_old_parts(index)
-        log.info("index %s: %d files, %d read this time", index, len(listed), len(stale))
-    report["seconds"] = time.perf_counter() - t0
-    return out
-
-

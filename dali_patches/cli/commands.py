@@ -214,20 +214,20 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     from ..catalog.catalog import Catalog
     from ..config import SamplerConfig
     from ..engine.cache import images_held
-    from ..sources.files import declared_companions
+    from ..sources import open_source
 
-    source, options = _sampler_options(args)
+    spec, options = _sampler_options(args)
+    source = open_source(spec, options.get("companions"))
     config = SamplerConfig(patch_size=args.patch, batch_size=1, reuse=1, cache_bytes=args.cache,
                            channels=options["channels"], dtype=options["dtype"], pad=options["pad"],
-                           companions=declared_companions(source, options.get("companions")))
+                           companions=source.companions)
     t0 = time.perf_counter()
     catalog = Catalog.scan(source, min_size=config.patch_size, progress=not args.no_progress, pad=config.pad,
-                           companions=config.companions, check=False, index=options["index"],
-                           trust_index=options["trust_index"])
+                           check=False, index=options["index"], trust_index=options["trust_index"])
     if args.verify:
         from ..engine.verify import find_corrupt
 
-        catalog = catalog.without(find_corrupt(catalog.files, os.cpu_count() or 1, progress=not args.no_progress))
+        catalog = catalog.without(find_corrupt(catalog.files, os.cpu_count() or 1, not args.no_progress, source))
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
     at_least, typical = images_held(sizes, int(config.cache_bytes or 0))
     return {**catalog.summary(), "seconds": time.perf_counter() - t0, "scan": catalog.scan_report,

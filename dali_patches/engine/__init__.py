@@ -1,1 +1,3 @@
 """Engine: decoded images → the bounded cache → rounds of finished patch batches."""
+
+__all__: list[str] = []

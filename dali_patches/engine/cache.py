@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import format_bytes, state_value
+from ..config import format_bytes
 from ..options import CompanionKind, Part, scaled
+from ..state import state_value
 from .backend import Backend, DeviceArray, HostArray
 from .gather import OVERREAD_BYTES, gather, patch_table
 

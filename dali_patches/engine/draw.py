@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import state_value
 from ..options import ImageChoice
+from ..state import state_value
 from .anchors import UniformAnchors
 from .backend import HostArray
 from .cache import RingCache

@@ -21,7 +21,6 @@ has not returned after :data:`STALL_LIMIT_S` ends the run with a :class:`DecodeE
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -54,13 +53,12 @@ class DecodeFeeder:
         self._backend, self._stream = backend, stream
         self.capacity = max(1, capacity)
         self._buffer: deque[tuple[dict[str, Any], int, list[Any]]] = deque()  # (position before, source, images)
-        self._next_position = decoder.position()  # before the image being decoded now
+        self._next_position = decoder.state_dict()  # before the image being decoded now
         self._state = threading.Condition()  # buffer, positions, counters
         self._decoding = threading.Lock()  # the decode stage itself
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self.paused_s = 0.0  # time with `capacity` images waiting: the decoder idles
-        self.waited_s = 0.0  # time the producer waited for an image
         self.taken = decoder.images_decoded  # images handed to the producer (a resumed stage starts where it was)
         self._decoding_since: float | None = None  # when the decode call in progress began
         self._thread = threading.Thread(target=self._run, name="dali-patches-decode", daemon=True)
@@ -82,11 +80,9 @@ class DecodeFeeder:
                 continue
             waited = time.monotonic() - since
             if waited >= STALL_LIMIT_S:
-                paths = self.decoder._paths[0]
-                where = os.path.commonpath(paths[:1000]) if paths and not paths[0].startswith("s3://") else "its source"
-                error = DecodeError(f"no image came out of the decoder for {waited:.0f} s: DALI's reader waits on a "
-                                    f"file or object under {where!r} that does not answer (a hung network mount, "
-                                    "a storage server that stopped); check the storage, then restart")
+                error = DecodeError(f"no image came out of the decoder for {waited:.0f} s: its reader waits on a "
+                                    f"file or object under {self.decoder.where()!r} that does not answer (a hung "
+                                    "network mount, a storage server that stopped); check the storage, then restart")
                 with self._state:
                     self._error = error
                     self._state.notify_all()
@@ -110,7 +106,7 @@ class DecodeFeeder:
                             self.paused_s += time.perf_counter() - t0
                             continue
                     with self._decoding:
-                        position = self.decoder.position()
+                        position = self.decoder.state_dict()
                         with self._state:
                             self._next_position = position
                         self._decoding_since = time.monotonic()
@@ -129,11 +125,9 @@ class DecodeFeeder:
     # -- the producer's side -----------------------------------------------------------------
     def _wait_for(self, count: int) -> None:
         """Until ``count`` images are buffered (the caller holds ``_state``)."""
-        t0 = time.perf_counter()
         while len(self._buffer) < count and self._error is None and not self._stop.is_set():
             self.start()
             self._state.wait(_POLL_S)
-        self.waited_s += time.perf_counter() - t0
         if len(self._buffer) < count and self._error is not None:
             raise self._error
 
@@ -165,10 +159,25 @@ class DecodeFeeder:
         """Images decoded and waiting now."""
         return len(self._buffer)
 
-    def position(self) -> dict[str, Any]:
-        """The decode stage's position after the last image taken (for the producer's snapshots)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The decode stage's state after the last image taken (for the producer's snapshots),
+        however far the thread has decoded ahead."""
         with self._state:
             return dict(self._buffer[0][0] if self._buffer else self._next_position)
+
+    def check_state(self, state: dict[str, Any], where: str = "['decoder']") -> None:
+        """Check a saved :meth:`state_dict` (see :meth:`DecodeStage.check_state`); nothing changes."""
+        self.decoder.check_state(state, where)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` (before the thread has started)."""
+        if self._thread.ident is not None:
+            msg = "the decoder's state can only be loaded before it starts decoding"
+            raise RuntimeError(msg)
+        self.decoder.load_state_dict(state)
+        self._buffer.clear()
+        self._next_position = self.decoder.state_dict()
+        self.taken = self.decoder.images_decoded
 
     def mark_broken(self, source: int, reason: str) -> None:
         """Set a file aside from now on (see :meth:`DecodeStage.mark_broken`)."""

@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import SamplerConfig, state_value
+from ..config import SamplerConfig
 from ..options import AnchorMode, Reuse
+from ..sources.base import Source
+from ..state import state_value
 from .anchors import MaskAnchors, PointAnchors, UniformAnchors
 from .backend import Backend, HostArray
 from .cache import CachePlan, RingCache
@@ -73,11 +75,13 @@ class Producer:
 
     def __init__(self, columns: list[list[str]], config: SamplerConfig, backend: Backend, plan: CachePlan,
                  sizes: tuple[HostArray, HostArray], progress: bool | None = None,
-                 points: dict[int, HostArray] | None = None, on_changed: Callable[[str], None] | None = None) -> None:
+                 points: dict[int, HostArray] | None = None, on_changed: Callable[[str], None] | None = None,
+                 source: Source | None = None) -> None:
         self.config = config
         self.backend = backend
         self.columns = columns
         self.files = columns[0]
+        self.source = source
         self._heights, self._widths = (np.asarray(v, np.int64) for v in sizes)
         self._pid = os.getpid()
         self.changed_files = 0  # set aside because they decoded to another size than measured
@@ -357,12 +361,12 @@ class Producer:
         return batches
 
     # -- resumable state ---------------------------------------------------------------------
-    def _new_decoder(self, position: dict[str, Any] | None = None) -> DecodeStage:
+    def _new_decoder(self) -> DecodeStage:
         cfg = self.config
         return DecodeStage(self.columns, self.backend, batch_size=cfg.decode_batch or 1,
                            min_good=1 if cfg.allow_repeats else cfg.batch_size,
                            num_threads=cfg.num_threads or 1, seed=cfg.seed, shard_id=cfg.shard_id or 0,
-                           num_shards=cfg.num_shards or 1, position=position, **self._output)
+                           num_shards=cfg.num_shards or 1, source=self.source, **self._output)
 
     def _snapshot(self, start: int) -> None:
         """Record the state before the round that starts at batch ``start`` (a few KiB)."""
@@ -370,7 +374,7 @@ class Producer:
             "batches_made": self.batches_made, "distinct_batches": self.distinct_batches,
             "duplicate_decodes": self.duplicate_decodes, "warmup_images": self.warmup_images,
             "draws": self.draws.state_dict(), "refill": self.schedule.state_dict(),
-            "decoder": self.feeder.position(), "cache": self.cache.state_dict(), "taken_ahead": self._taken_ahead,
+            "decoder": self.feeder.state_dict(), "cache": self.cache.state_dict(), "taken_ahead": self._taken_ahead,
         })
 
     def state_after(self, index: int) -> dict[str, Any] | None:
@@ -401,18 +405,16 @@ class Producer:
         cache = self.cache.checked_state(snapshot["cache"], sources=len(self.files), where=f"{where}['cache']")
         rng = self.draws.checked_state(snapshot["draws"], where=f"{where}['draws']")
         refill = self.schedule.checked_state(snapshot["refill"], where=f"{where}['refill']")
-        self.decoder.checked_position(snapshot["decoder"], where=f"{where}['decoder']")
+        self.feeder.check_state(snapshot["decoder"], where=f"{where}['decoder']")
         self.cache.apply_state(cache)
         self.draws.rng.bit_generator.state = rng
         self.schedule.credit, self.schedule.owed, self.schedule.allowed = refill
-        self.feeder.close()
-        self.decoder.close()
-        self.decoder = self._new_decoder(position=snapshot["decoder"])
-        self.feeder = DecodeFeeder(self.decoder, self.backend, self._stream, self.feeder.capacity)
+        self.feeder.load_state_dict(snapshot["decoder"])
         resident = [[column[s] for s in snapshot["cache"]["source"]] for column in self.columns]
 
         def images() -> Any:
-            for parts in decode_files(resident, self.backend, self.config.num_threads or 1, **self._output):
+            for parts in decode_files(resident, self.backend, self.config.num_threads or 1, source=self.source,
+                                      **self._output):
                 yield self.cache.padded(parts, self.config.patch_size)
                 self.backend.synchronize(self._stream)  # copied before DALI may reuse the buffer
 

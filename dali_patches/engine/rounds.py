@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import SamplerConfig
 from ..options import Reuse
+from ..state import plain
 from .backend import Backend
 from .cache import RingCache
 from .draw import RoundDraw
@@ -45,13 +46,6 @@ def round_batches(config: SamplerConfig, typical_resident: int, most_taken: int)
     else:
         by_refill = int(typical_resident * config.reuse // (_ROUND_REFILL_SHARE * config.batch_size))
     return max(1, min(_MAX_ROUND, _ROUND_PATCHES // config.batch_size, by_refill))
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with NumPy arrays turned into lists, recursively (JSON- and ``torch.save``-able)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value.tolist() if isinstance(value, np.ndarray) else value
 
 
 class RoundStates:
@@ -85,7 +79,7 @@ class RoundStates:
                    "are); take state_dict() closer to the batches you consumed")
             raise RuntimeError(msg)
         start = max(starts)
-        return {"round": _plain(states[start]), "skip": index + 1 - start}
+        return {"round": plain(states[start]), "skip": index + 1 - start}
 
 
 class _Staging:

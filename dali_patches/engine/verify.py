@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from nvidia.dali import fn, pipeline_def, types
 from tqdm.auto import tqdm
 
-from ..sources.files import Problem
+from ..sources import open_source
+from ..sources.base import Problem, Source
 from .decode import error_cause
 
 __all__ = ["find_corrupt"]
@@ -25,25 +26,31 @@ __all__ = ["find_corrupt"]
 _LIBJPEG_WARNING = "Corrupt JPEG data"
 
 
-def find_corrupt(paths: Sequence[str], num_threads: int = 1, progress: bool = False) -> dict[str, Problem]:
+def find_corrupt(paths: Sequence[str], num_threads: int = 1, progress: bool = False,
+                 source: Source | None = None) -> dict[str, Problem]:
     """Decode every JPEG of ``paths`` once with DALI's CPU decoder and return those whose data is
     corrupt: libjpeg decodes them without an error (grey or garbled rows, e.g. a truncated body with
     an end marker appended) and only prints a warning to the process's stderr, naming no file. Each
     file's decode runs with file descriptor 2 captured, so the warning is tied to its file and not
     shown. A full decode of the data set: opt-in (``PatchSampler(verify=True)``, ``inspect --verify``).
-    Other threads' stderr output during the pass is captured too (and dropped)."""
+    Other threads' stderr output during the pass is captured too (and dropped). ``source``: where
+    the locations live (``None``: local files or objects, as the locations say)."""
     jpegs = [p for p in paths if p.lower().endswith((".jpg", ".jpeg"))]
     found: dict[str, Problem] = {}
     if not jpegs:
         return found
 
-    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=None, prefetch_queue_depth=1)
+    reader = (source or open_source(jpegs)).reader(range(len(jpegs)), [jpegs], shuffle=False)
+
+    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=None, prefetch_queue_depth=1,
+                  enable_checkpointing=reader.checkpointing)
     def one_by_one():  # a DALI graph
-        encoded, _ = fn.readers.file(files=list(jpegs), dont_use_mmap=True)
+        (encoded,), _ = reader.nodes()
         return fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
 
-    pipe = one_by_one()
-    pipe.build()
+    with reader.building():
+        pipe = one_by_one()
+        pipe.build()
     saved = os.dup(2)
     try:
         with tempfile.TemporaryFile() as captured, tqdm(jpegs, desc="verifying JPEG data", unit="file",

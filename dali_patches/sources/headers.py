@@ -24,7 +24,7 @@ from typing import BinaryIO, NamedTuple
 
 from PIL import Image
 
-from .files import Problem
+from .base import Problem
 
 __all__ = ["Header", "Reader", "not_regular", "parse", "pillow_header", "read_local"]
 

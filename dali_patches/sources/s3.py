@@ -1,8 +1,10 @@
-"""Storage: images in S3-compatible object storage (``s3://bucket/prefix``).
+"""S3: images in S3-compatible object storage (``s3://bucket/prefix``), and the object access other
+sources build on (tar shards on S3).
 
 DALI's reader fetches the objects itself (its S3 client honours ``AWS_ENDPOINT_URL`` and the usual
-``AWS_*`` credentials); this module does what the catalog needs before that: list a prefix (size
-and ETag of every object) and ranged reads of an object's first and last bytes for its header.
+``AWS_*`` credentials); this module does what the catalog needs before that — list a prefix (size
+and ETag of every object), ranged reads of an object's first and last bytes for its header — and
+recognises DALI's errors that name an object or a server that stopped answering, which it waits for.
 It uses ``boto3`` (``pip install "dali-patches[s3]"``), which reads the same variables.
 """
 
@@ -14,20 +16,27 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .files import IMAGE_SUFFIXES
+from .base import IMAGE_SUFFIXES, Items, Source
+from .columns import Columns
+from .feeding import FileReader, Reader
+from .workers import ranged_headers
 
-__all__ = ["EndpointUnreachable", "Listing", "is_uri", "list_objects", "named_object", "read_range", "unreachable",
-           "wait_for_endpoint"]
+__all__ = ["ENDPOINT_PATIENCE_S", "EndpointUnreachable", "ObjectListing", "S3Objects", "is_uri", "list_objects", "named_object", "object_root",
+           "patient", "read_object", "read_range", "split_uri", "unreachable", "wait_for_endpoint", "waited"]
 
 log = logging.getLogger(__name__)
 
 _SCHEME = "s3://"
+ENDPOINT_PATIENCE_S = 120.0  # how long an object store that stopped answering is waited for
+_OBJECT_THREADS = 32  # concurrent ranged GETs for headers (network-bound)
 _local = threading.local()
+T = TypeVar("T")
 # DALI's S3 reader names an object "bucket=B object=KEY" in its errors, and a connection that failed
 # by its curl code; "Could not connect" and the like come with it.
 _NAMED = re.compile(r"bucket=(\S+) object=(.+?)(?::\s|\s*$)", re.MULTILINE)
@@ -66,7 +75,7 @@ def wait_for_endpoint(text: str, uri: str, patience_s: float) -> float:
     Raises:
         EndpointUnreachable: it did not answer in time; the message names the endpoint and the cause.
     """
-    bucket, key = _split(uri)
+    bucket, key = split_uri(uri)
     t0, delay, last = time.monotonic(), 0.5, unreachable(text) or text.strip().splitlines()[-1]
     log.warning("the object store at %s did not answer (%s); retrying for up to %.0f s", _endpoint(text), last, patience_s)
     while time.monotonic() - t0 < patience_s:
@@ -93,7 +102,7 @@ def is_uri(source: Any) -> bool:
     return False
 
 
-def _split(uri: str) -> tuple[str, str]:
+def split_uri(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len(_SCHEME):].partition("/")
     if not bucket:
         msg = f"{uri!r} names no bucket; write s3://bucket/prefix"
@@ -123,7 +132,7 @@ def _stamp(etag: str) -> int:
     return int(hashlib.sha256(etag.strip('"').encode()).hexdigest()[:15], 16)
 
 
-class Listing:
+class ObjectListing:
     """Objects under a prefix: ``uris`` (sorted), ``sizes`` ``(N,) int64`` bytes, ``stamps``
     ``(N,) int64`` ETag digests."""
 
@@ -139,8 +148,8 @@ def _problem_text(error: Exception, uri: str) -> str:
     return f"cannot list {uri!r}: {code} ({error}); {hints.get(code, 'check the URI, endpoint and credentials')}"
 
 
-def list_objects(source: str | Sequence[str]) -> Listing:
-    """Image objects under ``s3://bucket/prefix`` (recursively, by suffix as for folders), or the
+def list_objects(source: str | Sequence[str], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> ObjectListing:
+    """Objects of ``suffixes`` (images by default) under ``s3://bucket/prefix`` (recursively), or the
     objects of an explicit list of URIs (one listing of their common prefix).
 
     Raises:
@@ -149,8 +158,8 @@ def list_objects(source: str | Sequence[str]) -> Listing:
     """
     wanted = None if isinstance(source, str) else list(source)
     prefix_uri = source if isinstance(source, str) else os.path.commonprefix(list(source))
-    bucket, prefix = _split(prefix_uri)
-    if wanted is not None and any(_split(u)[0] != bucket for u in wanted):
+    bucket, prefix = split_uri(prefix_uri)
+    if wanted is not None and any(split_uri(u)[0] != bucket for u in wanted):
         msg = "the listed s3:// objects span several buckets; give one bucket's objects per sampler"
         raise ValueError(msg)
     client = _client()
@@ -163,9 +172,12 @@ def list_objects(source: str | Sequence[str]) -> Listing:
         text = _problem_text(e, prefix_uri)
         raise (PermissionError(text) if "Access" in text or "Credential" in text else FileNotFoundError(text)) from e
     if wanted is None:
-        uris = sorted(u for u in found if u.lower().endswith(IMAGE_SUFFIXES))
+        uris = sorted(u for u in found if u.lower().endswith(suffixes))
         if not uris:
-            msg = f"no images under {source!r} (searched for {', '.join(IMAGE_SUFFIXES)})"
+            shards = sum(u.endswith(".tar") for u in found)
+            hint = (f"; it holds {shards} tar shard(s): pass {prefix_uri.rstrip('/') + '/*.tar'!r} to sample their "
+                    "members" if shards and suffixes == IMAGE_SUFFIXES else "")
+            msg = f"no objects under {source!r} end in {', '.join(suffixes)}{hint}"
             raise ValueError(msg)
     else:
         missing = [u for u in wanted if u not in found]
@@ -175,12 +187,12 @@ def list_objects(source: str | Sequence[str]) -> Listing:
         uris = wanted
     sizes = np.fromiter((found[u][0] for u in uris), np.int64, len(uris))
     stamps = np.fromiter((found[u][1] for u in uris), np.int64, len(uris))
-    return Listing(uris, sizes, stamps)
+    return ObjectListing(uris, sizes, stamps)
 
 
 def read_range(uri: str, offset: int, length: int) -> bytes:
     """``length`` bytes of an object from ``offset`` (fewer at its end); one ranged GET."""
-    bucket, key = _split(uri)
+    bucket, key = split_uri(uri)
     if length <= 0:
         return b""
     response = _client().get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}")
@@ -189,5 +201,76 @@ def read_range(uri: str, offset: int, length: int) -> bytes:
 
 def read_object(uri: str) -> bytes:
     """The whole object (for Pillow, when the header parser is not certain)."""
-    bucket, key = _split(uri)
+    bucket, key = split_uri(uri)
     return bytes(_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def object_root(source: str | Sequence[str]) -> str:
+    """The prefix (up to its last ``/``) every object of ``source`` lies under."""
+    return (source if isinstance(source, str) else os.path.commonprefix(list(source))).rpartition("/")[0]
+
+
+class S3Objects(Source):
+    """Image objects under an ``s3://bucket/prefix``, or a list of ``s3://`` URIs (one bucket).
+    DALI's reader fetches them; companions are not supported here (keep pairs on a file system, or
+    in tar shards)."""
+
+    def __init__(self, spec: str | Sequence[str], companions: Sequence[Any] = ()) -> None:
+        if companions:
+            msg = ("companions are not supported for s3:// sources of single images; sample the images alone, keep "
+                   "the pairs on a file system, or store them as tar shards (s3://bucket/shards/*.tar)")
+            raise ValueError(msg)
+        self._spec = spec
+        self._sizes: dict[str, int] = {}  # bytes of every object listed
+        self.root = self.identity = object_root(spec)
+
+    def items(self, keys: Sequence[str] | None = None) -> Items:
+        listing = list_objects(self._spec)
+        stamps = Columns.empty(len(listing.uris))
+        stamps.size[:], stamps.stamp[:] = listing.sizes, listing.stamps
+        self._sizes = dict(zip(listing.uris, listing.sizes.tolist()))
+        return Items([listing.uris], [], stamps)
+
+    def read_headers(self, locations: Sequence[str], bar: tqdm, workers: int = 0) -> Columns:
+        if any(loc not in self._sizes for loc in locations):
+            self._sizes.update(zip(locations, list_objects(list(locations)).sizes.tolist()))
+        return ranged_headers(locations, [self._sizes[loc] for loc in locations], read_range, read_object, bar,
+                              workers or _OBJECT_THREADS)
+
+    def reader(self, labels: Sequence[int], columns: Sequence[Sequence[str]], read_as: np.ndarray | None = None, *,
+               shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True, batch_size: int = 1,
+               at: bytes | None = None) -> Reader:
+        return FileReader(labels, columns, read_as, shard_id=shard_id, num_shards=num_shards, seed=seed, shuffle=shuffle,
+                          batch_size=batch_size, at=at)
+
+    def read(self, location: str) -> bytes:
+        return read_object(location)
+
+    def named_in(self, text: str, locations: Sequence[str]) -> int | None:
+        """DALI's S3 reader writes ``bucket=B object=KEY``; other errors name the URI."""
+        return super().named_in(f"{text}\n{named_object(text) or ''}", locations)
+
+    def wait_if_unreachable(self, text: str, patience_s: float) -> bool:
+        return waited(text, patience_s)
+
+
+def patient(call: Callable[[], T], uri: str, patience_s: float = ENDPOINT_PATIENCE_S) -> T:
+    """``call()``, a request about object ``uri``; when the server does not answer at all (as opposed
+    to answering "no such object"), wait for it (:func:`wait_for_endpoint`) and ask once more."""
+    try:
+        return call()
+    except Exception as e:
+        if getattr(e, "response", None) is not None:
+            raise
+        wait_for_endpoint(f"{type(e).__name__}: {e}", uri, patience_s)
+        return call()
+
+
+def waited(text: str, patience_s: float) -> bool:
+    """If DALI's error ``text`` says the object store did not answer: wait for it (see
+    :func:`wait_for_endpoint`) and return ``True`` once it answers; ``False`` for other errors."""
+    uri = named_object(text)
+    if uri is None or unreachable(text) is None:
+        return False
+    wait_for_endpoint(text, uri, patience_s)
+    return True

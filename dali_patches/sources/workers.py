@@ -1,10 +1,9 @@
-"""Columns: every file's size, stamps and header as one table, read in worker processes when many.
+"""Workers: sizes, stamps and headers of many local files, in worker processes when many.
 
-:class:`Columns` is the table the catalog and the persistent index (:mod:`dali_patches.catalog.index`) share:
-one row per file. :func:`read_columns` and :func:`stat_columns` fill it for a list of local files —
-reading headers (:func:`~dali_patches.sources.headers.read_local`) or only stat-ing — in plain worker
-subprocesses for large lists (they load neither DALI nor the user's script), since the per-file
-Python would otherwise be GIL-bound.
+:func:`read_columns` and :func:`stat_columns` fill :class:`~dali_patches.sources.columns.Columns` for a
+list of local files — reading headers (:func:`~dali_patches.sources.headers.read_local`) or only
+stat-ing — in plain worker subprocesses for large lists (they load neither DALI nor the user's
+script), since the per-file Python would otherwise be GIL-bound.
 """
 
 from __future__ import annotations
@@ -17,80 +16,19 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..sources.files import Problem
-from ..sources.headers import Header, not_regular, read_local
+from .base import Problem
+from .columns import Columns
+from .headers import Header, not_regular, parse, pillow_header, read_local
 
-__all__ = ["COLUMN_DTYPES", "Columns", "read_columns", "stat_columns"]
+__all__ = ["ranged_headers", "read_columns", "stat_columns"]
 
 _CHUNK = 4096  # files per task given to a worker
 _PROCESS_MIN_FILES = 50_000  # below this, worker processes cost more than they save
-
-
-COLUMN_DTYPES: dict[str, np.dtype] = {"size": np.dtype(np.int64), "stamp": np.dtype(np.int64), "ctime": np.dtype(np.int64),
-                 "dev": np.dtype(np.uint64), "ino": np.dtype(np.uint64), "height": np.dtype(np.int32),
-                 "width": np.dtype(np.int32), "channels": np.dtype(np.uint8), "transposed": np.dtype(bool),
-                 "mode": np.dtype("S12"), "format": np.dtype("S24"), "problem": np.dtype("S24")}
-
-
-@dataclass
-class Columns:
-    """One row per file: ``size`` bytes and ``stamp`` (mtime ns or ETag digest; -1: unreadable),
-    ``ctime`` (the inode's change time in ns, which no rewrite can set back; 0 for objects),
-    ``dev``/``ino`` (0 for objects), the header as stored (``height``/``width`` before EXIF
-    orientation, ``channels``, ``transposed``, ``mode``, ``format``), and ``problem``: the
-    :class:`~dali_patches.sources.files.Problem` kind (``b""``: a usable image) with its message in
-    ``messages`` (row → text). :data:`COLUMN_DTYPES` gives each column's type."""
-
-    size: np.ndarray
-    stamp: np.ndarray
-    ctime: np.ndarray
-    dev: np.ndarray
-    ino: np.ndarray
-    height: np.ndarray
-    width: np.ndarray
-    channels: np.ndarray
-    transposed: np.ndarray
-    mode: np.ndarray
-    format: np.ndarray
-    problem: np.ndarray
-    messages: dict[int, str]
-
-    @classmethod
-    def empty(cls, n: int) -> Columns:
-        d = COLUMN_DTYPES
-        return cls(np.full(n, -1, d["size"]), np.full(n, -1, d["stamp"]),
-                   **{name: np.zeros(n, d[name]) for name in d if name not in ("size", "stamp")}, messages={})
-
-    def put(self, i: int, header: Header | Problem) -> None:
-        """Row ``i`` holds ``header`` (or the problem that stands in for it)."""
-        if isinstance(header, Problem):
-            self.problem[i], self.messages[i] = header.kind.encode(), str(header)
-        else:
-            self.height[i], self.width[i], self.channels[i] = header.height, header.width, header.channels
-            self.mode[i], self.format[i], self.transposed[i] = header.mode.encode(), header.format.encode(), header.transposed
-
-    def problem_at(self, i: int) -> Problem | None:
-        kind = self.problem[i]
-        return Problem(self.messages[i], kind.decode()) if kind else None
-
-    def take(self, rows: np.ndarray) -> Columns:
-        """The rows ``rows`` (``(M,) int``) in that order."""
-        cols = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.name != "messages"}
-        marked = np.flatnonzero(np.isin(rows, np.fromiter(self.messages, np.int64, len(self.messages))))
-        return Columns(**cols, messages={int(j): self.messages[int(rows[j])] for j in marked})
-
-    def assign(self, rows: np.ndarray | slice, other: Columns, names: Sequence[str] = ()) -> None:
-        """Rows ``rows`` (indices, or a slice) of this table ← every row of ``other`` (only the
-        columns ``names``, if given)."""
-        for name in names or [f.name for f in fields(self) if f.name != "messages"]:
-            getattr(self, name)[rows] = getattr(other, name)
-        for j, text in other.messages.items():
-            self.messages[rows.start + j if isinstance(rows, slice) else int(rows[j])] = text
 
 
 def _read_chunk(paths: Sequence[str]) -> Columns:
@@ -125,14 +63,14 @@ def _stat_chunk(paths: Sequence[str]) -> Columns:
 
 
 class _Workers:
-    """Worker processes (``dali_patches.catalog.index._worker("read"|"stat")``) that each take chunks of
+    """Worker processes (:func:`_worker`, ``"read"`` or ``"stat"``) that each take chunks of
     paths on stdin and answer with their :class:`Columns`. Plain
     subprocesses rather than ``multiprocessing``: they never re-run the user's script (which
     ``spawn`` does without an ``if __name__ == "__main__"`` guard) and never fork a threaded process."""
 
     def __init__(self, mode: str, count: int) -> None:
         self.errors = [tempfile.TemporaryFile() for _ in range(count)]  # noqa: SIM115 - closed in close()
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, "-c", f"from {__name__} import _worker; _worker({mode!r})"]
         self.procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
@@ -241,3 +179,26 @@ def _worker(mode: str) -> None:
         payload = pickle.dumps(work(paths), protocol=pickle.HIGHEST_PROTOCOL)
         sink.write(len(payload).to_bytes(8, "little") + payload)
         sink.flush()
+
+
+def ranged_headers(locations: Sequence[str], sizes: Sequence[int], read_range: Callable[[str, int, int], bytes],
+                   read_all: Callable[[str], bytes], bar: tqdm, threads: int) -> Columns:
+    """Headers of items read through ``read_range(location, offset, length)`` (objects, tar
+    members: a few positioned reads each, Pillow on ``read_all(location)`` where the parser is not
+    certain), ``threads`` at a time (network- or seek-bound, not CPU-bound). ``sizes``: each item's
+    bytes, from the listing. An item that cannot be read is a ``"unreadable"`` problem, named."""
+    out = Columns.empty(len(locations))
+
+    def one(i: int) -> Header | Problem:
+        location, size = locations[i], int(sizes[i])
+        try:
+            found = parse(functools.partial(read_range, location), size, os.path.splitext(location)[1])
+            return pillow_header(read_all(location)) if found is None else found
+        except Exception as e:  # noqa: BLE001 - a refused or failed read: the item is left out, named
+            return Problem(f"unreadable: {e}", "unreadable")
+
+    with ThreadPoolExecutor(threads) as pool:
+        for i, header in enumerate(pool.map(one, range(len(locations)))):
+            out.put(i, header)  # size and stamps: the listing's
+            bar.update(1)
+    return out
