@@ -67,13 +67,13 @@ def run(files: list[str], reuse: Any, args: argparse.Namespace, **bounds: Any) -
                     time.sleep(per_batch)
                 if now >= next_trace:
                     s = sampler.stats()
-                    trace.append({"t": now - t_run, "served": s["patches_served"], "taken": s["images_decoded"],
+                    trace.append({"t": now - t_run, "served": s["patches_made"], "taken": s["images_decoded"],
                                   "wait": waited_before + waited, "paused": s["decoder_paused_s"], "phase": name})
                     next_trace = now + 0.5
             end, wall = sampler.stats(), time.perf_counter() - t0
             waited_before += waited
             taken = end["images_decoded"] - start["images_decoded"]
-            served = end["patches_served"] - start["patches_served"]
+            served = end["patches_made"] - start["patches_made"]
             phases.append({"phase": name, "seconds": wall, "batches": batches,
                            "patches_per_s": batches * args.batch / wall,
                            "wait_fraction": waited / wall if per_batch is not None else None,
@@ -88,11 +88,11 @@ def run(files: list[str], reuse: Any, args: argparse.Namespace, **bounds: Any) -
 
 def pacing(files: list[str], batch: int, args: argparse.Namespace, refill_ahead: bool = True) -> dict[str, Any]:
     """``reuse="auto"`` under a trainer taking ``args.pace`` patches/s at batch size ``batch``."""
-    import dali_patches.engine.producer as producer_module
+    from dali_patches.engine.maker import BatchMaker
 
-    real = producer_module.Producer._refill_ahead
+    real = BatchMaker.refill_ahead
     if not refill_ahead:  # the comparison: refill only once a round, as before the refill between rounds
-        producer_module.Producer._refill_ahead = lambda self: None  # type: ignore[method-assign]
+        BatchMaker.refill_ahead = lambda self: None  # type: ignore[method-assign]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -106,12 +106,12 @@ def pacing(files: list[str], batch: int, args: argparse.Namespace, refill_ahead:
                 time.sleep(batch / args.pace)
             end, wall = sampler.stats(), time.perf_counter() - t0
     finally:
-        producer_module.Producer._refill_ahead = real  # type: ignore[method-assign]
+        BatchMaker.refill_ahead = real  # type: ignore[method-assign]
     taken = end["images_decoded"] - start["images_decoded"]
     return {"batch": batch, "refill_ahead": refill_ahead, "seconds": wall, "round_batches": end["round_batches"],
             "decodes_per_s": taken / wall,
             "decoder_busy": 1 - (end["decoder_paused_s"] - start["decoder_paused_s"]) / wall,
-            "effective_reuse": (end["patches_served"] - start["patches_served"]) / taken if taken else None}
+            "effective_reuse": (end["patches_made"] - start["patches_made"]) / taken if taken else None}
 
 
 def plot(results: list[dict[str, Any]], decode_rate: float, path: Path) -> None:

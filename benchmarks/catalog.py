@@ -89,8 +89,8 @@ def result(run: subprocess.Popen[str]) -> dict:
 
 def parser_rates(folder: Path, limit: int = 10_000) -> tuple[float, float]:
     """Files/s of our header parser and of Pillow's ``Image.open`` on the same files, one thread."""
-    from dali_patches.sources.listing import expand
     from dali_patches.sources.headers import pillow_header, read_local
+    from dali_patches.sources.listing import expand
 
     paths = expand(str(folder))[:limit]
     rates: dict[Any, float] = {}

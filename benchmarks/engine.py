@@ -79,10 +79,10 @@ def _floor(sampler: PatchSampler, constant: PatchBatch, args: argparse.Namespace
 def _gather_bytes_per_s(sampler: PatchSampler, args: argparse.Namespace) -> float:
     """The gather alone: 64 rounds' worth of patches from the warm cache (anchors drawn here, with an
     RNG of its own), output bytes per second."""
-    producer, backend = sampler._producer, sampler.backend  # a benchmark may look inside
-    cache, xp = producer.cache, backend.xp
+    maker, backend = sampler._producer.maker, sampler.backend  # a benchmark may look inside
+    cache, xp = maker.cache, backend.xp
     rng = np.random.default_rng(0)
-    slots = rng.choice(cache.resident_slots(), 64 * args.batch * producer.round_batches)
+    slots = rng.choice(cache.resident_slots(), 64 * args.batch * maker.round_batches)
     heights, widths = cache.sizes(slots)
     ys, xs = rng.integers(0, heights - args.patch + 1), rng.integers(0, widths - args.patch + 1)
     table = cache.table(0, slots, ys, xs)

@@ -224,7 +224,7 @@ def _dali_patches(files: list[str], args: argparse.Namespace, reuse: float) -> d
         after = sampler.stats()
     # The producer runs a few batches ahead of the consumer; the ratio of its own counters is exact.
     decoded = after["images_decoded"] - before["images_decoded"]
-    mean_reuse = (after["patches_served"] - before["patches_served"]) / decoded if decoded else None
+    mean_reuse = (after["patches_made"] - before["patches_made"]) / decoded if decoded else None
     result.update(decodes_per_s=result["patches_per_s"] / mean_reuse if mean_reuse else 0.0,
                   mean_reuse=mean_reuse, resident_images=after["resident_images"],
                   duplicate_decodes=after["duplicate_decodes"] - before["duplicate_decodes"])

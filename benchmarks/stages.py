@@ -23,10 +23,11 @@ from common import bare_decode_rate, device_sync, image_source, rate, timed, ver
 from dali_patches import Catalog, PatchSampler
 from dali_patches.engine.backend import resolve_backend
 from dali_patches.engine.decode import DecodeStage
+from dali_patches.sources import open_source
 
 
 def _decode_stage(files: list[str], device: str, batch: int, threads: int, seconds: float) -> float:
-    stage = DecodeStage(files, resolve_backend(device), batch_size=batch, num_threads=threads, seed=0)
+    stage = DecodeStage(open_source(files), files, resolve_backend(device), batch_size=batch, num_threads=threads, seed=0)
     try:
         return rate(timed(stage.next, seconds, warmup_steps=2 * batch), 1)
     finally:
@@ -40,8 +41,8 @@ def _warm(files: list[str], args: argparse.Namespace) -> dict[str, float]:
         backend = sampler.backend
         sync = device_sync(backend)
         next(sampler)  # warm: the producer now idles on a full queue (no refill at this reuse)
-        producer = sampler._producer  # a benchmark may look inside
-        cache, draws, stream = producer.cache, producer.draws, backend.new_stream()
+        maker = sampler._producer.maker  # a benchmark may look inside
+        cache, draws, stream = maker.cache, maker.draws, backend.new_stream()
 
         def gather_once() -> None:  # one batch: draw, table, one gather
             d = draws.draw_round(cache, 1)

@@ -21,7 +21,7 @@ from .options import DTYPES as _DTYPES
 from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, Reuse, enum_value, scaled
 from .state import plain
 
-__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "local_rank", "parse_bytes"]
+__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "local_rank", "parse_bytes", "parse_reuse"]
 
 _DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to this (see SamplerConfig)
 # Fields that do not change the stream of (source, anchor) and patches: a state saved under other
@@ -96,11 +96,16 @@ _MAX_SEED = 2**63 - 1  # DALI's seeds are 64-bit signed
 _THREADS_PER_CORE = 4  # num_threads beyond this many per core only adds threads
 
 
-def _reuse(value: object, name: str = "reuse") -> float | Reuse:
-    """A patches-per-decode figure: a finite number >= 1 (an int stays an int), or ``"auto"`` for
-    ``reuse``."""
-    if name == "reuse" and isinstance(value, str) and value.lower() == Reuse.AUTO.value:
+def parse_reuse(value: object, name: str = "reuse") -> float | Reuse:
+    """A patches-per-decode figure: a finite number >= 1 (an int stays an int; a string of one is
+    read as one), or ``"auto"`` (:attr:`Reuse.AUTO`) for ``reuse``."""
+    if name == "reuse" and (value is Reuse.AUTO or (isinstance(value, str) and value.lower() == Reuse.AUTO.value)):
         return Reuse.AUTO
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.strip().isdigit() else float(value)
+        except ValueError:
+            pass
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
             or not math.isfinite(float(value)) or not float(value) >= 1:
         also = " or 'auto'" if name == "reuse" else ""
@@ -246,10 +251,10 @@ class SamplerConfig:
                 set_(self, "device_id", local_rank)
         set_(self, "patch_size", _patch_hw(self.patch_size))
         set_(self, "batch_size", _int("batch_size", self.batch_size))
-        set_(self, "reuse", _reuse(self.reuse))
-        set_(self, "min_reuse", _reuse(self.min_reuse, "min_reuse"))
+        set_(self, "reuse", parse_reuse(self.reuse))
+        set_(self, "min_reuse", parse_reuse(self.min_reuse, "min_reuse"))
         if self.max_reuse is not None:
-            set_(self, "max_reuse", _reuse(self.max_reuse, "max_reuse"))
+            set_(self, "max_reuse", parse_reuse(self.max_reuse, "max_reuse"))
         if self.reuse is not Reuse.AUTO and (self.min_reuse != 1 or self.max_reuse is not None):
             msg = (f"min_reuse={self.min_reuse!r} and max_reuse={self.max_reuse!r} bound reuse='auto'; with a fixed "
                    f"reuse={self.reuse!r} leave them out")

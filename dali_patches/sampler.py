@@ -9,30 +9,23 @@ for DALI's framework plugins.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 import time
-import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from .catalog.catalog import Catalog, CatalogWarning
+from .catalog.catalog import Catalog
 from .config import Device, SamplerConfig, format_bytes
-from .engine.backend import HostArray, resolve_backend
-from .engine.cache import RingCache
+from .engine.backend import resolve_backend
 from .engine.outputs import PatchBatch
-from .engine.producer import HELD_GROUPS, Producer
+from .engine.producer import Producer
 from .engine.provenance import ProvenanceWriter
-from .engine.verify import find_corrupt
+from .engine.verify import without_corrupt
 from .export import pipeline as sample_pipeline
 from .options import AnchorMode, Companion
 from .sources import open_source
-from .sources.base import Problem, user_stacklevel
 from .state import state_value
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
@@ -43,35 +36,10 @@ OUTPUT_NAMES = ("patches", "source", "anchor")  # without companions; see PatchS
 _STATE_FORMAT = 2
 
 
-def _distrust(catalog: Catalog, path: str) -> None:  # the producer's callback: refers to the catalog, not back to us
-    catalog.distrust([path])
-
-
 def _close(producer: Producer, provenance: ProvenanceWriter | None) -> None:
     producer.close()
     if provenance is not None:
         provenance.close()
-
-
-def _points_by_source(points: Iterable[tuple[Any, int, int]], files: Sequence[str], heights: Any,
-                      widths: Any) -> dict[int, HostArray]:
-    """``(file, y, x)`` centres → source index → ``(K, 2)`` array; every point checked."""
-    index = {os.path.abspath(f): i for i, f in enumerate(files)}
-    found: dict[int, list[tuple[int, int]]] = {}
-    for n, (file, y, x) in enumerate(points):
-        source = index.get(os.path.abspath(os.fspath(file)))
-        if source is None:
-            msg = f"points[{n}]: {os.fspath(file)!r} is not among the sampler's images (skipped, or not in the source)"
-            raise ValueError(msg)
-        if not (0 <= y < heights[source] and 0 <= x < widths[source]):
-            msg = (f"points[{n}]: ({y}, {x}) lies outside {os.fspath(file)!r} "
-                   f"({heights[source]}x{widths[source]}); points are (row, column) patch centres")
-            raise ValueError(msg)
-        found.setdefault(source, []).append((int(y), int(x)))
-    if not found:
-        msg = "points is empty; give (file, y, x) patch centres, or leave points=None for uniform anchors"
-        raise ValueError(msg)
-    return {s: np.asarray(v, dtype=np.int64) for s, v in found.items()}
 
 
 class PatchSampler:
@@ -159,101 +127,31 @@ class PatchSampler:
             raise TypeError(msg)
         if points is not None:
             options["anchors"] = AnchorMode.POINTS
-        items = open_source(source, companions)
+        self.source = open_source(source, companions)
         config = SamplerConfig(patch_size=patch_size, batch_size=batch_size, reuse=reuse,  # type: ignore[arg-type]
                                cache_bytes=cache_bytes, cache_images=cache_images, device=device,  # type: ignore[arg-type]
-                               seed=seed, companions=items.companions, **options)
+                               seed=seed, companions=self.source.companions, **options)
         if config.anchors is AnchorMode.POINTS and points is None:
             msg = "anchors='points' needs points=[(file, y, x), ...]"
             raise ValueError(msg)
         self.backend = resolve_backend(config.device, config.device_id or 0, from_local_rank="device_id" not in options)
-        self.config = config.resolved(self.backend.device)  # every default worked out once, here
-        cfg = self.config
-        self.catalog = Catalog.scan(items, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
-                                    pad=cfg.pad, index=index, trust_index=trust_index)
+        self.config = cfg = config.resolved(self.backend.device)  # every default worked out once, here
+        catalog = Catalog.scan(self.source, min_size=cfg.patch_size, progress=progress, exif=cfg.exif_orientation,
+                               pad=cfg.pad, index=index, trust_index=trust_index)
         if verify:
-            self._skip_corrupt(progress)
-        self._points: dict[int, HostArray] | None = None
-        self._points_sha: str | None = None
+            catalog = without_corrupt(catalog, cfg.num_threads or 1, progress is not False)
+        anchors = None
         if points is not None:
-            points = list(points)
-            by_source = _points_by_source(points, self.catalog.files, self.catalog.heights, self.catalog.widths)
-            self.catalog = self.catalog.subset(sorted(by_source))
-            self._points = dict(enumerate(by_source[s] for s in sorted(by_source)))
-            self._points_sha = hashlib.sha256(repr(sorted(map(repr, points))).encode()).hexdigest()
-        sizes = self._check_data_fits()
-        cat = self.catalog
-        big = int(np.argmax(sizes))
-        self.plan = RingCache.plan(sizes, cfg.batch_size, len(cat.files) // (cfg.num_shards or 1), cfg.allow_repeats,
-                                   self.backend.free_bytes(), cfg.cache_bytes, cfg.cache_images,
-                                   self.backend.device.value,
-                                   largest=f"{cat.files[big]!r} ({cat.heights[big]}x{cat.widths[big]})")
+            catalog, anchors = catalog.with_points(points)
+        self.catalog = catalog.fitting(cfg.parts, cfg.cache_bytes)
+        self._producer = Producer(self.catalog, cfg, self.backend, progress, anchors)
+        self.plan = self._producer.maker.plan
         self.cache_bytes = self.plan.capacity_bytes
-        self._files_sha: str | None = None  # the data set's digest, worked out when a state first needs it
-        columns = [list(self.catalog.files), *(list(self.catalog.companions[c.name]) for c in cfg.companions)]
-        self._producer = Producer(columns, cfg, self.backend, self.plan, (self.catalog.heights, self.catalog.widths),
-                                  progress=progress, points=self._points,
-                                  on_changed=functools.partial(_distrust, self.catalog), source=self.catalog.source)
         self._pipelines: list[tuple[Any, sample_pipeline.Feed]] = []
         self._handover_s = 0.0  # consumer time in next(): taking a batch (waits included) and logging it
-        self._provenance = None
-        if provenance is not None:
-            cat = self.catalog
-            self._provenance = ProvenanceWriter(provenance, {
-                "files": list(cat.files), "heights": cat.heights.tolist(), "widths": cat.widths.tolist(),
-                "root": os.path.abspath(cat.root) if cat.root and not cat.root.startswith("s3://") else cat.root,
-                "patch_size": list(cfg.patch_size), "settings": self._fingerprint()})
+        self._provenance = None if provenance is None else ProvenanceWriter(provenance, self._producer.maker.header())
         # A sampler dropped without close() still stops its thread (the producer does not refer back).
         self._finalizer = weakref.finalize(self, _close, self._producer, self._provenance)
-
-    def _skip_corrupt(self, progress: bool | None) -> None:
-        """``verify=True``: decode every JPEG once and leave out (and report) those whose data is
-        corrupt, which libjpeg would otherwise decode to grey rows with a warning at every decode."""
-        cat = self.catalog
-        corrupt = find_corrupt(cat.files, self.config.num_threads or 1, progress is not False, cat.source)
-        if corrupt:
-            example = next(iter(corrupt.items()))
-            if len(corrupt) == len(cat.files):
-                msg = f"every image of the source has corrupt data, e.g. {example[0]}: {example[1]}"
-                raise ValueError(msg)
-            warnings.warn(f"skipped {len(corrupt)} JPEG(s) with corrupt data, e.g. {example[0]}: {example[1]}",
-                          CatalogWarning, stacklevel=user_stacklevel())
-            self.catalog = cat.without(corrupt)
-
-    def _check_data_fits(self) -> HostArray:
-        """Before planning: images that could never enter a ring of ``cache_bytes`` are skipped and
-        reported (a decompression bomb must not refuse a whole data set); too many shards and a
-        decode queue larger than the free memory are refused, each with the fix. Returns the cache
-        bytes of every image kept (companions included)."""
-        cfg, cat = self.config, self.catalog
-        if cfg.num_shards and cfg.num_shards > len(cat.files):
-            msg = (f"num_shards={cfg.num_shards} exceeds the {len(cat.files)} usable images: every shard needs files; "
-                   "use fewer shards (ranks) or more data")
-            raise ValueError(msg)
-        sizes = cat.sample_bytes(cfg.parts)
-        if cfg.cache_bytes is not None and (sizes > cfg.cache_bytes).any():
-            fits = np.flatnonzero(sizes <= cfg.cache_bytes)
-            if not len(fits):
-                msg = (f"cache_bytes={format_bytes(cfg.cache_bytes)} cannot hold any image of this data set (the "
-                       f"smallest takes {format_bytes(int(sizes.min()))}); raise cache_bytes")
-                raise ValueError(msg)
-            large = {cat.files[i]: Problem(f"{cat.heights[i]}x{cat.widths[i]} takes {format_bytes(int(sizes[i]))} "
-                                            f"decoded, more than the whole cache ({format_bytes(cfg.cache_bytes)}); "
-                                            "raise cache_bytes to sample it, or leave it out of the source",
-                                           "too large") for i in np.flatnonzero(sizes > cfg.cache_bytes)}
-            example = next(iter(large.items()))
-            warnings.warn(f"skipped {len(large)} image(s) larger than the cache, e.g. {example[0]}: {example[1]}",
-                          CatalogWarning, stacklevel=user_stacklevel())
-            self.catalog = cat.without(large)
-            sizes = sizes[fits]
-        queue_bytes = 3 * (cfg.decode_batch or 1) * int(sizes.max())
-        free = self.backend.free_bytes()
-        if queue_bytes > free:
-            msg = (f"decode_batch={cfg.decode_batch}: DALI's decode queue would hold about {format_bytes(queue_bytes)} "
-                   f"(3 batches of images up to {format_bytes(int(sizes.max()))}), more than the free "
-                   f"{self.backend.device.value} memory ({format_bytes(free)}); lower decode_batch")
-            raise ValueError(msg)
-        return sizes
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -269,20 +167,9 @@ class PatchSampler:
 
     @property
     def max_memory(self) -> int:
-        """Bytes this sampler will hold on its device: the arena, DALI's decode queue
-        (``decode_batch × 3`` of the largest images with companions), the images decoded ahead of it
-        (``2 × decode_batch``) and, on a GPU, those whose copies into the arena are still pending (up
-        to ``HELD_GROUPS + 1`` decode batches), and the output batches (the rounds in the queue, the
-        one being cut and the one being taken; on GPU the output ring and its staging)."""
-        cfg = self.config
-        largest = int(self.catalog.sample_bytes(cfg.parts).max())
-        producer = self._producer
-        batches = (producer.queue_rounds + 2) * producer.round_batches * cfg.batch_size * cfg.patch_bytes
-        ring = producer.ring_bytes
-        images = 3 * (cfg.decode_batch or 1) + producer.feeder.capacity
-        if self.backend.asynchronous:
-            images += (HELD_GROUPS + 1) * (cfg.decode_batch or 1)
-        return self.cache_bytes + images * largest + max(batches, ring)
+        """Bytes this sampler will hold on its device (see :meth:`~dali_patches.engine.maker.BatchMaker.max_memory`):
+        the arena, DALI's decode queue and the images decoded ahead of it, and the output batches."""
+        return self._producer.maker.max_memory()
 
     def __iter__(self) -> PatchSampler:
         return self
@@ -303,16 +190,17 @@ class PatchSampler:
         batch = self._producer.get()
         if batch.ready is not None and stream is not None:
             self.backend.wait(stream, batch.ready)
-            self._producer.cutter.add_consumer(stream)
+            self._producer.maker.cutter.add_consumer(stream)
         if self._provenance is not None:
             self._provenance.write(batch.index, batch.source, batch.anchor)
         self._handover_s += time.perf_counter() - t0
         return batch
 
     def stats(self) -> dict[str, Any]:
-        """Counters: ``images_decoded``, ``patches_served``, ``batches_served``, ``resident_images``,
-        ``cache_bytes``, ``cache_bytes_used``, ``mean_reuse`` (patches served per decoded image, warm-up
-        included), ``patches_per_residence`` (patches per cached copy over completed residences),
+        """Counters: ``images_decoded``; ``batches_made`` and ``patches_made`` (cut by the producer,
+        possibly still queued) and ``patches_delivered`` (handed to a consumer); ``reuse`` (as set:
+        a number or ``"auto"``); ``resident_images``, ``cache_bytes``, ``cache_bytes_used``,
+        ``mean_reuse`` (patches made per decoded image, warm-up included), ``patches_per_residence`` (patches per cached copy over completed residences),
         ``duplicate_decodes`` (fresh decodes of still-resident images, not inserted twice),
         ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
         ``skipped_files``, decode failures, ``anchor_fallbacks`` (weighted draws that fell back: see
@@ -327,16 +215,6 @@ class PatchSampler:
                 "device": self.backend.device.value}
 
     # -- resumable state ---------------------------------------------------------------------
-    def _fingerprint(self) -> dict[str, Any]:
-        """What a state must match to resume here: every stream-shaping config field, the resolved
-        cache size, and digests of the file lists and points."""
-        if self._files_sha is None:
-            self._files_sha = self.catalog.digest()
-        return {**self.config.stream_fields(), "files": len(self.files), "files_sha256": self._files_sha,
-                "cache_bytes": self.cache_bytes,
-                "companion_files_sha256": hashlib.sha256(repr(self.catalog.companions).encode()).hexdigest(),
-                "points_sha256": self._points_sha}
-
     def state_dict(self, in_flight: int = 0) -> dict[str, Any]:
         """Where the stream stands, as plain Python values (``torch.save``/JSON-able, a few KiB):
         the reader's position (a DALI checkpoint), the draws' RNG, the refill credit, which images
@@ -349,7 +227,7 @@ class PatchSampler:
         prefetch queue) are excluded. :class:`~dali_patches.torch.PatchIterator` counts them for you.
         """
         index = self._producer.last_delivered - in_flight
-        return {"format": _STATE_FORMAT, "fingerprint": self._fingerprint(),
+        return {"format": _STATE_FORMAT, "fingerprint": self._producer.maker.fingerprint(),
                 "stream": self._producer.state_after(index)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -363,7 +241,7 @@ class PatchSampler:
             msg = (f"state format {found!r} is not {_STATE_FORMAT}; "
                    "was it made by PatchSampler.state_dict() of this version?")
             raise ValueError(msg)
-        saved, mine = state_value(state, "fingerprint", "", dict), self._fingerprint()
+        saved, mine = state_value(state, "fingerprint", "", dict), self._producer.maker.fingerprint()
         missing, extra = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
         if missing or extra:  # every field is compared: a fingerprint with fields left out proves nothing
             msg = (f"this state's fingerprint lacks {missing} and has {extra} beyond this sampler's; load a state "

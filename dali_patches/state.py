@@ -27,7 +27,9 @@ __all__ = ["Field", "Stateful", "plain", "read_fields", "state_value"]
 @runtime_checkable
 class Stateful(Protocol):
     """``state_dict()`` → plain values; ``load_state_dict(state)`` continues from them. A piece that
-    also has ``check_state(state, where)`` lets its parent check it before anything is loaded."""
+    is part of a larger state also has ``check_state(state, where)`` (every field checked, the
+    values returned, nothing changed) and ``apply_state(checked)``, so that its parent checks all
+    its children before it changes any; ``load_state_dict`` is then ``apply_state(check_state(s))``."""
 
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -6,29 +6,25 @@
   training loops that need no DALI ops: no pipeline, no copy, the same provenance and state.
 
 Each step yields ``{"patches": (B, P_h, P_w, C), "source": (B,) int64, "anchor": (B, 2) int32}`` plus
-one entry per companion (``"target"``, ``"mask"``, …). Patches are on the sampler's device (CUDA in
-GPU mode, CPU otherwise); ``source`` and ``anchor`` are host tensors. Import this module only when
-torch is installed; the core package does not need it.
+one entry per companion (``"target"``, ``"mask"``, …); patches are ``uint8`` unless the sampler's
+``dtype`` or ``augment`` says otherwise. Both iterators have ``len()`` and epoch-bounded ``for``
+loops (``batches_per_epoch``), ``state_dict()`` and ``load_state_dict()``
+(:mod:`dali_patches.export.epochs`). Import this module only when torch is installed; the core
+package does not need it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from .export.epochs import EpochIterator, PipelineEpochIterator
 from .export.pipeline import batch_outputs
 from .sampler import PatchSampler
 
 __all__ = ["DirectIterator", "PatchIterator"]
-
-
-def _check_epoch(batches_per_epoch: int | None) -> None:
-    if batches_per_epoch is not None and (not isinstance(batches_per_epoch, int) or batches_per_epoch <= 0):
-        msg = f"{batches_per_epoch=} must be a positive int or None (endless)"
-        raise ValueError(msg)
 
 
 class _StreamHandle:
@@ -50,34 +46,18 @@ def _cupy_stream(xp: Any, torch_stream: Any, device: int) -> Any:
     return xp.cuda.ExternalStream(torch_stream.cuda_stream, device)
 
 
-class _Epochs:
-    """``len()`` and epoch-bounded ``for`` loops over an endless stream of batches."""
-
-    batches_per_epoch: int | None
-
-    def __len__(self) -> int:
-        if self.batches_per_epoch is None:
-            msg = f"an endless {type(self).__name__} has no length; pass batches_per_epoch"
-            raise TypeError(msg)
-        return self.batches_per_epoch
-
-    def _next(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        count = 0
-        while self.batches_per_epoch is None or count < self.batches_per_epoch:
-            yield self._next()
-            count += 1
-
-
-class PatchIterator(_Epochs):
+class PatchIterator(PipelineEpochIterator):
     """Torch tensors from a :class:`~dali_patches.PatchSampler`, through DALI's PyTorch plugin.
+
+    In GPU mode every output, ``source`` and ``anchor`` included, is a CUDA tensor of the sampler's
+    device; on the CPU, CPU tensors. The pipeline is built, and DALI's iterator made, at the first
+    ``next()``: constructing the iterator takes no batch, so :meth:`load_state_dict` may follow.
 
     Args:
         sampler: the sampler to draw from (its stream is shared with any other consumer).
-        batches_per_epoch: ``None`` iterates forever; an int makes each ``for`` loop stop after that
-            many batches (``len()`` gives it), continuing the same stream on the next loop.
+        batches_per_epoch: ``None`` iterates forever; an int makes each ``for`` loop run to the end of
+            the current epoch of that many batches (``len()`` gives it), continuing the same stream on
+            the next loop.
         prefetch_queue_depth: batches DALI keeps in flight.
         no_copy: DALI reads the batches in place instead of copying them (see
             :meth:`~dali_patches.PatchSampler.pipeline`).
@@ -89,32 +69,23 @@ class PatchIterator(_Epochs):
 
     def __init__(self, sampler: PatchSampler, batches_per_epoch: int | None = None,
                  prefetch_queue_depth: int = 2, no_copy: bool = False) -> None:
-        _check_epoch(batches_per_epoch)
-        self.sampler = sampler
-        self.batches_per_epoch = batches_per_epoch
-        self.pipeline = sampler.pipeline(prefetch_queue_depth=prefetch_queue_depth, no_copy=no_copy)
-        self._dali = DALIGenericIterator(self.pipeline, list(sampler.output_names), size=-1)
-        self._returned = 0
+        super().__init__(sampler, batches_per_epoch, prefetch_queue_depth, no_copy)
 
-    def _next(self) -> dict[str, Any]:
-        data: dict[str, Any] = next(self._dali)[0]
-        self._returned += 1
-        return data
+    def _plugin(self, pipe: Any) -> Any:
+        return DALIGenericIterator(pipe, list(self.sampler.output_names), size=-1)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's :meth:`~dali_patches.PatchSampler.state_dict` after the last batch this
-        iterator yielded (batches in DALI's prefetch queue are not counted as consumed). Restore
-        with ``sampler.load_state_dict`` on a new sampler, then wrap it in a new iterator."""
-        return self.sampler.state_dict(in_flight=self.sampler.batches_fed(self.pipeline) - self._returned)
+    def _unpack(self, step: Any) -> dict[str, Any]:
+        return dict(step[0])  # one pipeline
 
 
-class DirectIterator(_Epochs):
+class DirectIterator(EpochIterator):
     """Torch tensors straight from the sampler's batches, through DLPack: no DALI pipeline, no copy.
 
     On a GPU, the tensors are read on torch's current stream of the sampler's device, which waits
     (on the device, not the host) for the gather that wrote them; the sampler rewrites a batch's
     memory only after the tensor and every view of it are released and the work queued on that
     stream by then is done. Keeping a batch (or a view) alive keeps its patches as they are.
+    ``source`` and ``anchor`` are host tensors.
 
     Args:
         sampler: the sampler to draw from (its stream is shared with any other consumer).
@@ -126,13 +97,12 @@ class DirectIterator(_Epochs):
     """
 
     def __init__(self, sampler: PatchSampler, batches_per_epoch: int | None = None) -> None:
-        _check_epoch(batches_per_epoch)
-        self.sampler = sampler
-        self.batches_per_epoch = batches_per_epoch
+        super().__init__(sampler, batches_per_epoch)
+        self._sampler = sampler
         self._names = sampler.output_names
 
-    def _next(self) -> dict[str, Any]:
-        sampler, backend = self.sampler, self.sampler.backend
+    def _take(self) -> dict[str, Any]:
+        sampler, backend = self._sampler, self._sampler.backend
         if not backend.is_gpu:
             return self._tensors(sampler.take(None))
         # torch's stream of the sampler's device (not of whichever device is current), seen by CuPy as
@@ -142,9 +112,5 @@ class DirectIterator(_Epochs):
             return self._tensors(sampler.take(stream))
 
     def _tensors(self, batch: Any) -> dict[str, Any]:
-        arrays = batch_outputs(self.sampler.config, batch)
+        arrays = batch_outputs(self._sampler.config, batch)
         return {name: torch.from_dlpack(array) for name, array in zip(self._names, arrays)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The sampler's state after the last batch this iterator yielded (nothing is prefetched)."""
-        return self.sampler.state_dict()

@@ -21,7 +21,7 @@ def main(images: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     sampler = PatchSampler(images, patch_size=32, batch_size=8, reuse=1, cache_images=10, device="cpu", seed=5)
-    decoder = sampler._producer.decoder
+    decoder = sampler._producer.maker.decoder
     decoded: list[int] = []
     original = decoder.next
 

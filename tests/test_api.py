@@ -43,7 +43,7 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
         "import sys\n"
         "class Block:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'cupy', 'tensorflow'):\n"
+        "        if name.split('.')[0] in ('torch', 'cupy', 'tensorflow', 'jax'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import dali_patches, dali_patches.cli, dali_patches.cli.commands, dali_patches.review.figures\n"
@@ -60,12 +60,12 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
 FLOW = ["options", "state", "config",
         "sources.base", "sources.headers", "sources.columns", "sources.workers", "sources.listing", "sources.pairing",
         "sources.feeding", "sources.files", "sources.s3", "sources.tar", "sources",
-        "catalog.index", "catalog.lookup", "catalog.catalog", "catalog",
+        "catalog.index", "catalog.lookup", "catalog.screen", "catalog.catalog", "catalog",
         "engine.backend", "engine.decode", "engine.verify", "engine.feeder", "engine.gather", "engine.cache",
-        "engine.anchors", "engine.draw", "engine.outputs", "engine.rounds", "engine.pace", "engine.producer",
+        "engine.anchors", "engine.draw", "engine.outputs", "engine.rounds", "engine.pace", "engine.maker", "engine.producer",
         "engine.provenance", "engine",
-        "export.augment", "export.pipeline", "export",
-        "sampler", "torch", "tf",
+        "export.augment", "export.pipeline", "export.epochs", "export",
+        "sampler", "torch", "tf", "jax",
         "review.runs", "review", "review.figures",
         "cli.synth", "cli.commands", "cli.main", "cli"]
 

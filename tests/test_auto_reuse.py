@@ -32,7 +32,7 @@ def test_a_slow_trainer_pauses_the_decoder_at_min_reuse(device: str, many_images
             next(sampler)
             time.sleep(0.01)  # 800 patches/s: far slower than 4 × the decode rate of these small images
         stats = sampler.stats()
-    assert stats["reuse_mode"] == "auto"
+    assert stats["reuse"] == "auto"
     assert stats["effective_reuse"] >= 4 * 0.9  # never below the bound (rounding aside)
     assert stats["effective_reuse"] <= 4 * 1.5  # and the decoder gave all the bound allows
     assert stats["decoder_busy_fraction"] < 0.9  # it paused: the trainer was the slow side
@@ -72,7 +72,7 @@ def test_state_resumes_a_valid_stream(device: str, many_images: Path) -> None:
         resident = sorted(state["stream"]["round"]["cache"]["source"])
     with _sampler(many_images, device) as second:
         second.load_state_dict(state)
-        assert sorted(second._producer.cache.state_dict()["source"]) == resident  # the same cache
+        assert sorted(second._producer.maker.cache.state_dict()["source"]) == resident  # the same cache
         batch = next(second)
         assert batch.index == 25  # the same position
         for _ in range(20):
@@ -90,7 +90,7 @@ def test_pace_figures_for_fixed_and_auto(many_images: Path) -> None:
                     "consumer_wait_s"):
             assert key in stats, key
         assert 0.0 <= stats["decoder_busy_fraction"] <= 1.0 and 0.0 <= stats["consumer_wait_fraction"] <= 1.0
-    assert stats["reuse_mode"] == "auto"
+    assert stats["reuse"] == "auto"
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -120,7 +120,7 @@ def test_max_reuse_holds_after_a_slow_phase(many_images: Path) -> None:
             next(sampler)
         end = sampler.stats()
     taken = end["images_decoded"] - start["images_decoded"]
-    served = end["patches_served"] - start["patches_served"]
+    served = end["patches_made"] - start["patches_made"]
     assert served / taken <= 4 * 1.15
 
 
@@ -151,4 +151,4 @@ def test_auto_through_dali_and_direct_paths_with_companions(dali_device: str, sr
                     break
         stats = sampler.stats()
         taken = stats["images_decoded"] - stats["warmup_images"]
-        assert stats["patches_served"] <= 8 * (taken + sampler._producer.feeder.capacity)  # max_reuse, with its slack
+        assert stats["patches_made"] <= 8 * (taken + sampler._producer.maker.feeder.capacity)  # max_reuse, with its slack

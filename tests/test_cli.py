@@ -38,7 +38,7 @@ def test_bench_with_auto_reuse_reports_the_pace(many_images: Path, capsys) -> No
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     pace = result["pace"]
-    assert pace["reuse_mode"] == "auto" and pace["effective_reuse"] <= 16 * 1.1
+    assert pace["reuse"] == "auto" and pace["effective_reuse"] <= 16 * 1.1
     for key in ("decoder_busy_fraction", "consumer_wait_fraction", "effective_reuse_recent"):
         assert 0 <= pace[key] < float("inf"), key
     assert result["config"]["reuse"] == "auto"

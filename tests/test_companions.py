@@ -124,7 +124,7 @@ def test_companions_count_in_the_cache_plan_and_are_evicted_with_their_image(dev
         for _ in range(200):
             next(sampler)
         stats = sampler.stats()
-        cache = sampler._producer.cache
+        cache = sampler._producer.maker.cache
         resident = cache.source[cache.resident_slots()]
         assert stats["resident_images"] >= 6  # cache_images counts an image with its companions
         assert stats["cache_bytes_used"] == sizes[resident].sum() <= sampler.cache_bytes  # evicted together

@@ -7,13 +7,14 @@ import pytest
 
 from dali_patches.catalog.catalog import Catalog
 from dali_patches.engine.decode import DecodeStage
+from dali_patches.sources import open_source
 
 from .conftest import reference_decode
 
 
 def test_every_file_once_per_epoch_in_a_fresh_order(backend, many_images: Path) -> None:
     files = list(Catalog.scan(many_images).files)
-    stage = DecodeStage(files, backend, batch_size=5, num_threads=2, seed=3)
+    stage = DecodeStage(open_source(files), files, backend, batch_size=5, num_threads=2, seed=3)
     assert stage.epoch_size == len(files)
     epochs = [[stage.next()[0] for _ in files] for _ in range(3)]
     for order in epochs:
@@ -25,8 +26,8 @@ def test_every_file_once_per_epoch_in_a_fresh_order(backend, many_images: Path) 
 
 def test_same_seed_same_order_and_pixels_match_reference(backend, image_dir: Path) -> None:
     files = list(Catalog.scan(image_dir).files)
-    a = DecodeStage(files, backend, batch_size=4, num_threads=2, seed=11)
-    b = DecodeStage(files, backend, batch_size=3, num_threads=1, seed=11)
+    a = DecodeStage(open_source(files), files, backend, batch_size=4, num_threads=2, seed=11)
+    b = DecodeStage(open_source(files), files, backend, batch_size=3, num_threads=1, seed=11)
     reference = reference_decode(files, backend.device.value)
     for _ in range(len(files)):
         (sa, (ia,)), (sb, _) = a.next(), b.next()
@@ -39,7 +40,7 @@ def test_files_broken_during_the_run_are_skipped_reported_once_and_lose_nothing(
     for path in many_images.iterdir():
         shutil.copy(path, tmp_path / path.name)
     files = list(Catalog.scan(tmp_path).files)
-    stage = DecodeStage(files, backend, batch_size=8, num_threads=2, seed=1)  # 8 divides the 64 files
+    stage = DecodeStage(open_source(files), files, backend, batch_size=8, num_threads=2, seed=1)  # 8 divides the 64 files
     first = [stage.next()[0] for _ in range(10)]
     deleted, corrupted = files[first[-1]], files[(first[-1] + 1) % len(files)]
     os.remove(deleted)  # gone while the run goes on: DALI's reader fails on it for good
@@ -84,7 +85,7 @@ def test_verify_leaves_out_jpegs_with_corrupt_data(tmp_path: Path, capfd) -> Non
     from dali_patches.engine.verify import find_corrupt
 
     paths = [str(p) for p in _corrupt_set(tmp_path / "data")]
-    found = find_corrupt(paths)
+    found = find_corrupt(open_source(paths), paths)
     assert sorted(Path(p).name for p in found) == ["corrupt.jpg", "truncated_eoi.jpg"]
     assert all(r.kind == "corrupt data" and "Corrupt JPEG data" in r for r in found.values())
     assert "Corrupt JPEG data" not in capfd.readouterr().err  # captured per file, not shown

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+import dali_patches.engine.maker as maker_module
 from dali_patches import PatchSampler
 from dali_patches.engine.backend import Backend, cuda_available
 from dali_patches.engine.outputs import OutputRing
-from dali_patches.engine.producer import Producer
 from dali_patches.engine.rounds import RoundCutter
 
 from .conftest import GPU_TEST_HW_DECODER_LOAD, reference_decode, simulated_gpu
@@ -95,7 +95,7 @@ def test_a_late_consumer_stream_reads_every_patch_as_cut(sim: Simulator, image_d
         got = _consume(sim, sampler, 60, keep=8)
         stats = sampler.stats()
     _check_exact(sampler, got)
-    assert stats["batches_served"] >= 60 and sim.ops_run > 500
+    assert stats["batches_made"] >= 60 and sim.ops_run > 500
     sim.check()
 
 
@@ -156,10 +156,10 @@ def _recycle_a_held_buffer(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> N
 
 
 def _release_decoded_views_early(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> None:
-    def release(self: Producer, event: Any, wait: bool = False) -> None:
+    def release(self: Any, event: Any, wait: bool = False) -> None:
         self._holding = []  # dropped at once, without waiting for the copies that read them
 
-    monkeypatch.setattr(Producer, "_release_decoded", release)
+    monkeypatch.setattr(maker_module._HeldViews, "release", release)
 
 
 def _read_before_the_event(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> None:
@@ -252,7 +252,7 @@ def test_a_replaced_ring_group_goes_to_no_other_allocation(sim: Simulator) -> No
 def test_freeing_the_arena_under_a_running_sampler_is_caught(sim: Simulator, image_dir: Path) -> None:
     with PatchSampler(image_dir, device_id=DEVICE, **SETTINGS) as sampler:
         _consume(sim, sampler, 5)
-        sim.release_now(sampler._producer.cache.arena)  # freed behind the producer's back ...
+        sim.release_now(sampler._producer.maker.cache.arena)  # freed behind the producer's back ...
         _consume(sim, sampler, 10)  # ... which goes on inserting and cutting
     assert any("after it was released" in hazard for hazard in sim.hazards), sim.hazards[:3]
     sim.hazards.clear()

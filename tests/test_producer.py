@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dali_patches.engine.producer as producer_module
+import dali_patches.engine.maker as maker_module
 from dali_patches import PatchSampler
 from dali_patches.engine.draw import Draws
 
@@ -17,7 +17,7 @@ SETTINGS = {"patch_size": 24, "batch_size": 8, "reuse": 2, "cache_bytes": "900Ki
 @pytest.fixture
 def rounds_of_5(monkeypatch: pytest.MonkeyPatch) -> int:
     """Force rounds of 5 batches (the engine picks 1 for this small cache)."""
-    monkeypatch.setattr(producer_module, "round_batches", lambda config, typical, most_taken: 5)
+    monkeypatch.setattr(maker_module, "round_batches", lambda config, typical, most_taken: 5)
     return 5
 
 

@@ -49,6 +49,8 @@ def test_readme_example_runs(index: int, data_dir: Path, monkeypatch: pytest.Mon
     if "import tensorflow" in BLOCKS[index]:
         pytest.importorskip("tensorflow")
         pytest.importorskip("nvidia.dali.plugin.tf")
+    if "import jax" in BLOCKS[index]:
+        pytest.importorskip("jax")
     monkeypatch.chdir(data_dir)
     namespace: dict = {}
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), namespace)  # noqa: S102

@@ -48,7 +48,7 @@ def test_batches_stay_distinct_when_the_cache_holds_the_whole_shard(device: str,
             assert len(set(batch.source.tolist())) == 60
         stats = s.stats()
     assert stats["duplicate_decodes"] > 0 and stats["resident_images"] == 64
-    served_per_decode = stats["patches_served"] / (stats["images_decoded"] - stats["warmup_images"])
+    served_per_decode = stats["patches_made"] / (stats["images_decoded"] - stats["warmup_images"])
     assert served_per_decode == pytest.approx(2, rel=0.10)
 
 
@@ -58,14 +58,14 @@ def test_mean_patches_per_decoded_image_matches_reuse(device: str, many_images: 
         _stream(s, 1500)
         stats = s.stats()
     assert stats["mean_reuse"] == pytest.approx(reuse, rel=0.10)
-    served_per_decode = stats["patches_served"] / (stats["images_decoded"] - stats["warmup_images"])
+    served_per_decode = stats["patches_made"] / (stats["images_decoded"] - stats["warmup_images"])
     assert served_per_decode == pytest.approx(reuse, rel=0.10)
 
 
 def test_every_file_is_decoded_once_per_reader_epoch(many_images: Path) -> None:
     with PatchSampler(many_images, patch_size=32, batch_size=8, reuse=1, cache_images=10, device="cpu") as s:
         n = len(s.files)
-        decoder = s._producer.decoder
+        decoder = s._producer.maker.decoder
         decoded: list[int] = []
         original = decoder.next
 
@@ -95,13 +95,13 @@ def test_same_seed_same_stream_different_seed_differs(device: str, image_dir: Pa
 def test_arena_is_allocated_once_and_cache_stays_bounded(device: str, many_images: Path) -> None:
     with PatchSampler(many_images, patch_size=32, batch_size=8, reuse=2, cache_bytes=1_000_000, device=device) as s:
         next(s)
-        arena = s._producer.cache.arena
+        arena = s._producer.maker.cache.arena
         pointer = arena.ctypes.data if s.backend.xp is np else arena.data.ptr
         for _ in range(300):
             next(s)
             stats = s.stats()
             assert stats["cache_bytes_used"] <= stats["cache_bytes"] == 1_000_000
-        assert s._producer.cache.arena is arena and arena.nbytes == RingCache.arena_bytes(1_000_000)
+        assert s._producer.maker.cache.arena is arena and arena.nbytes == RingCache.arena_bytes(1_000_000)
         assert (arena.ctypes.data if s.backend.xp is np else arena.data.ptr) == pointer
         assert stats["reader_epochs"] > 2
 
@@ -194,7 +194,7 @@ def test_creating_and_closing_samplers_in_a_loop_does_not_leak(many_images: Path
             s.pipeline().run()
             for _ in range(20):  # the ring wraps: every page of the arena is touched
                 next(s)
-            arenas.append(weakref.ref(s._producer.cache.arena))
+            arenas.append(weakref.ref(s._producer.maker.cache.arena))
         gc.collect()
 
     for _ in range(3):  # allocator pools and DALI's one-time state settle

@@ -130,7 +130,7 @@ def test_a_tampered_state_is_refused_naming_the_field(many_images: Path, case: s
     with PatchSampler(many_images, device="cpu", **SETTINGS) as fresh:
         with pytest.raises(ValueError, match=message):
             fresh.load_state_dict(_tamper(state, path, value))
-        producer = fresh._producer  # nothing was changed by the refused one ...
-        assert producer.cache.resident == 0 and producer.batches_made == 0 and producer.schedule.credit == 0
+        maker = fresh._producer.maker  # nothing was changed by the refused one ...
+        assert maker.cache.resident == 0 and maker.counts.batches_made == 0 and maker.schedule.credit == 0
         fresh.load_state_dict(state)  # ... and the good state still loads
         assert next(fresh).index == 3

@@ -133,7 +133,8 @@ def test_a_corrupt_member_and_a_truncated_shard_are_skipped_and_reported(tmp_pat
     shard, _, name = bad.partition("#")
     payload = bytearray(members[bad])
     payload[60:-20] = bytes(len(payload) - 80)  # zeroed compressed data: the decoder rejects it
-    items = {m.name: (m, tarfile.open(shard).extractfile(m).read()) for m in tarfile.open(shard)}  # type: ignore[union-attr]
+    with tarfile.open(shard) as old:
+        items = {m.name: (m, old.extractfile(m).read()) for m in old}  # type: ignore[union-attr]
     with tarfile.open(shard, "w") as tar:
         for member_name, (info, data) in items.items():
             data = bytes(payload) if member_name == name else data
@@ -189,8 +190,9 @@ def test_shards_are_split_among_ranks_whole_and_cover_the_epoch(tmp_path: Path) 
     backend = resolve_backend("cpu")
     seen = []
     for rank in range(2):
-        stage = DecodeStage(list(catalog.files), backend, batch_size=4, num_threads=1, seed=5, shard_id=rank,
-                            num_shards=2, source=catalog.source)
+        assert catalog.source is not None
+        stage = DecodeStage(catalog.source, list(catalog.files), backend, batch_size=4, num_threads=1, seed=5,
+                            shard_id=rank, num_shards=2)
         assert stage.shard_size == 18
         seen.append({catalog.files[stage.next()[0]] for _ in range(stage.shard_size)})
         stage.close()
@@ -293,3 +295,24 @@ def test_shards_in_object_storage_serve_the_same_patches(s3_server: str, monkeyp
             assert np.array_equal(a.companions["mask"], b.companions["mask"])
         source = remote.catalog.source
         assert isinstance(source, TarShards) and source.bytes_read > 0
+
+
+def test_provenance_names_shard_and_member_and_the_coverage_figure_draws_them(
+        shards: tuple[Path, dict[str, bytes]], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    from dali_patches import review
+    from dali_patches.review.figures import coverage_figure
+
+    folder, _ = shards
+    log = tmp_path / "run.prov"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CatalogWarning)
+        with PatchSampler(folder, patch_size=P, batch_size=4, reuse=2, cache_images=8, seed=0, device="cpu",
+                          index=False, provenance=log) as sampler:
+            batches = [next(sampler) for _ in range(6)]
+    run = review.load(log)
+    assert all(".tar#sample" in f for f in run.files)
+    assert [run.files[s] for s in run.source[:4].tolist()] == [sampler.files[s] for s in batches[0].source.tolist()]
+    with caplog.at_level("WARNING"):
+        stats = coverage_figure(run, tmp_path / "coverage.png", images=2, dpi=40)
+    assert stats["shown"] and "without its image" not in caplog.text

@@ -1,11 +1,14 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from dali_patches import PatchSampler
 from dali_patches.torch import DirectIterator, PatchIterator
+
+ITERATORS = [pytest.param(PatchIterator, id="pipeline"), pytest.param(DirectIterator, id="direct")]
 
 
 def test_iterator_yields_torch_tensors_on_the_sampler_device(dali_device: str, image_dir: Path) -> None:
@@ -70,3 +73,95 @@ def test_super_resolution_pairs_as_float_chw_tensors(dali_device: str, sr_pairs:
         lr, hr = data["patches"], data["target"]
         assert lr.shape == (8, 3, 12, 12) and hr.shape == (8, 3, 24, 24) and lr.dtype == torch.float32
         assert torch.equal(hr[:, :, ::2, ::2], lr)
+
+
+# -- resuming through the iterator ---------------------------------------------------------------
+RESUME = {"patch_size": (16, 24), "batch_size": 8, "reuse": 4, "cache_images": 12, "seed": 3}
+
+
+def _host(data: dict) -> tuple[np.ndarray, ...]:
+    return tuple(data[name].cpu().numpy().copy() for name in ("patches", "source", "anchor"))
+
+
+def _same(steps: list[tuple[np.ndarray, ...]], expected: list[tuple[np.ndarray, ...]]) -> None:
+    assert len(steps) == len(expected)
+    for got, want in zip(steps, expected, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ITERATORS)
+def test_iterator_resumes_mid_epoch_bit_for_bit(kind: type, dali_device: str, image_dir: Path) -> None:
+    """Saved after batch 2 of epoch 2 (of 4): a new sampler and iterator, the state loaded, yield the
+    rest of that epoch and then whole epochs, the very batches the saving iterator went on with."""
+    settings = {**RESUME, "device": dali_device}
+    with PatchSampler(image_dir, **settings) as s:
+        iterator = kind(s, batches_per_epoch=4)
+        first_epoch = [_host(d) for d in iterator]
+        for i, data in enumerate(iterator):
+            if i == 1:
+                state = iterator.state_dict()
+                break
+        assert state["iterator"] == {"batches_per_epoch": 4, "epoch_batches": 2}
+        rest = [_host(d) for d in iterator]  # a loop left early leaves its epoch open
+        after = [_host(d) for d in iterator]
+    assert len(first_epoch) == 4 and len(rest) == 2 and len(after) == 4
+    with PatchSampler(image_dir, **settings) as s:
+        resumed = kind(s, batches_per_epoch=4)
+        resumed.load_state_dict(state)  # in time: a new iterator takes no batch before its first next()
+        _same([_host(d) for d in resumed], rest)
+        _same([_host(d) for d in resumed], after)
+        assert len(resumed) == 4
+
+
+@pytest.mark.parametrize("kind", ITERATORS)
+def test_iterator_state_loads_into_a_sampler_and_takes_a_sampler_state(kind: type, image_dir: Path) -> None:
+    settings = {**RESUME, "device": "cpu"}
+    with PatchSampler(image_dir, **settings) as s:
+        iterator = kind(s)
+        taken = [_host(d) for _, d in zip(range(5), iterator)]
+        state = iterator.state_dict()
+        expected = [_host(d) for _, d in zip(range(3), iterator)]
+    assert len(taken) == 5
+    with PatchSampler(image_dir, **settings) as s:  # today's way: the sampler alone
+        s.load_state_dict(state)
+        batch = next(s)
+        assert batch.index == 5 and np.array_equal(batch.source, expected[0][1])
+    sampler_state = {key: value for key, value in state.items() if key != "iterator"}
+    with PatchSampler(image_dir, **settings) as s:  # a sampler's state into an iterator: a fresh epoch
+        resumed = kind(s, batches_per_epoch=3)
+        resumed.load_state_dict(sampler_state)
+        _same([_host(d) for d in resumed], expected)
+
+
+def test_iterator_refuses_late_and_bad_states(image_dir: Path) -> None:
+    settings = {**RESUME, "device": "cpu"}
+    with PatchSampler(image_dir, **settings) as s:
+        iterator = PatchIterator(s, batches_per_epoch=4)
+        next(iter(iterator))
+        state = iterator.state_dict()
+        with pytest.raises(RuntimeError, match="already taken batches.*new PatchSampler.*new PatchIterator"):
+            iterator.load_state_dict(state)
+    with PatchSampler(image_dir, **settings) as s:
+        next(s)
+        with pytest.raises(RuntimeError, match="sampler has already produced batches.*new PatchSampler"):
+            DirectIterator(s, batches_per_epoch=4).load_state_dict(state)
+    with PatchSampler(image_dir, **settings) as s:
+        fresh = DirectIterator(s, batches_per_epoch=4)
+        with pytest.raises(ValueError, match=r"\['batches_per_epoch'\] is 4.*batches_per_epoch=4"):
+            DirectIterator(s, batches_per_epoch=5).load_state_dict(state)
+        with pytest.raises(ValueError, match=r"\['iterator'\]\['epoch_batches'\]"):
+            fresh.load_state_dict({**state, "iterator": {"batches_per_epoch": 4, "epoch_batches": 4}})
+        with pytest.raises(ValueError, match=r"\['iterator'\]\['batches_per_epoch'\] is missing"):
+            fresh.load_state_dict({**state, "iterator": {"epoch_batches": 1}})
+        with pytest.raises(ValueError, match="not a dict"):
+            fresh.load_state_dict([state])
+        with pytest.raises(ValueError, match="seed"):  # another sampler's state
+            fresh.load_state_dict({**state, "fingerprint": {**state["fingerprint"], "seed": 99}})
+        fresh.load_state_dict(state)  # every refusal left the iterator and the sampler as they were
+        assert len(list(fresh)) == 3  # the rest of the saved epoch
+    with PatchSampler(image_dir, **settings) as s:
+        with pytest.raises(ValueError, match="prefetch_queue_depth=0"):
+            PatchIterator(s, prefetch_queue_depth=0)
+        with pytest.raises(ValueError, match="batches_per_epoch=True"):
+            DirectIterator(s, batches_per_epoch=True)

@@ -14,48 +14,26 @@ import logging
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from ..options import Companion, CompanionKind, Part, scaled
+from ..config import format_bytes
+from ..options import Companion, Part
 from ..sources import open_source
 from ..sources.base import IMAGE_SUFFIXES, Problem, Source, user_stacklevel
-from ..sources.columns import Columns
-from .index import default_index_path, distrust, load_index
+from .index import distrust, index_path, load_index
 from .lookup import lookup
+from .screen import CatalogWarning, screen
 
 __all__ = ["Catalog", "CatalogWarning", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_FILES = 2000  # below this a header scan takes well under a second: no bar
-_INDEX_MIN_FILES = 1000  # index=None keeps an index from this many files on (smaller scans are instant)
 _OBJECT_THREADS = 32  # concurrent ranged GETs for object headers (network-bound)
-_ALPHA_MODES = (b"RGBA", b"LA", b"PA", b"La", b"RGBa")  # Pillow modes with an alpha channel
-
-
-class CatalogWarning(UserWarning):
-    """Some files were skipped; ``Catalog.skipped`` lists each with its reason."""
-
-
-def _companion_problem(part: Companion, found: Problem | tuple[int, int, str], main: tuple[int, int]) -> Problem | None:
-    """Why a companion file (its problem, or decoded ``(height, width, mode)``) cannot go with an
-    image of decoded size ``main``, or ``None``."""
-    if isinstance(found, str):
-        return found
-    h, w, mode = found
-    want = (main[0] * part.scale, main[1] * part.scale)
-    if (h, w) != want:
-        exact = "" if all(v.denominator == 1 for v in want) else f" (the image's size is not divisible by {part.scale.denominator})"
-        return Problem(f"{part.name!r} is {h}x{w} but must be {part.scale}× its image's {main[0]}x{main[1]}"
-                       f" = {float(want[0]):g}x{float(want[1]):g}{exact}", "size mismatch")
-    if part.kind is CompanionKind.MASK and mode == "P":
-        return Problem(f"{part.name!r} is a palette PNG: the decoder would turn its colour indices into grey "
-                       "levels; save the label values as a single-channel ('L') PNG", "palette mask")
-    return None
 
 
 def _nameable(columns: list[list[str]]) -> tuple[list[list[str]], list[tuple[str, Problem]], list[int] | None]:
@@ -96,14 +74,6 @@ def _joined_keys(paths: Sequence[str], root: str) -> str:
 def relative_keys(paths: Sequence[str], root: str) -> list[str]:
     """Each path relative to ``root``."""
     return _joined_keys(paths, root).split("\0") if paths else []
-
-
-def _index_path(index: str | os.PathLike | bool | None, identity: str, count: int) -> str | None:
-    if index is False or (index is None and count < _INDEX_MIN_FILES):
-        return None
-    if index is None or index is True:
-        return default_index_path(identity)
-    return os.fspath(index)
 
 
 @dataclass(frozen=True)
@@ -168,6 +138,59 @@ class Catalog:
         subset = self.subset(keep)
         return replace(subset, skipped=(*subset.skipped, *problems.items()))
 
+    def with_points(self, points: Iterable[tuple[Any, int, int]]) -> tuple[Catalog, dict[int, np.ndarray]]:
+        """The images that have points, and their points: ``(location, y, x)`` patch centres (a
+        local path may be spelled another way: it is compared as an absolute path) → this catalog
+        narrowed to those images and, per row of it, a ``(K, 2) int64`` array. Every point is checked.
+
+        Raises:
+            ValueError: a point names no image of the catalog or lies outside its image, or there
+                are none (the message names the point).
+        """
+        index = {f: i for i, f in enumerate(self.files)}
+        local = {os.path.abspath(f): i for i, f in enumerate(self.files) if "://" not in f and "#" not in f}
+        found: dict[int, list[tuple[int, int]]] = {}
+        for n, (file, y, x) in enumerate(points):
+            name = os.fspath(file)
+            row = index.get(name, local.get(os.path.abspath(name)))
+            if row is None:
+                msg = f"points[{n}]: {name!r} is not among the sampler's images (skipped, or not in the source)"
+                raise ValueError(msg)
+            if not (0 <= y < self.heights[row] and 0 <= x < self.widths[row]):
+                msg = (f"points[{n}]: ({y}, {x}) lies outside {name!r} ({self.heights[row]}x{self.widths[row]}); "
+                       "points are (row, column) patch centres")
+                raise ValueError(msg)
+            found.setdefault(row, []).append((int(y), int(x)))
+        if not found:
+            msg = "points is empty; give (file, y, x) patch centres, or leave points=None for uniform anchors"
+            raise ValueError(msg)
+        rows = sorted(found)
+        return self.subset(rows), {k: np.asarray(found[row], np.int64) for k, row in enumerate(rows)}
+
+    def fitting(self, parts: Sequence[Part], cache_bytes: int | None) -> Catalog:
+        """This catalog without the images that could never enter a cache of ``cache_bytes`` (with
+        their companions, ``parts``), each reported ``"too large"`` with a :class:`CatalogWarning`: a
+        decompression bomb must not refuse a whole data set.
+
+        Raises:
+            ValueError: no image fits (the message gives the size needed).
+        """
+        sizes = self.sample_bytes(parts)
+        if cache_bytes is None or not (sizes > cache_bytes).any():
+            return self
+        if (sizes > cache_bytes).all():
+            msg = (f"cache_bytes={format_bytes(cache_bytes)} cannot hold any image of this data set (the smallest "
+                   f"takes {format_bytes(int(sizes.min()))}); raise cache_bytes")
+            raise ValueError(msg)
+        large = {self.files[i]: Problem(f"{self.heights[i]}x{self.widths[i]} takes {format_bytes(int(sizes[i]))} decoded, "
+                                        f"more than the whole cache ({format_bytes(cache_bytes)}); raise cache_bytes to "
+                                        "sample it, or leave it out of the source", "too large")
+                 for i in np.flatnonzero(sizes > cache_bytes)}
+        example = next(iter(large.items()))
+        warnings.warn(f"skipped {len(large)} image(s) larger than the cache, e.g. {example[0]}: {example[1]}",
+                      CatalogWarning, stacklevel=user_stacklevel())
+        return self.without(large)
+
     def distrust(self, paths: Sequence[str]) -> None:
         """Decoding found ``paths`` to differ from their index entries (another size than the header
         said): the next scan reads them again and corrects the index (see :func:`~dali_patches.catalog.index.distrust`)."""
@@ -175,7 +198,7 @@ class Catalog:
 
     def sample_bytes(self, parts: Sequence[Part]) -> np.ndarray:
         """``(N,) int64`` cache bytes of each image with its companions (``SamplerConfig.parts``)."""
-        return sum(scaled(self.heights, p.scale) * scaled(self.widths, p.scale) * p.pixel_bytes for p in parts)
+        return sum(p.image_bytes(self.heights, self.widths) for p in parts)
 
     def summary(self) -> dict[str, Any]:
         """What the catalog holds, for people and machines (``dali-patches inspect``).
@@ -257,7 +280,7 @@ class Catalog:
         source = open_source(source, companions or None)
         loaded = None
         if trust_index and source.identity:  # a folder knows where it is before listing
-            index_file = _index_path(index if index is not None else True, source.identity, 0)
+            index_file = index_path(index if index is not None else True, source.identity, 0)
             loaded = load_index(index_file, source.identity) if index_file else None
             if loaded is None:
                 log.info("trust_index: no index for %s yet; listing and scanning it", source.root)
@@ -270,7 +293,7 @@ class Catalog:
         skipped: list[tuple[str, str]] = [*items.skipped, *unnamed]
         paths = [p for column in columns for p in column] if len(columns) > 1 else columns[0]
         if loaded is None:
-            index_file = _index_path(index, source.identity, len(paths))
+            index_file = index_path(index, source.identity, len(paths))
         show = len(paths) >= _PROGRESS_MIN_FILES if progress is None else progress
         report: dict[str, Any] = {}
         cols = lookup(paths, relative_keys(paths, source.root), source.identity, index_file, trust_index,
@@ -284,96 +307,5 @@ class Catalog:
                           f"({', '.join(f'{k or chr(39) * 2} ×{v}' for k, v in items.ignored.most_common(6))}), e.g. "
                           f"{items.ignored_examples[0]!r}; it reads {', '.join(IMAGE_SUFFIXES)} (convert others, "
                           "e.g. SVG, to PNG to use them)", CatalogWarning, stacklevel=user_stacklevel())
-        catalog = cls._build(columns, cols, skipped, source.root, min_size, exif, pad, source.companions, check)
-        return replace(catalog, scan_report=report, source=source)
-
-    @classmethod
-    def _build(cls, columns: Sequence[Sequence[str]], cols: Columns, skipped: list[tuple[str, str]], root: str,
-               min_size: tuple[int, int], exif: bool, pad: bool, companions: Sequence[Companion],
-               check: bool) -> Catalog:
-        """The catalog of ``columns`` (images, then each companion's files) from their scanned
-        header columns (the images' rows first, then each companion's, in the same order)."""
-        images = columns[0]
-        n = len(images)
-        h_all, w_all = cols.height.astype(np.int64), cols.width.astype(np.int64)
-        if exif:
-            turn = cols.transposed
-            h_all, w_all = np.where(turn, w_all, h_all), np.where(turn, h_all, w_all)
-        usable = cols.problem[:n] == b""
-        for i in np.flatnonzero(~usable).tolist():
-            skipped.append((images[i], cols.problem_at(i) or Problem("unreadable", "unreadable")))
-        # the same file listed twice (or a link to it): keep the first, report the rest
-        linked = np.flatnonzero(usable & (cols.ino[:n] > 0))
-        if len(linked):
-            dev, ino = cols.dev[linked], cols.ino[linked]
-            same_device = bool((dev == dev[0]).all())  # the usual case: one sort of inodes, not of pairs
-            _, first, inverse = np.unique(ino if same_device else np.stack([dev, ino], 1), axis=None if same_device else 0,
-                                          return_index=True, return_inverse=True)
-            repeat = np.flatnonzero(first[inverse.ravel()] != np.arange(len(linked)))
-            for j in repeat.tolist():
-                earlier = images[int(linked[first[inverse.ravel()[j]]])]
-                skipped.append((images[int(linked[j])], Problem(
-                    f"the same file as {earlier!r} (listed twice, or a link to it); merged into one", "duplicate")))
-            usable[linked[repeat]] = False
-        merged = sum(1 for _, r in skipped if getattr(r, "kind", "") == "duplicate")
-        for c, part in enumerate(companions):  # each partner must fit its image
-            base = n * (c + 1)
-            for i in np.flatnonzero(usable).tolist():
-                j = base + i
-                found = cols.problem_at(j) or (int(h_all[j]), int(w_all[j]), cols.mode[j].decode())
-                why = _companion_problem(part, found, (int(h_all[i]), int(w_all[i])))
-                if why is not None:
-                    skipped.append((columns[c + 1][i], Problem(f"{why} (image {images[i]!r})", why.kind)))
-                    usable[i] = False
-        h, w = h_all[:n], w_all[:n]
-        small = usable & ((h < min_size[0]) | (w < min_size[1]))
-        largest = int(np.argmax(np.where(usable, h * w, -1))) if n else 0
-        padded = int(small.sum()) if pad else 0
-        too_small = 0 if pad else int(small.sum())
-        if not pad:
-            for i in np.flatnonzero(small).tolist():
-                skipped.append((images[i], Problem(f"{h[i]}x{w[i]} is smaller than the patch {min_size[0]}x{min_size[1]}",
-                                                    "too small")))
-            usable &= ~small
-        keep = np.flatnonzero(usable)
-        if not len(keep) and check:
-            if too_small:
-                msg = (f"patch_size={min_size} exceeds every image (largest is {h[largest]}x{w[largest]}); "
-                       "lower patch_size or pass pad=True")
-            else:
-                with_them = " with its companions" if companions else ""
-                msg = f"none of the {n} file(s) is a usable image{with_them}, e.g. {skipped[0][0]!r}: {skipped[0][1]}"
-            raise ValueError(msg)
-        if skipped and check:
-            examples = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
-            warnings.warn(
-                f"skipped {len(skipped)} of {len(cols.size)} files ({too_small} smaller than the patch"
-                f"{'; pad=True keeps those' if too_small else ''}"
-                f"{f'; {merged} duplicates of other files merged' if merged else ''}), "
-                f"e.g. {examples}. Catalog.skipped lists them all.",
-                CatalogWarning,
-                stacklevel=user_stacklevel(),
-            )
-        alpha = [i for i in np.flatnonzero(usable).tolist() if cols.mode[i] in _ALPHA_MODES]
-        if alpha and check:
-            warnings.warn(f"{len(alpha)} image(s) have an alpha channel (e.g. {images[alpha[0]]!r}, "
-                          f"{cols.mode[alpha[0]].decode()}): it is dropped when decoding, so their transparent "
-                          "areas appear as the colour stored under them (often flat black or white)",
-                          CatalogWarning, stacklevel=user_stacklevel())
-        log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
-
-        def labels(column: np.ndarray) -> tuple[str, ...]:
-            values = column[keep].tolist()
-            text = {v: v.decode() for v in set(values)}  # a handful of distinct labels
-            return tuple(map(text.__getitem__, values))
-
-        listed = keep.tolist()
-
-        def kept(paths: Sequence[str]) -> tuple[str, ...]:
-            return tuple(paths) if len(listed) == n else tuple(map(paths.__getitem__, listed))
-
-        named = {c.name: kept(columns[k + 1]) for k, c in enumerate(companions)}
-        return cls(kept(images), np.maximum(h[keep], min_size[0]) if pad else h[keep],
-                   np.maximum(w[keep], min_size[1]) if pad else w[keep], cols.channels[keep].astype(np.int64),
-                   tuple(skipped), padded, named, labels(cols.format), labels(cols.mode), cols.size[keep].copy(),
-                   cols.stamp[keep].copy(), root)
+        return cls(**screen(columns, cols, skipped, min_size, exif, pad, source.companions, check), root=source.root,
+                   scan_report=report, source=source)

@@ -34,11 +34,12 @@ import numpy as np
 from ..sources.base import PROBLEM_KINDS, cache_folder, user_stacklevel
 from ..sources.columns import COLUMN_DTYPES, Columns
 
-__all__ = ["IndexWarning", "default_index_path", "distrust", "load_index", "save_index"]
+__all__ = ["INDEX_MIN_FILES", "IndexWarning", "default_index_path", "distrust", "index_path", "load_index", "save_index"]
 
 log = logging.getLogger(__name__)
 
 _VERSION = 2  # 2: ctime in the key, structure checked on load
+INDEX_MIN_FILES = 1000  # index=None keeps an index from this many items on (smaller scans are instant)
 _DISTRUST = ".distrust"  # suffix of the side file listing entries decoding proved wrong
 
 
@@ -50,6 +51,17 @@ def default_index_path(root: str) -> str:
     """Where the index of ``root`` lives unless ``index=`` says otherwise: the user's cache folder
     (``$XDG_CACHE_HOME``, else ``~/.cache``) / ``dali_patches`` / a digest of the root."""
     return cache_folder("index", f"{hashlib.sha256(root.encode()).hexdigest()[:24]}.npz")
+
+
+def index_path(index: str | os.PathLike | bool | None, identity: str, count: int) -> str | None:
+    """The index file of the data set ``identity`` of ``count`` items, as ``index=`` asks: ``None``
+    keeps one under the user's cache folder from :data:`INDEX_MIN_FILES` items on, ``True`` always,
+    a path there, ``False`` none (``None`` returned)."""
+    if index is False or (index is None and count < INDEX_MIN_FILES):
+        return None
+    if index is None or index is True:
+        return default_index_path(identity)
+    return os.fspath(index)
 
 
 # -- the index file ----------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float | str, cache: st
     }
 
 
-_PACE_KEYS = ("reuse_mode", "effective_reuse", "effective_reuse_recent", "decoder_busy_fraction",
+_PACE_KEYS = ("reuse", "effective_reuse", "effective_reuse_recent", "decoder_busy_fraction",
               "decoder_busy_fraction_recent", "consumer_wait_fraction", "consumer_wait_fraction_recent", "consumer_wait_s")
 
 
@@ -120,7 +120,7 @@ def _live(sampler: Any) -> str:
 def _window_reuse(start: dict[str, Any], end: dict[str, Any]) -> float:
     """Patches served per image decoded between two ``stats()`` snapshots (no warm-up bias)."""
     decoded = end["images_decoded"] - start["images_decoded"]
-    return (end["patches_served"] - start["patches_served"]) / decoded if decoded else float("inf")
+    return (end["patches_made"] - start["patches_made"]) / decoded if decoded else float("inf")
 
 
 def _summary_text(r: dict[str, Any]) -> str:
@@ -227,7 +227,7 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     if args.verify:
         from ..engine.verify import find_corrupt
 
-        catalog = catalog.without(find_corrupt(catalog.files, os.cpu_count() or 1, not args.no_progress, source))
+        catalog = catalog.without(find_corrupt(source, catalog.files, os.cpu_count() or 1, not args.no_progress))
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
     at_least, typical = images_held(sizes, int(config.cache_bytes or 0))
     return {**catalog.summary(), "seconds": time.perf_counter() - t0, "scan": catalog.scan_report,

@@ -16,8 +16,9 @@ import signal
 import sys
 import threading
 
-from ..config import Device
+from ..config import Device, parse_reuse
 from ..engine.backend import DeviceUnavailableError
+from ..options import Reuse
 from . import commands
 
 __all__ = ["main"]
@@ -46,13 +47,12 @@ def _data_args(p: argparse.ArgumentParser, patch: int = 64, also: str = "") -> N
 
 
 def _reuse(text: str) -> float | str:
-    if text.lower() == "auto":
-        return "auto"
     try:
-        return float(text)
+        value = parse_reuse(text)
     except ValueError:
-        msg = f"{text!r} is neither a number nor 'auto'"
+        msg = f"{text!r} is neither a number nor 'auto' (patches served per decoded image, >= 1)"
         raise argparse.ArgumentTypeError(msg) from None
+    return value.value if isinstance(value, Reuse) else value
 
 
 def _stream_args(p: argparse.ArgumentParser, batch: int, reuse: float | str, cache: str) -> None:

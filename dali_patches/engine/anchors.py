@@ -3,7 +3,8 @@
 Every policy draws the anchors of a whole round (``n`` patches over many batches) with array
 operations, no Python loop over patches:
 
-* :class:`UniformAnchors` — every position equally likely.
+* :class:`UniformAnchors` — every position equally likely (what :class:`AnchorPolicy`, the base of
+  every policy, does where a policy cannot apply).
 * :class:`MaskAnchors` — patch centres drawn in proportion to a mask companion's values
   (``weights``) or, for a ``pos_fraction`` of the patches, on mask > 0 and otherwise on mask = 0
   (``pos_neg``). Exact without a per-pixel table: when an image enters the cache, its mask is summed
@@ -26,13 +27,15 @@ import numpy as np
 from .backend import Backend, HostArray
 from .cache import RingCache
 
-__all__ = ["MaskAnchors", "PointAnchors", "UniformAnchors"]
+__all__ = ["AnchorPolicy", "MaskAnchors", "PointAnchors", "UniformAnchors"]
 
 _CELL = 16  # mask cell size in pixels (memory: 8 bytes per cell and class, i.e. 1/32 of a byte per pixel)
 
 
-class UniformAnchors:
-    """Anchors uniform over every position where the patch fits.
+class AnchorPolicy:
+    """Where patches sit in the images a round drew; the base of every policy: it draws uniformly
+    over every position where the patch fits, which a policy falls back to where it cannot apply
+    (counted in ``fallbacks``).
 
     Args:
         patch_size: ``(P_h, P_w)``.
@@ -66,7 +69,11 @@ class UniformAnchors:
         return y.astype(np.int64), x.astype(np.int64)
 
 
-class MaskAnchors(UniformAnchors):
+class UniformAnchors(AnchorPolicy):
+    """Anchors uniform over every position where the patch fits."""
+
+
+class MaskAnchors(AnchorPolicy):
     """Patch centres drawn from a mask companion (see the module docstring).
 
     Args:
@@ -87,7 +94,7 @@ class MaskAnchors(UniformAnchors):
         self.cell = min(_CELL, *patch_size)
         self._cdfs: dict[int, tuple[int, list[HostArray]]] = {}  # slot → (cells per row, cumsum per class)
         self._pending: dict[int, tuple[Any, tuple[int, int]]] = {}  # slot → (cell sums on the device, region shape)
-        self._flat_of: tuple[int, ...] | None = None  # the resident slots the flat arrays were built for
+        self._flat_of: int | None = None  # the cache's resident-set version the flat arrays were built for
         self._flat: list[HostArray] = []  # per class: every resident slot's cumsum + its base, end to end
         self._index: dict[str, HostArray] = {}  # per-slot start, length, base, total (per class), cols
 
@@ -150,11 +157,10 @@ class MaskAnchors(UniformAnchors):
                 column[k, resident] = values
         index["cols"][resident] = [self._cdfs[int(s)][0] for s in resident]
         self._index = index
-        self._flat_of = (int(resident[0]), len(resident)) if len(resident) else ()
+        self._flat_of = cache.version
 
     def draw(self, cache: RingCache, slots: HostArray) -> tuple[HostArray, HostArray]:
-        resident = cache.resident_slots()
-        if self._flat_of != ((int(resident[0]), len(resident)) if len(resident) else ()):
+        if self._flat_of != cache.version:
             self._build_flat(cache)
         h, w = cache.sizes(slots)
         n, c, index = len(slots), self.cell, self._index
@@ -201,7 +207,7 @@ class MaskAnchors(UniformAnchors):
         return y, x
 
 
-class PointAnchors(UniformAnchors):
+class PointAnchors(AnchorPolicy):
     """Patches centred on given points, uniformly among the points of each image.
 
     Args:

@@ -102,6 +102,7 @@ class RingCache:
         self._used = 0  # bytes held by resident images
         self._slot_of_source: dict[int, int] = {}
         self.evicted = 0
+        self.version = 0  # changes whenever the resident set does (an insert, an eviction, a restore)
         self.evicted_served = 0  # patches served by images whose residence has ended
 
     @staticmethod
@@ -270,6 +271,7 @@ class RingCache:
         self._next += 1
         self._head += nbytes
         self._used += nbytes
+        self.version += 1
         return slot
 
     def record_served(self, slots: HostArray) -> None:
@@ -287,11 +289,11 @@ class RingCache:
                 **{name: getattr(self, name)[slots] for name in _SLOT_FIELDS}}
 
     def load_state_dict(self, state: dict[str, Any], sources: int | None = None, where: str = "['cache']") -> None:
-        """Restore the bookkeeping of :meth:`state_dict` (checked first: see :meth:`checked_state`);
+        """Restore the bookkeeping of :meth:`state_dict` (checked first: see :meth:`check_state`);
         the resident images' bytes follow with :meth:`rewrite` (they must be decoded again)."""
-        self.apply_state(self.checked_state(state, sources, where))
+        self.apply_state(self.check_state(state, sources, where))
 
-    def checked_state(self, state: dict[str, Any], sources: int | None = None,
+    def check_state(self, state: dict[str, Any], sources: int | None = None,
                       where: str = "['cache']") -> dict[str, Any]:
         """A saved :meth:`state_dict`, every field checked (counts in range, one slot entry per resident
         image, each inside the arena, ``source`` below ``sources`` and each once), without changing
@@ -322,13 +324,14 @@ class RingCache:
         return out
 
     def apply_state(self, checked: dict[str, Any]) -> None:
-        """Take the bookkeeping of a :meth:`checked_state`."""
+        """Take the bookkeeping of a :meth:`check_state`."""
         self._first, self._next, self._head, self._used = checked["first"], checked["next"], checked["head"], checked["used"]
         self.evicted, self.evicted_served = checked["evicted"], checked["evicted_served"]
         slots = self.resident_slots()
         for name in _SLOT_FIELDS:
             getattr(self, name)[slots] = checked[name]
         self._slot_of_source = {int(self.source[s]): int(s) for s in slots}
+        self.version += 1
 
     def rewrite(self, images: Iterable[Any]) -> None:
         """Write the resident images back after :meth:`load_state_dict`, oldest first."""
@@ -373,3 +376,4 @@ class RingCache:
         del self._slot_of_source[int(self.source[slot])]
         self._used -= self.image_bytes(int(self.height[slot]), int(self.width[slot]))
         self._first += 1
+        self.version += 1

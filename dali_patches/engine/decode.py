@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
-from ..sources import open_source
 from ..sources.base import Source
 from ..sources.feeding import Reader
 from ..sources.s3 import ENDPOINT_PATIENCE_S
@@ -85,6 +84,7 @@ class DecodeStage:
     """Decoded images of a shard, in the reader's seeded order, as device arrays.
 
     Args:
+        source: where the locations live (it feeds the decoder and names the items of its errors).
         columns: the main images' locations, then each companion's, aligned; the index of a row is
             the ``source`` reported for its image. A plain list of paths is one column.
         backend: device mode (decoder ``"mixed"`` on GPU, ``"cpu"`` otherwise).
@@ -104,6 +104,7 @@ class DecodeStage:
 
     def __init__(
         self,
+        source: Source,
         columns: Sequence[Sequence[str]] | Sequence[str],
         backend: Backend,
         batch_size: int,
@@ -116,12 +117,11 @@ class DecodeStage:
         exif: bool = True,
         parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
         hw_decoder_load: float | None = None,
-        source: Source | None = None,
     ) -> None:
         self._backend = backend
         self._paths: list[list[str]] = ([list(c) for c in columns] if columns and not isinstance(columns[0], str)
                                         else [[str(c) for c in columns]])
-        self._source = source if source is not None else open_source(list(self._paths[0]))
+        self._source = source
         self._read_as = np.arange(len(self._paths[0]))  # the row read for each row: a stand-in for a broken one
         self._min_good = min_good
         self._pending: deque[tuple[int, list[Any]]] = deque()
@@ -348,8 +348,8 @@ class DecodeStage:
             if source in self.broken:
                 continue
             try:
-                for _ in decode_files([[c[source]] for c in self._paths], self._backend, num_threads=1,
-                                      source=self._source, **self._output):
+                for _ in decode_files(self._source, [[c[source]] for c in self._paths], self._backend, num_threads=1,
+                                      **self._output):
                     pass
             except RuntimeError as e:
                 self._mark_broken(source, f"the decoder rejects it ({error_cause(e)})")
@@ -389,15 +389,14 @@ class DecodeStage:
         self._pipe = None
 
 
-def decode_files(columns: Sequence[Sequence[str]], backend: Backend, num_threads: int, batch_size: int = 8,
-                 exif: bool = True, parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
-                 hw_decoder_load: float | None = None, source: Source | None = None) -> Iterator[list[Any]]:
-    """Decode the rows of ``columns`` (main images, then each companion's locations) once, in order,
+def decode_files(source: Source, columns: Sequence[Sequence[str]], backend: Backend, num_threads: int,
+                 batch_size: int = 8, exif: bool = True, parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
+                 hw_decoder_load: float | None = None) -> Iterator[list[Any]]:
+    """Decode the rows of ``columns`` (main images, then each companion's locations in ``source``) once, in order,
     with the same decoders as :class:`DecodeStage`; yields ``[image, *companions]`` of each row (views
     valid until the next row is taken). Used to refill a restored cache with the images it held."""
     if not columns or not columns[0]:
         return
-    source = source if source is not None else open_source(list(columns[0]))
     batch_size = min(batch_size, len(columns[0]))
     reader = source.reader(range(len(columns[0])), columns, shuffle=False, batch_size=batch_size)
     pipe = _pipeline(reader, backend, batch_size, num_threads, 1, 0,

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..options import ImageChoice
 from ..state import state_value
-from .anchors import UniformAnchors
+from .anchors import AnchorPolicy
 from .backend import HostArray
 from .cache import RingCache
 
@@ -95,9 +95,13 @@ class RefillSchedule:
         return {"credit": self.credit, "owed": self.owed, "allowed": self.allowed}
 
     def load_state_dict(self, state: dict[str, Any], where: str = "['refill']") -> None:
-        self.credit, self.owed, self.allowed = self.checked_state(state, where)
+        self.apply_state(self.check_state(state, where))
 
-    def checked_state(self, state: dict[str, Any], where: str = "['refill']") -> tuple[float, float, float]:
+    def apply_state(self, checked: tuple[float, float, float]) -> None:
+        """Take a :meth:`check_state`'s values."""
+        self.credit, self.owed, self.allowed = checked
+
+    def check_state(self, state: dict[str, Any], where: str = "['refill']") -> tuple[float, float, float]:
         """``(credit, owed, allowed)`` of a saved state, checked; nothing changes."""
         credit = state_value(state, "credit", where, float, 0.0, self.rate + 1)
         owed = state_value(state, "owed", where, float) if "owed" in state else 0.0
@@ -134,7 +138,7 @@ class Draws:
     """
 
     def __init__(self, batch_size: int, allow_repeats: bool, rng: np.random.Generator,
-                 anchors: UniformAnchors, image_choice: ImageChoice = ImageChoice.UNIFORM) -> None:
+                 anchors: AnchorPolicy, image_choice: ImageChoice = ImageChoice.UNIFORM) -> None:
         self.batch_size = batch_size
         self.allow_repeats = allow_repeats
         self.rng = rng
@@ -185,9 +189,13 @@ class Draws:
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any], where: str = "['draws']") -> None:
-        self.rng.bit_generator.state = self.checked_state(state, where)
+        self.apply_state(self.check_state(state, where))
 
-    def checked_state(self, state: dict[str, Any], where: str = "['draws']") -> dict[str, Any]:
+    def apply_state(self, checked: dict[str, Any]) -> None:
+        """Take a :meth:`check_state`'s generator state."""
+        self.rng.bit_generator.state = checked
+
+    def check_state(self, state: dict[str, Any], where: str = "['draws']") -> dict[str, Any]:
         """The generator state of a saved state, checked on a generator of its own; nothing changes."""
         saved = state_value(state, "rng", where, dict)
         kind = type(self.rng.bit_generator)

@@ -29,11 +29,11 @@ from typing import Any
 from .backend import Backend
 from .decode import DecodeError, DecodeStage
 
-__all__ = ["DecodeFeeder", "STALL_LIMIT_S", "STALL_S"]
+__all__ = ["DecodeFeeder", "POLL_S", "STALL_LIMIT_S", "STALL_S"]
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.1  # how often a waiting thread checks for close()
+POLL_S = 0.1  # how often a waiting thread (the feeder's, the producer's, a consumer) checks for close()
 STALL_S = 5.0  # a decode call this old is looked at: a reader blocked on a FIFO is unblocked ...
 _UNBLOCK_EVERY_S = 2.0  # ... and looked at again this often (at least twice the time a look takes)
 STALL_LIMIT_S = 600.0  # a decode call this old ends the run: what it waits for does not answer
@@ -102,7 +102,7 @@ class DecodeFeeder:
                     with self._state:
                         if len(self._buffer) >= self.capacity:
                             t0 = time.perf_counter()
-                            self._state.wait(_POLL_S)
+                            self._state.wait(POLL_S)
                             self.paused_s += time.perf_counter() - t0
                             continue
                     with self._decoding:
@@ -127,7 +127,7 @@ class DecodeFeeder:
         """Until ``count`` images are buffered (the caller holds ``_state``)."""
         while len(self._buffer) < count and self._error is None and not self._stop.is_set():
             self.start()
-            self._state.wait(_POLL_S)
+            self._state.wait(POLL_S)
         if len(self._buffer) < count and self._error is not None:
             raise self._error
 
@@ -191,6 +191,6 @@ class DecodeFeeder:
         with self._state:
             self._state.notify_all()
         if self._thread.ident is not None:
-            self._thread.join(timeout=None if self._error is None else _POLL_S)
+            self._thread.join(timeout=None if self._error is None else POLL_S)
             self._watchdog.join()
         self._buffer.clear()

@@ -1,6 +1,6 @@
 """gather: cut many patches out of the flat byte arena in one call, from a per-patch table.
 
-A patch is described by one row of a ``(n, 4) int64`` table, :data:`TABLE_COLUMNS`: the byte
+A patch is described by one row of a ``(n, 4) int64`` table, ``(offset, width, y, x)``: the byte
 ``offset`` of its image in the arena, the image's ``width`` in pixels, and the patch's top-left
 ``(y, x)``. Byte ``c`` of row ``r`` of patch ``p`` is then
 
@@ -30,10 +30,9 @@ import numpy as np
 
 from .backend import DeviceArray, HostArray
 
-__all__ = ["KERNEL_NAME", "KERNEL_SOURCE", "OVERREAD_BYTES", "TABLE_COLUMNS", "gather", "gather_twin",
+__all__ = ["KERNEL_NAME", "KERNEL_SOURCE", "OVERREAD_BYTES", "gather", "gather_twin",
            "kernel_launch", "kernel_twin", "patch_table"]
 
-TABLE_COLUMNS = ("offset", "width", "y", "x")
 OVERREAD_BYTES = 8  # readable bytes the kernel may touch past the last byte of a source row
 KERNEL_NAME = "dali_patches_gather"
 _ROWS_PER_BLOCK = 8  # warps per block: one output row each
@@ -72,7 +71,7 @@ _kernels: dict[tuple[int, int], Any] = {}  # (array module, CUDA device) → com
 
 def patch_table(offsets: HostArray, widths: HostArray, ys: HostArray, xs: HostArray,
                 out: HostArray | None = None) -> HostArray:
-    """The ``(n, 4) int64`` table of :data:`TABLE_COLUMNS` from four ``(n,)`` integer arrays
+    """The ``(n, 4) int64`` table of ``(offset, width, y, x)`` from four ``(n,)`` integer arrays
     (written into ``out``, e.g. pinned memory, when given)."""
     table = np.empty((len(offsets), 4), np.int64) if out is None else out[: len(offsets)]
     table[:, 0], table[:, 1], table[:, 2], table[:, 3] = offsets, widths, ys, xs

@@ -46,7 +46,7 @@ class Pace:
         return now - old[0], {k: v - old[1].get(k, 0.0) for k, v in counters.items()}
 
     def figures(self, now: dict[str, float], since: dict[str, float] | None) -> dict[str, float]:
-        """From counters ``served`` (patches drawn), ``taken`` (images into the cache), ``paused``
+        """From counters ``made`` (patches drawn), ``taken`` (images into the cache), ``paused``
         (decoder idle, s) and ``wait`` (consumer waiting, s), now and at ``since`` (with its
         ``time``; ``None`` before the first batch): ``effective_reuse``, ``decoder_busy_fraction``
         and ``consumer_wait_fraction``, each also ``…_recent`` (over the last ``window_s``)."""
@@ -56,7 +56,7 @@ class Pace:
                  "_recent": self.recent(now)}
         out: dict[str, float] = {}
         for suffix, (seconds, grown) in spans.items():
-            out[f"effective_reuse{suffix}"] = grown["served"] / grown["taken"] if grown.get("taken") else float("inf")
+            out[f"effective_reuse{suffix}"] = grown["made"] / grown["taken"] if grown.get("taken") else float("inf")
             out[f"decoder_busy_fraction{suffix}"] = max(0.0, 1 - grown.get("paused", 0) / seconds) if seconds > 0 else 1.0
             out[f"consumer_wait_fraction{suffix}"] = min(1.0, grown.get("wait", 0) / seconds) if seconds > 0 else 0.0
         return out

@@ -11,36 +11,36 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 
 from nvidia.dali import fn, pipeline_def, types
 from tqdm.auto import tqdm
 
-from ..sources import open_source
-from ..sources.base import Problem, Source
+from ..catalog.catalog import Catalog, CatalogWarning
+from ..sources.base import Problem, Source, user_stacklevel
 from .decode import error_cause
 
-__all__ = ["find_corrupt"]
+__all__ = ["find_corrupt", "without_corrupt"]
 
 
 _LIBJPEG_WARNING = "Corrupt JPEG data"
 
 
-def find_corrupt(paths: Sequence[str], num_threads: int = 1, progress: bool = False,
-                 source: Source | None = None) -> dict[str, Problem]:
+def find_corrupt(source: Source, paths: Sequence[str], num_threads: int = 1, progress: bool = False) -> dict[str, Problem]:
     """Decode every JPEG of ``paths`` once with DALI's CPU decoder and return those whose data is
     corrupt: libjpeg decodes them without an error (grey or garbled rows, e.g. a truncated body with
     an end marker appended) and only prints a warning to the process's stderr, naming no file. Each
     file's decode runs with file descriptor 2 captured, so the warning is tied to its file and not
     shown. A full decode of the data set: opt-in (``PatchSampler(verify=True)``, ``inspect --verify``).
     Other threads' stderr output during the pass is captured too (and dropped). ``source``: where
-    the locations live (``None``: local files or objects, as the locations say)."""
+    the locations live."""
     jpegs = [p for p in paths if p.lower().endswith((".jpg", ".jpeg"))]
     found: dict[str, Problem] = {}
     if not jpegs:
         return found
 
-    reader = (source or open_source(jpegs)).reader(range(len(jpegs)), [jpegs], shuffle=False)
+    reader = source.reader(range(len(jpegs)), [jpegs], shuffle=False)
 
     @pipeline_def(batch_size=1, num_threads=num_threads, device_id=None, prefetch_queue_depth=1,
                   enable_checkpointing=reader.checkpointing)
@@ -76,3 +76,25 @@ def find_corrupt(paths: Sequence[str], num_threads: int = 1, progress: bool = Fa
     finally:
         os.close(saved)
     return found
+
+
+def without_corrupt(catalog: Catalog, num_threads: int = 1, progress: bool = False) -> Catalog:
+    """``verify=True``: ``catalog`` without the JPEGs whose data is corrupt (:func:`find_corrupt`),
+    each reported with a :class:`~dali_patches.catalog.catalog.CatalogWarning`.
+
+    Raises:
+        ValueError: every image is corrupt.
+    """
+    if catalog.source is None:
+        msg = "this catalog was built without its source; scan it with Catalog.scan"
+        raise ValueError(msg)
+    corrupt = find_corrupt(catalog.source, catalog.files, num_threads, progress)
+    if not corrupt:
+        return catalog
+    example = next(iter(corrupt.items()))
+    if len(corrupt) == len(catalog.files):
+        msg = f"every image of the source has corrupt data, e.g. {example[0]}: {example[1]}"
+        raise ValueError(msg)
+    warnings.warn(f"skipped {len(corrupt)} JPEG(s) with corrupt data, e.g. {example[0]}: {example[1]}",
+                  CatalogWarning, stacklevel=user_stacklevel())
+    return catalog.without(corrupt)

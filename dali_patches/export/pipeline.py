@@ -1,13 +1,22 @@
 """The DALI sample pipeline: finished batches handed to DALI through ``external_source``.
 
-The callback runs on the thread that calls ``run()`` (the trainer's), so it only takes a finished
-:class:`~dali_patches.engine.outputs.PatchBatch` and returns its arrays. It takes ``batch_info=True``, so
-DALI counts the iterations (:attr:`Feed.fed` is how many batches this pipeline has taken, for
-``state_dict``). Every output comes from one ``external_source`` on the sampler's device: on a GPU
-the patches, the companions and the round's ``source`` and ``anchor`` (written to the device with
-the patches) are handed over with ``cuda_stream=`` the producer's stream, so DALI's copy is queued
-after the gather that wrote them, and the producer rewrites nothing before that copy (its later
-work is queued behind it on the same stream).
+The callbacks run on the thread that calls ``run()`` (the trainer's, or TensorFlow's), so they only
+take a finished :class:`~dali_patches.engine.outputs.PatchBatch` and return its arrays. They take
+``batch_info=True``, so DALI counts the iterations (:attr:`Feed.fed` is how many batches this
+pipeline has taken, for ``state_dict``). One builder, :func:`build_pipeline`, makes the pipeline in
+either of two shapes:
+
+* **one multi-output ``external_source``** on the sampler's device (the default, behind
+  :meth:`~dali_patches.PatchSampler.pipeline` and DALI's PyTorch and JAX iterators). On a GPU the
+  patches, the companions and the round's ``source`` and ``anchor`` (written to the device with the
+  patches) are handed over with ``cuda_stream=`` the producer's stream, so DALI's copy is queued
+  after the gather that wrote them, and the producer rewrites nothing before that copy (its later
+  work is queued behind it on the same stream).
+* **one single-output ``external_source`` per field, on the host** (``per_field=True``), what
+  TensorFlow's ``DALIDatasetWithInputs`` accepts (DALI issues 3321 and 2196): every callback returns
+  its field of the same batch, taken once per iteration whatever order DALI calls them in; on a GPU
+  the fields are copied to the host for the hand-over and moved back to the GPU inside the pipeline
+  when ``gpu_outputs`` asks for it (the augmentation ops then run there).
 
 ``no_copy=True`` lets DALI read the batch in place instead of copying it. DALI then needs the
 buffers unchanged until the iteration's outputs are consumed (``prefetch_queue_depth`` iterations
@@ -78,66 +87,101 @@ def augment_nodes(config: SamplerConfig, inputs: Sequence[Any]) -> tuple[Any, ..
 
 class Feed:
     """The ``external_source`` callbacks of one pipeline: each iteration takes one batch, and every
-    callback of that iteration returns its share of it (DALI may call them in any order).
+    callback of that iteration returns its share of it (DALI may call them in any order, and
+    TensorFlow from several threads).
 
     Args:
         take: returns the next finished batch.
         config: the sampler's config (for the output order).
-        groups: output index ranges, one per ``external_source``.
+        per_field: one callback per output, each returning its array alone (for one single-output
+            ``external_source`` per field); otherwise one callback returning every output as a tuple.
         on_device: hand ``source`` and ``anchor`` over from the device (GPU).
+        to_host: applied to every output before it is handed over (a host copy, for host-only
+            consumers such as DALI's TF plugin); ``None`` hands the arrays over as they are.
         keep: batches kept referenced after they were handed over (``no_copy=True``: DALI reads them
             until the iteration's outputs are consumed).
     """
 
-    def __init__(self, take: Callable[[], PatchBatch], config: SamplerConfig, groups: Sequence[range],
-                 on_device: bool = False, keep: int = 0) -> None:
-        self._take, self._config, self._groups, self._on_device = take, config, list(groups), on_device
+    def __init__(self, take: Callable[[], PatchBatch], config: SamplerConfig, per_field: bool = False,
+                 on_device: bool = False, to_host: Callable[[Any], Any] | None = None, keep: int = 0) -> None:
+        count = len(output_names(config))
+        self._take, self._config, self._on_device, self._to_host = take, config, on_device, to_host
+        self.per_field = per_field
+        self._groups = [range(i, i + 1) for i in range(count)] if per_field else [range(count)]
         self._lock = threading.Lock()
         self._pending: dict[int, list[Any]] = {}  # iteration → [outputs, callbacks still to take them]
-        self._kept: deque[tuple[Any, ...]] = deque(maxlen=keep or None) if keep else deque(maxlen=0)
+        self._kept: deque[tuple[Any, ...]] = deque(maxlen=keep)
         self.fed = 0  # batches this pipeline has taken
 
-    def callback(self, group: int) -> Callable[[Any], tuple[Any, ...]]:
-        span = self._groups[group]
+    def _outputs(self) -> tuple[Any, ...]:
+        outputs = batch_outputs(self._config, self._take(), self._on_device)
+        return outputs if self._to_host is None else tuple(self._to_host(a) for a in outputs)
 
-        def take(info: Any) -> tuple[Any, ...]:
+    def callback(self, group: int) -> Callable[[Any], Any]:
+        """The ``source=`` of ``external_source`` number ``group`` (``batch=True, batch_info=True``)."""
+        span, single = self._groups[group], self.per_field
+
+        def take(info: Any) -> Any:
             with self._lock:
                 entry = self._pending.get(info.iteration)
                 if entry is None:
-                    outputs = batch_outputs(self._config, self._take(), self._on_device)
+                    outputs = self._outputs()
                     entry = self._pending[info.iteration] = [outputs, len(self._groups)]
                     self._kept.append(outputs)
                     self.fed = max(self.fed, info.iteration + 1)
                 entry[1] -= 1
                 if not entry[1]:
                     del self._pending[info.iteration]
-                return tuple(entry[0][i] for i in span)
+                return entry[0][span.start] if single else tuple(entry[0][i] for i in span)
 
         return take
 
 
 def build_pipeline(take: Callable[[], PatchBatch], config: SamplerConfig, backend: Backend, stream: Any,
-                   prefetch_queue_depth: int = 2, num_threads: int = 1, no_copy: bool = False,
+                   prefetch_queue_depth: int = 2, num_threads: int = 1, no_copy: bool = False, *,
+                   per_field: bool = False, gpu_outputs: bool | None = None, build: bool = True,
                    **kwargs: Any) -> tuple[Any, Feed]:
-    """A built DALI pipeline with one output per :func:`output_names` entry, fed by ``take`` through
-    one ``external_source`` on ``backend``'s device, with ``config.augment`` applied there; and its
-    :class:`Feed`.
+    """A DALI pipeline with one output per :func:`output_names` entry, fed by ``take``, with
+    ``config.augment`` applied inside it; and its :class:`Feed`.
 
-    ``stream`` is the producer's CUDA stream (GPU) or ``None``: DALI copies the outputs on it.
-    ``no_copy``: DALI reads the batches in place (see the module's docstring).
+    Args:
+        take: returns the next finished batch (the sampler's ``take``, on the stream the pipeline
+            reads on).
+        config, backend: the sampler's resolved config and backend.
+        stream: the producer's CUDA stream (GPU) or ``None``: DALI copies the outputs on it (one
+            ``external_source`` on the device, without ``no_copy``).
+        prefetch_queue_depth: batches DALI keeps in flight.
+        num_threads: DALI's CPU worker threads of the pipeline.
+        no_copy: DALI reads the batches in place (see the module's docstring).
+        per_field: one single-output ``external_source`` per output, fed host arrays (``stream`` is
+            then unused); otherwise one multi-output ``external_source`` on the backend's device.
+        gpu_outputs: with ``per_field``: move every field to the GPU inside the pipeline (default:
+            when the backend is a GPU).
+        build: build the pipeline (DALI's TF plugin takes it unbuilt).
+        **kwargs: more arguments of ``pipeline_def``.
     """
     names, spec = output_names(config), external_source_args(config)
-    groups = [range(len(names))]
-    feed = Feed(take, config, groups, on_device=backend.is_gpu, keep=prefetch_queue_depth + 2 if no_copy else 0)
-    extra = {"cuda_stream": stream} if (backend.is_gpu and stream is not None) else {}
+    on_gpu = backend.is_gpu if gpu_outputs is None else gpu_outputs
+    feed = Feed(take, config, per_field=per_field, on_device=backend.is_gpu and not per_field,
+                to_host=backend.to_host if per_field and backend.is_gpu else None,
+                keep=prefetch_queue_depth + 2 if no_copy else 0)
+    extra = {"cuda_stream": stream} if (backend.is_gpu and stream is not None and not per_field) else {}
 
     @pipeline_def(batch_size=config.batch_size, num_threads=num_threads, device_id=backend.dali_device_id,
                   prefetch_queue_depth=prefetch_queue_depth, seed=config.seed, **kwargs)
     def sample_pipeline():  # a DALI graph
-        nodes = fn.external_source(source=feed.callback(0), num_outputs=len(names), batch=True, batch_info=True,
-                                   device=backend.op_device, no_copy=no_copy, **spec, **extra)
-        return augment_nodes(config, list(nodes))
+        if not per_field:
+            nodes = fn.external_source(source=feed.callback(0), num_outputs=len(names), batch=True, batch_info=True,
+                                       device=backend.op_device, no_copy=no_copy, **spec, **extra)
+            return augment_nodes(config, list(nodes))
+        nodes = [fn.external_source(source=feed.callback(i), batch=True, batch_info=True, name=name, device="cpu",
+                                    no_copy=no_copy, dtype=spec["dtype"][i], layout=spec["layout"][i],
+                                    ndim=spec["ndim"][i]) for i, name in enumerate(names)]
+        if on_gpu:
+            nodes = [node.gpu() for node in nodes]  # every output from the GPU (TF on a GPU takes them there)
+        return augment_nodes(config, nodes)
 
     pipe = sample_pipeline()
-    pipe.build()
+    if build:
+        pipe.build()
     return pipe, feed

@@ -7,6 +7,7 @@ dali_patches[viz]``), imported only when it is drawn.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from ..sources import item_bytes
 from ..sources.headers import not_regular
 from .runs import Provenance, coverage, heat_map
 
@@ -130,6 +132,7 @@ def _readable_under(path: str, root: str) -> str | None:
     the images to draw, and a crafted one must not draw any file of the machine (nor block on a FIFO)."""
     if not root or root.startswith("s3://") or path.startswith("s3://"):
         return "it is not a local file under the log's data folder"
+    path = _shard_of(path) or path  # a tar member: its shard must be a regular file under the root
     real, top = os.path.realpath(path), os.path.realpath(root)
     if real != top and not real.startswith(top.rstrip(os.sep) + os.sep):
         return f"it lies outside the log's data folder {root!r} (pass --images-from to review a moved data set)"
@@ -141,10 +144,16 @@ def _readable_under(path: str, root: str) -> str | None:
     return None if why is None else str(why)
 
 
+def _shard_of(location: str) -> str | None:
+    """The shard of a tar member's location (``shard.tar#member``), or ``None``."""
+    shard, hash_, _ = location.partition("#")
+    return shard if hash_ and shard.endswith(".tar") else None
+
+
 def _thumbnail(path: str, exif: bool, max_px: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The image as the sampler saw it (EXIF-rotated when ``exif``) as RGB, shrunk to about
-    ``max_px`` a side, and its full ``(height, width)``."""
-    with Image.open(path) as opened:
+    ``max_px`` a side, and its full ``(height, width)``; a tar member is read from its shard."""
+    with Image.open(io.BytesIO(item_bytes(path)) if _shard_of(path) else path) as opened:
         im: Image.Image = opened
         full_w = im.width
         im.draft("RGB", (max_px, max_px))  # JPEG: decode at 1/2..1/8 scale, fast for huge files

@@ -1,8 +1,10 @@
 """Sources: where the items live and how their bytes reach the decoder (see :mod:`.base`).
 
-:func:`open_source` turns what a user passes into a :class:`~dali_patches.sources.base.Source`:
-tar shards (:mod:`.tar`), ``s3://`` objects (:mod:`.s3`) or local files (:mod:`.files`); a
-``Source`` object (your own, say) is taken as it is.
+:func:`open_source` turns what a user passes into a :class:`~dali_patches.sources.base.Source` of
+the first kind of :data:`KINDS` that claims it — tar shards (:mod:`.tar`), ``s3://`` objects
+(:mod:`.s3`), else local files (:mod:`.files`); a ``Source`` object (your own, say) is taken as it
+is. A new kind of source is one module with a :class:`~dali_patches.sources.base.Source` subclass,
+named in :data:`KINDS`.
 """
 
 from __future__ import annotations
@@ -11,19 +13,36 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..options import Companion
-from .base import Source
+from .base import MAIN, Source
 from .files import LocalFiles
-from .pairing import declared_companions
-from .s3 import S3Objects, is_uri
-from .tar import TarShards, is_shard_spec
+from .s3 import S3Objects
+from .tar import TarShards
 
-__all__ = ["LocalFiles", "S3Objects", "Source", "TarShards", "item_bytes", "open_source"]
+__all__ = ["KINDS", "LocalFiles", "S3Objects", "Source", "TarShards", "declared_companions", "item_bytes", "open_source"]
+
+KINDS: tuple[type[Source], ...] = (TarShards, S3Objects, LocalFiles)  # asked in this order; the last claims all
+
+
+def declared_companions(spec: Any, companions: Mapping[str, Any] | Sequence[Companion] | None) -> tuple[Companion, ...]:
+    """Companions named by a dict source's keys (or a list of dicts), with options from ``companions``
+    (name → :class:`~dali_patches.options.Companion`, dict of its options, or ``None`` for
+    defaults); for other sources, those of ``companions``, in their order."""
+    given = {c.name: c for c in companions} if isinstance(companions, Sequence) else dict(companions or {})
+    if isinstance(spec, Mapping):
+        names = [k for k in spec if k != MAIN]
+    elif isinstance(spec, Sequence) and not isinstance(spec, str) and spec and isinstance(spec[0], Mapping):
+        names = [k for k in spec[0] if k != MAIN]
+    else:  # plain paths, shards, or tuples in the order of ``companions``
+        names = list(given)
+    unknown = set(given) - set(names)
+    if unknown:
+        msg = f"companions {sorted(unknown)} are not in the source (it names {names}); add them to the source"
+        raise ValueError(msg)
+    return tuple(c if isinstance(c := given.get(n), Companion) else Companion(n, **(c or {})) for n in names)
 
 
 def open_source(spec: Any, companions: Mapping[str, Any] | Sequence[Companion] | None = None) -> Source:
-    """The source ``spec`` names, with its companions resolved: a :class:`Source` as it is; tar
-    shards (a ``.tar`` path, URI or glob, a list of them, a folder of shards); ``s3://`` objects;
-    else local files (a folder, a glob, a list, or a dict/list naming companions)."""
+    """The source ``spec`` names, with its companions resolved (see the module)."""
     if isinstance(spec, Source):
         if companions:
             msg = "give companions to the Source object itself, not beside it"
@@ -31,12 +50,8 @@ def open_source(spec: Any, companions: Mapping[str, Any] | Sequence[Companion] |
         return spec
     if isinstance(spec, Iterator):  # a generator of paths: read it once, here
         spec = list(spec)
-    declared = declared_companions(spec, companions)
-    if is_shard_spec(spec):
-        return TarShards(spec, declared)
-    if is_uri(spec) or (isinstance(spec, Mapping) and any(is_uri(v) for v in spec.values())):
-        return S3Objects(spec, declared)
-    return LocalFiles(spec, declared)
+    kind = next(k for k in KINDS if k.claims(spec))
+    return kind(spec, declared_companions(spec, companions))  # type: ignore[call-arg]
 
 
 def item_bytes(location: str) -> bytes:
@@ -46,5 +61,5 @@ def item_bytes(location: str) -> bytes:
         source: Source = TarShards(shard)
         source.items()
     else:
-        source = S3Objects(location) if is_uri(location) else LocalFiles(location)
+        source = S3Objects(location) if S3Objects.claims(location) else LocalFiles(location)
     return source.read(location)

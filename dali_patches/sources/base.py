@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..options import Companion
 
@@ -111,6 +111,12 @@ class Source(ABC):
     root: str = ""
     identity: str = ""
     companions: tuple[Companion, ...] = ()
+
+    @classmethod
+    def claims(cls, spec: Any) -> bool:
+        """Whether ``spec`` (what a user passed as ``source``) names items of this kind; what
+        :func:`~dali_patches.sources.open_source` asks each kind in turn."""
+        return False
 
     @abstractmethod
     def items(self, keys: Sequence[str] | None = None) -> Items:

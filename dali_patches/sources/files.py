@@ -48,7 +48,7 @@ class LocalFiles(Source):
 
     Args:
         spec: a folder, a glob, one file, a list of files, or a dict/list naming companions.
-        companions: the resolved companions the spec names (see :func:`~dali_patches.sources.pairing.declared_companions`).
+        companions: the resolved companions the spec names (see :func:`~dali_patches.sources.declared_companions`).
     """
 
     def __init__(self, spec: Any, companions: Sequence[Companion] = ()) -> None:
@@ -57,6 +57,11 @@ class LocalFiles(Source):
         folder = isinstance(spec, (str, os.PathLike)) and os.path.isdir(os.fspath(spec))
         self.root = local_root(spec, []) if folder else ""
         self.identity = os.path.abspath(self.root) if folder else ""
+
+    @classmethod
+    def claims(cls, spec: Any) -> bool:
+        """Anything else: local paths (checked when listed)."""
+        return True
 
     def items(self, keys: Sequence[str] | None = None) -> Items:
         """The listing (or, for a folder without companions, the ``keys`` a trusted index holds:

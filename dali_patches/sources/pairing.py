@@ -21,11 +21,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..options import Companion
 from .base import MAIN, Problem
 from .listing import Listing, exists_as_file, list_source, note
 
-__all__ = ["declared_companions", "pair_sources"]
+__all__ = ["pair_sources"]
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -164,24 +163,3 @@ def pair_sources(source: Any, names: Sequence[str]) -> tuple[list[list[str]], li
         note(notes, listing)
         return [listing.paths], list(notes.skipped), notes
     return _columns(_check_rows(list(source), names), 1 + len(names)), [], notes
-
-
-def declared_companions(source: Any, companions: Mapping[str, Any] | Sequence[Companion] | None) -> tuple[Companion, ...]:
-    """Companions named by a dict source's keys (or a list of dicts), with options from ``companions``
-    (name → :class:`Companion`, dict of its options, or ``None`` for defaults)."""
-    given = {c.name: c for c in companions} if isinstance(companions, Sequence) else dict(companions or {})
-    if isinstance(source, Mapping):
-        names = [k for k in source if k != MAIN]
-    elif isinstance(source, Sequence) and not isinstance(source, str) and source and isinstance(source[0], Mapping):
-        names = [k for k in source[0] if k != MAIN]
-    else:  # plain paths, or tuples in the order of ``companions``
-        names = list(given)
-    unknown = set(given) - set(names)
-    if unknown:
-        msg = f"companions {sorted(unknown)} are not in the source (it names {names}); add them to the source"
-        raise ValueError(msg)
-    out = []
-    for name in names:
-        spec = given.get(name)
-        out.append(spec if isinstance(spec, Companion) else Companion(name, **(spec or {})))
-    return tuple(out)

@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -110,21 +110,27 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_REGION",
+             "AWS_DEFAULT_REGION")  # what a client is made from: a client is kept per thread and per their values
+
+
 def _client() -> Any:
-    """One boto3 client per thread (endpoint and credentials from the environment, as DALI's)."""
-    client = getattr(_local, "client", None)
-    if client is None:
+    """A boto3 client per thread (endpoint and credentials from the environment, as DALI's), made
+    again when those variables change."""
+    settings = tuple(os.environ.get(name) for name in _SETTINGS)
+    kept = getattr(_local, "client", None)
+    if kept is None or kept[0] != settings:
         try:
             import boto3
             from botocore.config import Config
         except ImportError as e:
             msg = 's3:// sources need boto3 for listing and headers: pip install "dali-patches[s3]"'
             raise ImportError(msg) from e
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = settings[0] or settings[1]
         client = boto3.client("s3", endpoint_url=endpoint, config=Config(max_pool_connections=64, connect_timeout=5,
                                                                          read_timeout=30, retries={"max_attempts": 5}))
-        _local.client = client
-    return client
+        kept = _local.client = (settings, client)
+    return kept[1]
 
 
 def _stamp(etag: str) -> int:
@@ -223,6 +229,11 @@ class S3Objects(Source):
         self._spec = spec
         self._sizes: dict[str, int] = {}  # bytes of every object listed
         self.root = self.identity = object_root(spec)
+
+    @classmethod
+    def claims(cls, spec: Any) -> bool:
+        """An ``s3://`` URI or a list of them (a dict of them too: refused, with the reason)."""
+        return is_uri(spec) or (isinstance(spec, Mapping) and any(is_uri(v) for v in spec.values()))
 
     def items(self, keys: Sequence[str] | None = None) -> Items:
         listing = list_objects(self._spec)

@@ -125,6 +125,10 @@ class TarShards(Source):
         self._lock = threading.Lock()
         self.bytes_read = 0  # item bytes read for decoding since the start
 
+    @classmethod
+    def claims(cls, spec: Any) -> bool:
+        return is_shard_spec(spec)
+
     # -- listing ------------------------------------------------------------------------------
     def _location(self, shard: int, member: str) -> str:
         return f"{self.shards[shard]}#{member}"
