@@ -26,8 +26,7 @@ import jax
 import jax.dlpack
 import jax.numpy as jnp
 
-from .export.epochs import EpochIterator, PipelineEpochIterator
-from .export.pipeline import batch_outputs
+from .export.epochs import DirectEpochIterator, PipelineEpochIterator
 from .sampler import PatchSampler
 
 __all__ = ["DirectIterator", "PatchIterator"]
@@ -52,14 +51,8 @@ class PatchIterator(PipelineEpochIterator):
     the host for every batch. The pipeline is built, and DALI's iterator made, at the first
     ``next()``: constructing this iterator takes no batch, so :meth:`load_state_dict` may follow.
 
-    Args:
-        sampler: the sampler to draw from (its stream is shared with any other consumer).
-        batches_per_epoch: ``None`` iterates forever; an int makes each ``for`` loop run to the end of
-            the current epoch of that many batches (``len()`` gives it), continuing the same stream on
-            the next loop.
-        prefetch_queue_depth: batches DALI keeps in flight.
-        no_copy: DALI reads the batches in place instead of copying them (see
-            :meth:`~dali_patches.PatchSampler.pipeline`).
+    Args: ``sampler``, ``batches_per_epoch``, ``prefetch_queue_depth`` and ``no_copy``, as for
+        :class:`~dali_patches.export.epochs.PipelineEpochIterator`.
 
     Raises:
         ImportError: DALI's JAX plugin refuses the installed JAX (it needs JAX ≥ 0.6).
@@ -78,7 +71,7 @@ class PatchIterator(PipelineEpochIterator):
         return self._iterator_type(pipe, list(self.sampler.output_names), size=-1)
 
 
-class DirectIterator(EpochIterator):
+class DirectIterator(DirectEpochIterator):
     """JAX arrays straight from the sampler's batches, through DLPack: no DALI pipeline.
 
     **On the CPU** the patch arrays are the sampler's batch memory itself (JAX copies instead where
@@ -106,24 +99,13 @@ class DirectIterator(EpochIterator):
         ...     x = data["patches"].astype(jnp.float32) / 255  # (B, P, P, 3) on the sampler's device
     """
 
-    def __init__(self, sampler: PatchSampler, batches_per_epoch: int | None = None) -> None:
-        super().__init__(sampler, batches_per_epoch)
-        self._sampler = sampler
-        self._names = sampler.output_names
+    def _from_dlpack(self, array: Any) -> Any:
+        return jax.dlpack.from_dlpack(array)
 
-    def _take(self) -> dict[str, Any]:
-        sampler, backend = self._sampler, self._sampler.backend
-        if not backend.is_gpu:
-            return self._arrays(sampler.take(None))
+    def _take_on_device(self) -> dict[str, Any]:
+        backend = self.sampler.backend
         with backend.on_device():  # CuPy's current stream of the sampler's device: DLPack orders JAX after it
-            return self._copies(sampler.take(backend.current_stream()))
-
-    def _arrays(self, batch: Any) -> dict[str, Any]:
-        arrays = batch_outputs(self._sampler.config, batch)
-        return {name: jax.dlpack.from_dlpack(array) for name, array in zip(self._names, arrays)}
-
-    def _copies(self, batch: Any) -> dict[str, Any]:
-        views = self._arrays(batch)
+            views = self._convert(self.sampler.take(backend.current_stream()))
         copies = {name: jnp.array(view, copy=True) for name, view in views.items()}
         jax.block_until_ready(copies)  # every read of the batch's memory is done: it may be let go
         return copies

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .export.epochs import EpochIterator, PipelineEpochIterator
-from .export.pipeline import batch_outputs
+from .export.epochs import DirectEpochIterator, PipelineEpochIterator
 from .sampler import PatchSampler
 
 __all__ = ["DirectIterator", "PatchIterator"]
@@ -53,14 +52,8 @@ class PatchIterator(PipelineEpochIterator):
     device; on the CPU, CPU tensors. The pipeline is built, and DALI's iterator made, at the first
     ``next()``: constructing the iterator takes no batch, so :meth:`load_state_dict` may follow.
 
-    Args:
-        sampler: the sampler to draw from (its stream is shared with any other consumer).
-        batches_per_epoch: ``None`` iterates forever; an int makes each ``for`` loop run to the end of
-            the current epoch of that many batches (``len()`` gives it), continuing the same stream on
-            the next loop.
-        prefetch_queue_depth: batches DALI keeps in flight.
-        no_copy: DALI reads the batches in place instead of copying them (see
-            :meth:`~dali_patches.PatchSampler.pipeline`).
+    Args: ``sampler``, ``batches_per_epoch``, ``prefetch_queue_depth`` and ``no_copy``, as for
+        :class:`~dali_patches.export.epochs.PipelineEpochIterator`.
 
     Example:
         >>> for step, data in zip(range(1000), PatchIterator(sampler)):
@@ -78,7 +71,7 @@ class PatchIterator(PipelineEpochIterator):
         return dict(step[0])  # one pipeline
 
 
-class DirectIterator(EpochIterator):
+class DirectIterator(DirectEpochIterator):
     """Torch tensors straight from the sampler's batches, through DLPack: no DALI pipeline, no copy.
 
     On a GPU, the tensors are read on torch's current stream of the sampler's device, which waits
@@ -96,21 +89,13 @@ class DirectIterator(EpochIterator):
         ...     x = data["patches"].permute(0, 3, 1, 2).float() / 255  # (B, 3, P, P) on the sampler's device
     """
 
-    def __init__(self, sampler: PatchSampler, batches_per_epoch: int | None = None) -> None:
-        super().__init__(sampler, batches_per_epoch)
-        self._sampler = sampler
-        self._names = sampler.output_names
+    def _from_dlpack(self, array: Any) -> Any:
+        return torch.from_dlpack(array)
 
-    def _take(self) -> dict[str, Any]:
-        sampler, backend = self._sampler, self._sampler.backend
-        if not backend.is_gpu:
-            return self._tensors(sampler.take(None))
+    def _take_on_device(self) -> dict[str, Any]:
         # torch's stream of the sampler's device (not of whichever device is current), seen by CuPy as
         # its current stream there: the batch is ordered on it, and DLPack adds no second event.
+        backend = self.sampler.backend
         device = backend.device_id
         with backend.on_device(), _cupy_stream(backend.xp, torch.cuda.current_stream(device), device) as stream:
-            return self._tensors(sampler.take(stream))
-
-    def _tensors(self, batch: Any) -> dict[str, Any]:
-        arrays = batch_outputs(self._sampler.config, batch)
-        return {name: torch.from_dlpack(array) for name, array in zip(self._names, arrays)}
+            return self._convert(self.sampler.take(stream))

@@ -219,3 +219,28 @@ def sr_pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _save(root / "lr_x2" / sub / f"{i:04d}x2.png", np.ascontiguousarray(hr[::2, ::2]))
         _save(root / "mask" / sub / f"{i:04d}.png", label_mask(h, w))
     return root
+
+
+def assert_same_steps(steps: list[tuple[np.ndarray, ...]], expected: list[tuple[np.ndarray, ...]]) -> None:
+    """Two runs of batches, each a tuple of host arrays, equal bit for bit."""
+    assert len(steps) == len(expected)
+    for got, want in zip(steps, expected, strict=True):
+        for a, b in zip(got, want, strict=True):
+            assert np.array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[str]:
+    """An S3-compatible server (moto) on 127.0.0.1, for one test module; skipped without moto."""
+    pytest.importorskip("moto.server", reason="the S3 test server needs moto[server] (pip install 'moto[server]')")
+    from .s3_server import moto_server
+
+    try:
+        server = moto_server()
+        url = server.__enter__()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        yield url
+    finally:
+        server.__exit__(None, None, None)

@@ -13,6 +13,8 @@ from dali_patches import PatchSampler
 from dali_patches.jax import DirectIterator, PatchIterator
 from dali_patches.state import Stateful
 
+from .conftest import assert_same_steps
+
 ITERATORS = [pytest.param(PatchIterator, id="pipeline"), pytest.param(DirectIterator, id="direct")]
 SETTINGS = {"patch_size": (16, 24), "batch_size": 8, "reuse": 4, "cache_images": 12, "seed": 2}
 
@@ -27,13 +29,6 @@ def jax_device(dali_device: str) -> str:
 
 def _host(data: dict) -> tuple[np.ndarray, ...]:
     return tuple(np.array(data[name]) for name in ("patches", "source", "anchor"))
-
-
-def _same(steps: list[tuple[np.ndarray, ...]], expected: list[tuple[np.ndarray, ...]]) -> None:
-    assert len(steps) == len(expected)
-    for got, want in zip(steps, expected, strict=True):
-        for a, b in zip(got, want, strict=True):
-            assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ITERATORS)
@@ -58,7 +53,7 @@ def test_jax_patches_equal_the_torch_path(kind: type, jax_device: str, image_dir
         assert data["anchor"].shape == (8, 2) and data["anchor"].dtype == jnp.int32
         platform = "gpu" if jax_device == "gpu" else "cpu"
         assert {d.platform for d in data["patches"].devices()} == {platform}
-        _same([_host(d) for d in steps], expected)
+        assert_same_steps([_host(d) for d in steps], expected)
 
 
 @pytest.mark.parametrize("kind", ITERATORS)
@@ -80,8 +75,8 @@ def test_state_round_trip_continues_the_stream(kind: type, jax_device: str, imag
         resumed = kind(s, batches_per_epoch=3)
         assert isinstance(resumed, Stateful)
         resumed.load_state_dict(state)
-        _same([_host(d) for d in resumed], rest)
-        _same([_host(d) for d in resumed], after)
+        assert_same_steps([_host(d) for d in resumed], rest)
+        assert_same_steps([_host(d) for d in resumed], after)
     with PatchSampler(image_dir, **settings) as s:  # the sampler alone takes the same state
         s.load_state_dict(state)
         assert np.array_equal(next(s).source, rest[0][1])

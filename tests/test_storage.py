@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,26 +19,12 @@ from dali_patches.catalog.catalog import Catalog, CatalogWarning
 from dali_patches.cli.synth import synthetic_image
 
 from .conftest import reference_decode
-from .s3_server import moto_server
 
 boto3 = pytest.importorskip("boto3", reason="object storage needs boto3 (pip install 'dali-patches[s3]')")
 pytest.importorskip("moto.server", reason="the S3 test server needs moto[server] (pip install 'moto[server]')")
 
 P = 16
 
-
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """An S3-compatible server (moto) on 127.0.0.1, for this module only."""
-    try:
-        server = moto_server()
-        url = server.__enter__()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    try:
-        yield url
-    finally:
-        server.__exit__(None, None, None)
 
 
 @pytest.fixture

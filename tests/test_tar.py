@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import tarfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -252,23 +251,6 @@ def test_inspect_reports_shards(shards: tuple[Path, dict[str, bytes]], capsys: p
 
 
 # -- on an S3 server -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """An S3-compatible server (moto) on 127.0.0.1, for this module only."""
-    pytest.importorskip("moto.server", reason="the S3 test server needs moto[server]")
-    from .s3_server import moto_server
-
-    try:
-        server = moto_server()
-        url = server.__enter__()
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    try:
-        yield url
-    finally:
-        server.__exit__(None, None, None)
-
-
 def test_shards_in_object_storage_serve_the_same_patches(s3_server: str, monkeypatch: pytest.MonkeyPatch,
                                                          shards: tuple[Path, dict[str, bytes]]) -> None:
     boto3 = pytest.importorskip("boto3", reason="object storage needs boto3 (pip install 'dali-patches[s3]')")

@@ -8,6 +8,8 @@ torch = pytest.importorskip("torch")
 from dali_patches import PatchSampler
 from dali_patches.torch import DirectIterator, PatchIterator
 
+from .conftest import assert_same_steps
+
 ITERATORS = [pytest.param(PatchIterator, id="pipeline"), pytest.param(DirectIterator, id="direct")]
 
 
@@ -83,13 +85,6 @@ def _host(data: dict) -> tuple[np.ndarray, ...]:
     return tuple(data[name].cpu().numpy().copy() for name in ("patches", "source", "anchor"))
 
 
-def _same(steps: list[tuple[np.ndarray, ...]], expected: list[tuple[np.ndarray, ...]]) -> None:
-    assert len(steps) == len(expected)
-    for got, want in zip(steps, expected, strict=True):
-        for a, b in zip(got, want, strict=True):
-            assert np.array_equal(a, b)
-
-
 @pytest.mark.parametrize("kind", ITERATORS)
 def test_iterator_resumes_mid_epoch_bit_for_bit(kind: type, dali_device: str, image_dir: Path) -> None:
     """Saved after batch 2 of epoch 2 (of 4): a new sampler and iterator, the state loaded, yield the
@@ -109,8 +104,8 @@ def test_iterator_resumes_mid_epoch_bit_for_bit(kind: type, dali_device: str, im
     with PatchSampler(image_dir, **settings) as s:
         resumed = kind(s, batches_per_epoch=4)
         resumed.load_state_dict(state)  # in time: a new iterator takes no batch before its first next()
-        _same([_host(d) for d in resumed], rest)
-        _same([_host(d) for d in resumed], after)
+        assert_same_steps([_host(d) for d in resumed], rest)
+        assert_same_steps([_host(d) for d in resumed], after)
         assert len(resumed) == 4
 
 
@@ -131,7 +126,7 @@ def test_iterator_state_loads_into_a_sampler_and_takes_a_sampler_state(kind: typ
     with PatchSampler(image_dir, **settings) as s:  # a sampler's state into an iterator: a fresh epoch
         resumed = kind(s, batches_per_epoch=3)
         resumed.load_state_dict(sampler_state)
-        _same([_host(d) for d in resumed], expected)
+        assert_same_steps([_host(d) for d in resumed], expected)
 
 
 def test_iterator_refuses_late_and_bad_states(image_dir: Path) -> None:

@@ -31,8 +31,9 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from ..state import state_value
+from .pipeline import batch_outputs
 
-__all__ = ["EpochIterator", "PipelineEpochIterator", "SampleSource"]
+__all__ = ["DirectEpochIterator", "EpochIterator", "PipelineEpochIterator", "SampleSource"]
 
 
 class SampleSource(Protocol):
@@ -50,6 +51,14 @@ class SampleSource(Protocol):
                  **kwargs: Any) -> Any: ...
 
     def batches_fed(self, pipe: Any) -> int: ...
+
+    @property
+    def backend(self) -> Any: ...
+
+    @property
+    def config(self) -> Any: ...
+
+    def take(self, stream: Any = None) -> Any: ...
 
 
 def _positive_or_none(value: Any, name: str) -> int | None:
@@ -160,6 +169,35 @@ class EpochIterator(ABC):
             msg = f"{error}; {fix}"
             raise RuntimeError(msg) from error
         self._epoch_batches = position
+
+
+class DirectEpochIterator(EpochIterator):
+    """An :class:`EpochIterator` over the sampler's batches themselves, no DALI pipeline: each
+    output (:func:`~dali_patches.export.pipeline.batch_outputs`) handed to the framework, typically
+    through DLPack. Subclasses write :meth:`_convert` and, for a GPU, :meth:`_take_on_device` (take
+    the batch on the framework's stream, or copy it on the device: ARCHITECTURE.md, GPU rules 1-2)."""
+
+    def __init__(self, sampler: SampleSource, batches_per_epoch: int | None = None) -> None:
+        super().__init__(sampler, batches_per_epoch)
+        self._names = sampler.output_names
+
+    def _take(self) -> dict[str, Any]:
+        if not self.sampler.backend.is_gpu:
+            return self._convert(self.sampler.take(None))
+        return self._take_on_device()
+
+    def _convert(self, batch: Any) -> dict[str, Any]:
+        """``{name: framework array}`` of a batch's outputs (zero copy where the framework can)."""
+        return {name: self._from_dlpack(array)
+                for name, array in zip(self._names, batch_outputs(self.sampler.config, batch))}
+
+    @abstractmethod
+    def _from_dlpack(self, array: Any) -> Any:
+        """The framework's array over ``array`` (NumPy or CuPy), through DLPack."""
+
+    @abstractmethod
+    def _take_on_device(self) -> dict[str, Any]:
+        """GPU: the next batch, read safely on the framework's side (see the class)."""
 
 
 class PipelineEpochIterator(EpochIterator):

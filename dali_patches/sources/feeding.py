@@ -30,7 +30,7 @@ import numpy as np
 
 from .base import Problem
 
-__all__ = ["FileReader", "RangeReader", "Reader", "shard_bounds"]
+__all__ = ["FileReader", "RangeReader", "ReadsFiles", "Reader", "shard_bounds"]
 
 _LIST_MIN_FILES = 10_000  # from here on DALI's reader gets a list file: it builds far faster than files=
 _UNLISTABLE = (" ", "\t", "\r", "\f", "\v", "s3://")  # what a "path label" line cannot hold; objects
@@ -172,6 +172,17 @@ class FileReader(Reader):
             if k == 0:
                 after = bytes(pipe.checkpoint())
         return rows, after
+
+
+class ReadsFiles:
+    """For a :class:`~dali_patches.sources.base.Source` whose locations DALI's file reader opens
+    itself (local paths, ``s3://`` objects): its ``reader`` is a :class:`FileReader`."""
+
+    def reader(self, labels: Sequence[int], columns: Sequence[Sequence[str]], read_as: np.ndarray | None = None, *,
+               shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True, batch_size: int = 1,
+               at: bytes | None = None) -> Reader:
+        return FileReader(labels, columns, read_as, shard_id=shard_id, num_shards=num_shards, seed=seed,
+                          shuffle=shuffle, batch_size=batch_size, at=at)
 
 
 class RangeReader(Reader):

@@ -14,13 +14,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ..options import Companion
 from .base import MAIN, Items, Source
 from .columns import Columns
-from .feeding import FileReader, Reader
+from .feeding import ReadsFiles
 from .headers import not_regular
 from .pairing import pair_sources
 from .workers import read_columns, stat_columns
@@ -43,7 +42,7 @@ def local_root(source: Any, paths: Sequence[str]) -> str:
         return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
 
 
-class LocalFiles(Source):
+class LocalFiles(ReadsFiles, Source):
     """Images on a local (or mounted) file system.
 
     Args:
@@ -80,12 +79,6 @@ class LocalFiles(Source):
 
     def stat(self, locations: Sequence[str], workers: int = 0) -> Columns | None:
         return stat_columns(locations, workers or os.cpu_count() or 1)
-
-    def reader(self, labels: Sequence[int], columns: Sequence[Sequence[str]], read_as: np.ndarray | None = None, *,
-               shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True, batch_size: int = 1,
-               at: bytes | None = None) -> Reader:
-        return FileReader(labels, columns, read_as, shard_id=shard_id, num_shards=num_shards, seed=seed, shuffle=shuffle,
-                          batch_size=batch_size, at=at)
 
     def read(self, location: str) -> bytes:
         with open(location, "rb") as f:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .base import IMAGE_SUFFIXES, Items, Source
 from .columns import Columns
-from .feeding import FileReader, Reader
+from .feeding import ReadsFiles
 from .workers import ranged_headers
 
 __all__ = ["ENDPOINT_PATIENCE_S", "EndpointUnreachable", "ObjectListing", "S3Objects", "is_uri", "list_objects", "named_object", "object_root",
@@ -216,7 +216,7 @@ def object_root(source: str | Sequence[str]) -> str:
     return (source if isinstance(source, str) else os.path.commonprefix(list(source))).rpartition("/")[0]
 
 
-class S3Objects(Source):
+class S3Objects(ReadsFiles, Source):
     """Image objects under an ``s3://bucket/prefix``, or a list of ``s3://`` URIs (one bucket).
     DALI's reader fetches them; companions are not supported here (keep pairs on a file system, or
     in tar shards)."""
@@ -247,12 +247,6 @@ class S3Objects(Source):
             self._sizes.update(zip(locations, list_objects(list(locations)).sizes.tolist()))
         return ranged_headers(locations, [self._sizes[loc] for loc in locations], read_range, read_object, bar,
                               workers or _OBJECT_THREADS)
-
-    def reader(self, labels: Sequence[int], columns: Sequence[Sequence[str]], read_as: np.ndarray | None = None, *,
-               shard_id: int = 0, num_shards: int = 1, seed: int = 0, shuffle: bool = True, batch_size: int = 1,
-               at: bytes | None = None) -> Reader:
-        return FileReader(labels, columns, read_as, shard_id=shard_id, num_shards=num_shards, seed=seed, shuffle=shuffle,
-                          batch_size=batch_size, at=at)
 
     def read(self, location: str) -> bytes:
         return read_object(location)
