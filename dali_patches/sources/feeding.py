@@ -30,7 +30,7 @@ import numpy as np
 
 from .base import Problem
 
-__all__ = ["FileReader", "RangeReader", "ReadsFiles", "Reader", "shard_bounds"]
+__all__ = ["FileReader", "RangeReader", "Reader", "ReadsFiles", "shard_bounds"]
 
 _LIST_MIN_FILES = 10_000  # from here on DALI's reader gets a list file: it builds far faster than files=
 _UNLISTABLE = (" ", "\t", "\r", "\f", "\v", "s3://")  # what a "path label" line cannot hold; objects
