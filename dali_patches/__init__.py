@@ -4,13 +4,16 @@ Every batch holds patches of ``batch_size`` different images; each decoded image
 patches on average, so throughput is ``reuse × decode rate`` while batches stay diverse.
 
 The names below are imported on first use, so ``import dali_patches`` (and the header-scan worker
-processes, which import only :mod:`dali_patches.catalog.columns`) does not load DALI.
+processes, which import only :mod:`dali_patches.catalog.columns`) does not load DALI; it only checks
+that exactly one DALI wheel is installed (:mod:`dali_patches.flavour`).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+from .flavour import require_dali
 
 if TYPE_CHECKING:
     from .catalog.catalog import Catalog, CatalogWarning
@@ -33,6 +36,7 @@ __all__ = [
     "ImageChoice", "Layout", "OUTPUT_NAMES", "PatchBatch", "PatchSampler", "Problem", "SamplerConfig", "format_bytes", "parse_bytes",
 ]
 __version__ = "0.1.0"
+DALI = require_dali()  # which DALI wheel serves this package ("nvidia-dali-cuda130 2.4.0"); fails clearly if none
 
 
 def __getattr__(name: str) -> Any:

@@ -21,9 +21,13 @@ from .options import DTYPES as _DTYPES
 from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, Reuse, enum_value, scaled
 from .state import plain
 
-__all__ = ["Device", "SamplerConfig", "distributed_defaults", "format_bytes", "local_rank", "parse_bytes", "parse_reuse"]
+__all__ = ["Device", "SamplerConfig", "default_decode_batch", "distributed_defaults", "format_bytes", "local_rank",
+           "parse_bytes", "parse_reuse"]
 
-_DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to this (see SamplerConfig)
+_DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to at most this (see SamplerConfig) ...
+# ... and to at most this many bytes of the largest decoded image per decode batch (CPU: measured, see
+# default_decode_batch; GPU: a guess that keeps nvJPEG's batches at 28+ for 25 MP photos, not measured)
+_DECODE_BATCH_BYTES = {Device.GPU: 2 * 2**30, Device.CPU: 96 * 2**20}
 # Fields that do not change the stream of (source, anchor) and patches: a state saved under other
 # values of them resumes exactly. Every other field is part of the resume fingerprint.
 _NOT_IN_STREAM = frozenset({"num_threads", "queue_depth", "device_id", "augment", "hw_decoder_load"})
@@ -177,8 +181,10 @@ class SamplerConfig:
             at construction with the cache it would need.
         decode_batch: images per batch of the DALI decode pipeline; ``None`` picks 8 on CPU (speed is
             flat from there, and each decoded batch in DALI's queue costs host memory) and 64 on GPU
-            (nvJPEG needs large batches; benchmarks/RESULTS.md has the figures). DALI holds about
-            ``3 × decode_batch`` decoded images on top of the arena.
+            (nvJPEG needs large batches; benchmarks/RESULTS.md has the figures), fewer when a
+            batch of the largest image would pass 96 MiB (CPU) or 2 GiB (GPU): 1 on CPU for
+            25 MP photos (:func:`default_decode_batch`). Memory beyond the arena grows with
+            ``decode_batch ×`` the largest image (``max_memory`` counts it).
         num_threads: DALI worker threads of both pipelines; ``None`` uses every core.
         queue_depth: finished batches the producer thread keeps ready for the trainer.
         channels: 3 (RGB, default) or 1 (grayscale); every file is converted to it by the decoder
@@ -329,14 +335,16 @@ class SamplerConfig:
                            f"(channels={part.channels})")
                     raise ValueError(msg)
 
-    def resolved(self, device: Device) -> SamplerConfig:
+    def resolved(self, device: Device, largest_bytes: int | None = None) -> SamplerConfig:
         """This config with every default worked out, once: ``device`` (``CPU`` or ``GPU``, as the
-        backend chose it), ``decode_batch`` and ``num_threads``. Everything downstream reads these."""
+        backend chose it), ``decode_batch`` and ``num_threads``. Everything downstream reads these.
+        ``largest_bytes`` (the largest image's decoded bytes with its companions, once the catalog
+        is known) bounds the default ``decode_batch`` by memory (:func:`default_decode_batch`)."""
         if device is Device.AUTO:
             msg = "resolved() needs the concrete device the backend chose (cpu or gpu), not 'auto'"
             raise ValueError(msg)
-        return replace(self, device=device, decode_batch=self.decode_batch or _DECODE_BATCH[device],
-                       num_threads=self.num_threads or os.cpu_count() or 1)
+        decode_batch = self.decode_batch or default_decode_batch(device, largest_bytes)
+        return replace(self, device=device, decode_batch=decode_batch, num_threads=self.num_threads or os.cpu_count() or 1)
 
     def stream_fields(self) -> dict[str, Any]:
         """Every field that shapes the stream of batches, as plain JSON values: the part of a resume
@@ -401,3 +409,18 @@ class SamplerConfig:
     def patch_bytes(self) -> int:
         """Bytes of one patch with all its companions, as gathered."""
         return sum(p.patch_bytes for p in self.parts)
+
+
+def default_decode_batch(device: Device, largest_bytes: int | None = None) -> int:
+    """``decode_batch=None``: the device's batch (8 on CPU, 64 on GPU), lowered so that one decode
+    batch of the largest image (``largest_bytes``, decoded, with its companions) stays within 96 MiB
+    on CPU (2 GiB of device memory on GPU); never below 1; the device's batch while
+    ``largest_bytes`` is unknown. Host memory beyond the arena is about 480 MiB + 3.4 ×
+    ``decode_batch`` × the largest image (``BatchMaker.max_memory``), so 96 MiB keeps it under
+    ~0.8 GiB whatever the images: 1 for 25 MP photos, 2 for 9–12 MP, 8 up to 4 MP. A smaller batch
+    decodes fewer images at once (benchmarks/RESULTS.md has the cost); a machine with cores and
+    memory to spare gains from passing a larger ``decode_batch``."""
+    most = _DECODE_BATCH[device]
+    if not largest_bytes:
+        return most
+    return max(1, min(most, _DECODE_BATCH_BYTES[device] // int(largest_bytes)))

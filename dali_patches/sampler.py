@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -24,8 +25,9 @@ from .engine.producer import Producer
 from .engine.provenance import ProvenanceWriter
 from .engine.verify import without_corrupt
 from .export import pipeline as sample_pipeline
-from .options import AnchorMode, Companion
+from .options import AnchorMode, Companion, Reuse
 from .sources import open_source
+from .sources.base import user_stacklevel
 from .state import state_value
 
 __all__ = ["OUTPUT_NAMES", "PatchSampler"]
@@ -60,8 +62,9 @@ class PatchSampler:
         cache_images: size the arena to hold this many of the largest images.
         device: ``"auto"``, ``"gpu"`` or ``"cpu"``.
         seed: seeds everything random; same seed + files + device + shard → same stream.
-        progress: show progress bars for the header scan and the cache warm-up; ``None`` shows them
-            only for long work (≥ 2000 files to scan, ≥ 500 images to warm up).
+        progress: show progress bars for the header scan and the cache warm-up (the first
+            ``next()``); ``None`` shows them only for long work (≥ 2000 files to scan, a warm-up
+            that lasts more than 2 s).
         companions: options of the companions a dict ``source`` names (name → :class:`Companion`,
             or a dict such as ``{"scale": 2}`` / ``{"kind": "mask"}``); for tuple rows, their names
             in order. Each is cut at the same anchor and is its own output.
@@ -144,6 +147,13 @@ class PatchSampler:
         if points is not None:
             catalog, anchors = catalog.with_points(points)
         self.catalog = catalog.fitting(cfg.parts, cfg.cache_bytes)
+        # Resolved again with the largest image known: the default decode_batch is bounded by memory too.
+        largest = int(self.catalog.sample_bytes(cfg.parts).max()) if len(self.catalog.files) else None
+        self.config = cfg = config.resolved(self.backend.device, largest)
+        if config.decode_batch is None and largest and (cfg.decode_batch or 1) < min(cfg.num_threads or 1, 8):
+            log.info("decode_batch=%d: a decode batch of the largest image (%s) is bounded by memory; with %d "
+                     "threads a larger decode_batch decodes faster, at about 3.4 x %s more memory per step",
+                     cfg.decode_batch, format_bytes(largest), cfg.num_threads, format_bytes(largest))
         self._producer = Producer(self.catalog, cfg, self.backend, progress, anchors)
         self.plan = self._producer.maker.plan
         self.cache_bytes = self.plan.capacity_bytes
@@ -152,6 +162,25 @@ class PatchSampler:
         self._provenance = None if provenance is None else ProvenanceWriter(provenance, self._producer.maker.header())
         # A sampler dropped without close() still stops its thread (the producer does not refer back).
         self._finalizer = weakref.finalize(self, _close, self._producer, self._provenance)
+        log.info("sampler on %s: cache %s, at most %s of %s memory (max_memory), decode batches of %d",
+                 cfg.device.value, format_bytes(self.cache_bytes), format_bytes(self.max_memory), cfg.device.value,
+                 cfg.decode_batch)
+        self._warn_if_decodes_are_wasted()
+
+    def _warn_if_decodes_are_wasted(self) -> None:
+        """A fixed ``reuse`` with a cache that holds this shard's whole data set: after the warm-up
+        every decode brings an image that is resident already, so it is discarded, yet the trainer
+        still waits for it at the ``reuse`` rate."""
+        shard = self._producer.maker.decoder.shard_size
+        if isinstance(self.config.reuse, Reuse) or self.plan.warmup_images < shard:
+            return
+        data = int(self.catalog.sample_bytes(self.config.parts).sum()) // max(1, self.config.num_shards or 1)
+        msg = (f"the cache holds all {shard} images of this shard, so with reuse={self.config.reuse:g} every decode "
+               "after the warm-up is of a resident image and is discarded while the trainer waits for it; pass "
+               "reuse='auto' (the decoder then pauses while the cache serves), or, where batch_size leaves room "
+               f"for it, a cache_bytes below the shard's {format_bytes(data)} of decoded images so that images "
+               "keep being replaced")
+        warnings.warn(msg, UserWarning, stacklevel=user_stacklevel())
 
     # -- data --------------------------------------------------------------------------------
     @property
@@ -173,6 +202,18 @@ class PatchSampler:
 
     def __iter__(self) -> PatchSampler:
         return self
+
+    def __len__(self) -> int:
+        """Refused: the sampler is an endless stream of finished batches, not a map-style Dataset
+        (this message is what ``torch.utils.data.DataLoader(sampler)`` shows instead of "has no len()")."""
+        msg = ("PatchSampler is an endless stream of finished batches, not a Dataset, so it has no len() and needs "
+               "no DataLoader: it already batches, shuffles and prepares batches ahead in its own thread. Iterate "
+               "it directly (next(sampler) / for batch in sampler), or wrap it in dali_patches.torch.DirectIterator "
+               "or dali_patches.torch.PatchIterator for torch tensors; count steps with itertools.islice")
+        raise TypeError(msg)
+
+    def __bool__(self) -> bool:
+        return True
 
     def __next__(self) -> PatchBatch:
         """The next batch. On a GPU its arrays are read on the calling thread's current stream (of

@@ -7,14 +7,28 @@ output (:func:`~dali_patches.export.pipeline.build_pipeline` with ``per_field=Tr
 field of the same finished batch; on a GPU the fields are copied to the host for the hand-over and
 moved back to the GPU inside the pipeline, where the augmentation ops run — when TensorFlow sees a GPU
 (with a CPU-only TensorFlow, such as the ``tf`` extra's ``tensorflow-cpu``, everything stays on the
-host). Import this module only where TensorFlow and ``nvidia-dali-tf-plugin-cuda130`` are installed;
-the core package does not need them.
+host). Import this module only where TensorFlow and DALI's TF plugin (``nvidia-dali-tf-plugin-cuda130``, or
+``-cuda120`` beside the CUDA 12 DALI) are installed; without them the import says how to install them.
+The core package does not need them.
 """
 
 from __future__ import annotations
 
-import tensorflow as tf
-from nvidia.dali.plugin.tf.experimental import DALIDatasetWithInputs
+from .flavour import require_dali
+
+try:
+    import tensorflow as tf
+except ModuleNotFoundError as error:
+    msg = "dali_patches.tf needs TensorFlow: pip install 'dali-patches[tf]' (tensorflow-cpu; tensorflow[and-cuda] on a GPU)"
+    raise ModuleNotFoundError(msg, name=error.name) from error
+try:
+    from nvidia.dali.plugin.tf.experimental import DALIDatasetWithInputs
+except (ImportError, tf.errors.NotFoundError) as error:  # missing, or built against another TensorFlow
+    _PLUGIN = "nvidia-dali-tf-plugin-cuda120" if "cuda120" in require_dali() else "nvidia-dali-tf-plugin-cuda130"
+    msg = (f"dali_patches.tf needs DALI's TensorFlow plugin, which is built against the installed TensorFlow "
+           f"({tf.__version__}): pip install --no-build-isolation --no-cache-dir {_PLUGIN} (after TensorFlow; it "
+           f"compiles for about 30 s and needs g++). Its error: {error}")
+    raise ModuleNotFoundError(msg, name="nvidia.dali.plugin.tf") from error
 
 from .export.pipeline import build_pipeline
 from .sampler import PatchSampler

@@ -49,7 +49,7 @@ def test_reuse_flags_are_checked(many_images: Path, capsys) -> None:
         _parser().parse_args(["bench", str(many_images), "--reuse", "fast"])
     assert "neither a number nor 'auto'" in capsys.readouterr().err
     assert main(["bench", str(many_images), "--reuse", "8", "--min-reuse", "2", "--device", "cpu", "--no-progress"]) == 2
-    assert "min_reuse=2.0 and max_reuse=None bound reuse='auto'" in capsys.readouterr().err
+    assert "--min-reuse and --max-reuse bound --reuse auto; with a fixed --reuse 8 leave them out" in capsys.readouterr().err
 
 
 def test_inspect_reports_how_headers_were_found(image_dir: Path, tmp_path: Path, capsys) -> None:
@@ -65,7 +65,7 @@ def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys) -> None:
     assert main(["bench", str(tmp_path / "missing"), "--device", "cpu", "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["bench", str(tmp_path), "--cache", "lots", "--no-progress"]) == 2
-    assert "cache_bytes='lots'" in capsys.readouterr().err
+    assert "--cache lots is not a size" in capsys.readouterr().err
     assert main(["bench", str(tmp_path), "--seconds", "nan", "--no-progress"]) == 2
     assert "--seconds nan must be at least 0" in capsys.readouterr().err
 
@@ -76,7 +76,7 @@ def test_gpu_without_a_gpu_exits_2_with_the_fix(image_dir: Path, capsys) -> None
     if cuda_available():
         pytest.skip("this machine has a GPU")
     assert main(["bench", str(image_dir), "--device", "gpu", "--seconds", "1", "--no-progress"]) == 2
-    assert "device='gpu'" in capsys.readouterr().err
+    assert "--device gpu" in capsys.readouterr().err
 
 
 def test_coverage_on_a_full_disk_exits_1_naming_the_log(many_images: Path, tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_inspect_finds_every_planted_bad_file(planted: tuple[Path, dict[str, str
     text = capsys.readouterr().out
     for name in kinds:
         assert name in text
-    assert "JPEG progressive 4" in text and "cache 8MiB" in text
+    assert "JPEG progressive 4" in text and "cache       8MiB holds" in text
 
 
 def _sizes(data: Path, bad: dict[str, str]) -> list[tuple[int, int]]:
@@ -228,3 +228,27 @@ def test_coverage_of_a_damaged_log_exits_2_with_a_message(tmp_path: Path, capsys
     assert main(["coverage", str(log), "--out", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err
     assert "bad.prov' is not a usable provenance log: its header claims" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["preview", "{images}", "--out", "{tmp}/missing/x.png"], "--out {tmp}/missing/x.png: the folder {tmp}/missing does not exist"),
+    (["coverage", "{images}", "--log", "{tmp}/missing/run.prov"], "--log {tmp}/missing/run.prov: the folder"),
+    (["bench", "{images}", "--json", "{tmp}/missing/r.json"], "--json {tmp}/missing/r.json: the folder"),
+    (["bench", "{images}", "--seconds", "0"], "--seconds 0 measures nothing"),
+])
+def test_bad_outputs_and_durations_are_refused_before_any_work(image_dir: Path, tmp_path: Path, capsys,
+                                                               argv: list[str], said: str) -> None:
+    fill = {"images": str(image_dir), "tmp": str(tmp_path)}
+    assert main([a.format(**fill) for a in argv]) == 2
+    assert said.format(**fill) in capsys.readouterr().err
+
+
+def test_coverage_without_matplotlib_says_so_before_sampling(image_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr("dali_patches.cli.commands._sample_log", lambda *a: pytest.fail("sampled first"))
+    assert main(["coverage", str(image_dir), "--no-progress"]) == 2
+    assert "pip install 'dali-patches[viz]'" in capsys.readouterr().err

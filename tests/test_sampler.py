@@ -259,3 +259,38 @@ def test_after_close_every_entry_point_refuses(image_dir: Path) -> None:
     for call in (lambda: next(s), s.pipeline, lambda: s.load_state_dict(state)):
         with pytest.raises(RuntimeError, match="closed"):
             call()
+
+
+def test_len_and_dataloader_say_what_to_do_instead(image_dir: Path) -> None:
+    with PatchSampler(image_dir, patch_size=16, batch_size=4, reuse=2, cache_images=6, device="cpu",
+                      progress=False) as sampler:
+        assert sampler  # truthy, though len() is refused
+        with pytest.raises(TypeError, match=r"not a Dataset.*DirectIterator"):
+            len(sampler)
+        torch = pytest.importorskip("torch")
+        with pytest.raises(TypeError, match="needs no DataLoader"):
+            next(iter(torch.utils.data.DataLoader(sampler)))
+
+
+def test_a_cache_holding_every_image_with_fixed_reuse_warns_once(many_images: Path) -> None:
+    with pytest.warns(UserWarning, match=r"holds all \d+ images.*reuse='auto'") as caught:
+        PatchSampler(many_images, patch_size=16, batch_size=4, reuse=2, cache_bytes="64MiB", device="cpu",
+                     progress=False).close()
+    assert [w.filename for w in caught if "holds all" in str(w.message)] == [__file__]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        PatchSampler(many_images, patch_size=16, batch_size=4, reuse="auto", cache_bytes="64MiB", device="cpu",
+                     progress=False).close()
+        PatchSampler(many_images, patch_size=16, batch_size=4, reuse=2, cache_images=8, device="cpu",
+                     progress=False).close()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_first_fill_shows_progress_unless_told_not_to(image_dir: Path, progress: bool,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    with PatchSampler(image_dir, patch_size=16, batch_size=4, reuse=2, cache_images=6, device="cpu",
+                      progress=progress) as sampler:
+        next(sampler)
+    err = capfd.readouterr().err
+    assert ("filling cache" in err and "max_memory" in err) is progress

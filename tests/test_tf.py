@@ -69,3 +69,27 @@ def test_dataset_continues_a_saved_stream(dali_device: str, sr_pairs: Path) -> N
             assert np.array_equal(data["target"].numpy(), target)
             assert np.array_equal(data["source"].numpy(), source)
             assert np.array_equal(data["anchor"].numpy(), anchor)
+
+
+def test_a_missing_plugin_says_how_to_build_it() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['nvidia.dali.plugin.tf.experimental'] = None\n"
+            "try:\n    import dali_patches.tf\nexcept ModuleNotFoundError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install --no-build-isolation --no-cache-dir nvidia-dali-tf-plugin-cuda130" in out
+    assert f"({tf.__version__})" in out
+
+
+def test_a_plugin_built_for_another_tensorflow_says_how_to_rebuild_it() -> None:
+    import subprocess
+    import sys
+
+    code = ("import tensorflow as tf\n"
+            "def stale(path): raise tf.errors.NotFoundError(None, None, f'{path}: undefined symbol')\n"
+            "tf.load_op_library = stale\n"
+            "try:\n    import dali_patches.tf\nexcept ModuleNotFoundError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install --no-build-isolation --no-cache-dir nvidia-dali-tf-plugin-cuda130" in out
+    assert "undefined symbol" in out

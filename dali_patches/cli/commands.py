@@ -2,146 +2,31 @@
 
 Each ``cmd_*`` function takes the parsed arguments, prints its report (or JSON with ``--json``) and
 returns the exit code; they raise ``ValueError``/``FileNotFoundError`` for bad arguments or data,
-which the CLI turns into exit code 2.
+which the CLI turns into exit code 2. A batch or cache left to the defaults is fitted to the data
+and the machine first (:mod:`.defaults`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import platform
-import resource
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..config import format_bytes, parse_bytes
+from .bench import live, run_bench, summary_text
+from .defaults import COVERAGE_PATCHES, SECONDS, fit_args, scan, stream_config
+from .errors import translate
 
-__all__ = ["cmd_bench", "cmd_coverage", "cmd_inspect", "cmd_preview", "cmd_synth", "run_bench"]
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    from nvidia import dali
-
-    from .. import __version__
-
-    return {"dali_patches": __version__, "dali": dali.__version__, "numpy": numpy.__version__,
-            "python": platform.python_version(), "machine": platform.machine()}
-
-
-def _consumer(sampler: Any, via: str) -> Any:
-    """A zero-argument callable that takes one batch through the chosen export path."""
-    if via == "arrays":
-        return lambda: next(sampler)
-    if via == "dali":
-        pipe = sampler.pipeline()
-        return pipe.run
-    from ..torch import PatchIterator  # needs torch: imported only for --via torch
-
-    iterator = iter(PatchIterator(sampler))
-    return lambda: next(iterator)
-
-
-def run_bench(source: Any, patch: int, batch: int, reuse: float | str, cache: str | int, device: str = "auto",
-              seconds: float = 30.0, via: str = "dali", seed: int = 0, progress: bool = True,
-              **options: Any) -> dict[str, Any]:
-    """Stream patches for ``seconds`` after the cache is warm; return throughput and quality metrics.
-    ``options`` go to :class:`~dali_patches.PatchSampler` (``companions``, ``channels``, …)."""
-    from ..sampler import PatchSampler  # imported here: keeps `--help` fast
-
-    t0 = time.perf_counter()
-    with PatchSampler(source, patch_size=patch, batch_size=batch, reuse=reuse, cache_bytes=cache,
-                      device=device, seed=seed, progress=progress, **options) as sampler:
-        take = _consumer(sampler, via)
-        take()  # the first batch waits for the warm-up
-        warmup_s = time.perf_counter() - t0
-        start = sampler.stats()
-        batches = 0
-        t_start = time.perf_counter()
-        with tqdm(total=round(seconds, 1), desc="sampling", unit="s", disable=not progress,
-                  bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix}") as bar:
-            elapsed = 0.0
-            while elapsed < seconds:
-                take()
-                batches += 1
-                now = time.perf_counter() - t_start
-                bar.update(round(min(now, seconds) - elapsed, 3))
-                elapsed = now
-                if batches % 16 == 0:
-                    bar.set_postfix_str(f"{batches * batch / elapsed:,.0f} patches/s, {_live(sampler)}")
-        if sampler.backend.is_gpu:
-            sampler.backend.xp.cuda.runtime.deviceSynchronize()
-        elapsed = time.perf_counter() - t_start
-        end = sampler.stats()
-    return {
-        "patches_per_s": batches * batch / elapsed,
-        "decodes_per_s": (end["images_decoded"] - start["images_decoded"]) / elapsed,
-        "pace": {k: end[k] for k in _PACE_KEYS},
-        "distinct_fraction": end["distinct_fraction"],
-        "mean_reuse": _window_reuse(start, end),
-        "peak_rss_mb": _peak_rss_mb(),
-        "batches": batches,
-        "seconds": elapsed,
-        "warmup_s": warmup_s,
-        "resident_images": end["resident_images"],
-        "files": end["files"],
-        "skipped_files": end["skipped_files"],
-        "decode_failed_batches": end["decode_failed_batches"],
-        "round_batches": end["round_batches"],
-        "host_us_per_batch": {"producer": end["producer_us_per_batch"], "refill": end["refill_us_per_batch"],
-                              "handover": end["handover_us_per_batch"]},
-        "config": {"patch": patch, "batch": batch, "reuse": reuse, "cache_bytes": parse_bytes(cache),
-                   "device": end["device"], "via": via, "seed": seed},
-        "versions": _versions(),
-    }
-
-
-_PACE_KEYS = ("reuse", "effective_reuse", "effective_reuse_recent", "decoder_busy_fraction",
-              "decoder_busy_fraction_recent", "consumer_wait_fraction", "consumer_wait_fraction_recent", "consumer_wait_s")
-
-
-def _live(sampler: Any) -> str:
-    """The progress bar's live figures: effective reuse and decoder busy over the last seconds."""
-    stats = sampler.stats()
-    return (f"reuse {stats.get('effective_reuse_recent', float('nan')):.1f}, decoder busy "
-            f"{stats.get('decoder_busy_fraction_recent', float('nan')):.0%}")
-
-
-def _window_reuse(start: dict[str, Any], end: dict[str, Any]) -> float:
-    """Patches served per image decoded between two ``stats()`` snapshots (no warm-up bias)."""
-    decoded = end["images_decoded"] - start["images_decoded"]
-    return (end["patches_made"] - start["patches_made"]) / decoded if decoded else float("inf")
-
-
-def _summary_text(r: dict[str, Any]) -> str:
-    c = r["config"]
-    lines = [
-        (f"device {c['device']}, {r['files']} images ({r['skipped_files']} skipped), "
-         f"{r['resident_images']} resident, warm-up {r['warmup_s']:.1f} s"),
-        f"patches/s          {r['patches_per_s']:>12,.0f}   ({c['patch']}x{c['patch']}, batch {c['batch']}, via {c['via']})",
-        f"decodes/s          {r['decodes_per_s']:>12,.1f}",
-        f"distinct fraction  {r['distinct_fraction']:>12.3f}   (batches whose patches all come from different images)",
-        f"mean reuse         {r['mean_reuse']:>12.2f}   (patches per decoded image; asked {c['reuse']})",
-        (f"pace               decoder busy {r['pace']['decoder_busy_fraction']:.0%}, consumer waited "
-         f"{r['pace']['consumer_wait_fraction']:.0%} of the time; last 5 s: reuse "
-         f"{r['pace']['effective_reuse_recent']:.1f}, busy {r['pace']['decoder_busy_fraction_recent']:.0%}, "
-         f"waited {r['pace']['consumer_wait_fraction_recent']:.0%}"),
-        f"peak RSS           {r['peak_rss_mb']:>12,.0f} MB",
-        (f"host µs per batch  producer {r['host_us_per_batch']['producer']:,.0f} (draw, gather, state; rounds of "
-         f"{r['round_batches']}), refill {r['host_us_per_batch']['refill']:,.0f}, hand-over "
-         f"{r['host_us_per_batch']['handover']:,.0f} (waits included)"),
-    ]
-    return "\n".join(lines) + "\n"
+__all__ = ["cmd_bench", "cmd_coverage", "cmd_inspect", "cmd_preview", "cmd_synth"]
 
 
 # -- options shared by the commands --------------------------------------------------------------
@@ -170,7 +55,10 @@ def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     specs = [_companion(s) for s in args.companion]
     index = False if args.index == "off" else args.index
     options: dict[str, Any] = {"channels": args.channels, "dtype": args.dtype, "pad": args.pad, "index": index,
-                               "trust_index": args.trust_index}
+                               "trust_index": args.trust_index, "allow_repeats": args.allow_repeats}
+    for name in ("decode_batch", "num_threads"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     for bound in ("min_reuse", "max_reuse"):
         if getattr(args, bound, None) is not None:
             options[bound] = getattr(args, bound)
@@ -180,13 +68,28 @@ def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     return source, {**options, "companions": {name: opts for name, _, opts in specs}}
 
 
-def _open_sampler(args: argparse.Namespace, **extra: Any) -> Any:
-    """The :class:`~dali_patches.PatchSampler` that the data and streaming flags describe."""
+def _fitted(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """:func:`_sampler_options`, after the flags are checked and a batch or cache left to the
+    defaults is fitted to the data set (scanned once here) and the free memory."""
+    from ..sources import open_source
+
+    spec, options = _sampler_options(args)
+    source = open_source(spec, options.get("companions"))
+    config = stream_config(args, source.companions)
+    if args.batch is None or args.cache is None:
+        fit_args(args, scan(source, config, args), config)
+    return spec, options
+
+
+def _open_sampler(args: argparse.Namespace, progress: bool | None = None, **extra: Any) -> Any:
+    """The :class:`~dali_patches.PatchSampler` that the data and streaming flags describe (the
+    batch and cache fitted first, if left to the defaults)."""
     from ..sampler import PatchSampler
 
-    source, options = _sampler_options(args)
+    source, options = _fitted(args)
     return PatchSampler(source, patch_size=args.patch, batch_size=args.batch, reuse=args.reuse, cache_bytes=args.cache,
-                        device=args.device, seed=args.seed, progress=not args.no_progress, **options, **extra)
+                        device=args.device, seed=args.seed, progress=not args.no_progress if progress is None else progress,
+                        **options, **extra)
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
@@ -202,38 +105,56 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    source, options = _sampler_options(args)
+    source, options = _fitted(args)
     result = run_bench(source, args.patch, args.batch, args.reuse, args.cache, args.device, args.seconds, args.via,
                        args.seed, progress=not args.no_progress, **options)
-    _emit(args, result, _summary_text(result))
+    _emit(args, result, summary_text(result))
     return 0
 
 
 def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
-    """Scan the data set's headers and summarise it (formats, sizes, problems, cache capacity)."""
-    from ..catalog.catalog import Catalog
-    from ..config import SamplerConfig
+    """Scan the data set's headers and summarise it (formats, sizes, problems, cache capacity, and
+    the most memory a sampler with these flags would hold)."""
     from ..engine.cache import images_held
     from ..sources import open_source
 
     spec, options = _sampler_options(args)
     source = open_source(spec, options.get("companions"))
-    config = SamplerConfig(patch_size=args.patch, batch_size=1, reuse=1, cache_bytes=args.cache,
-                           channels=options["channels"], dtype=options["dtype"], pad=options["pad"],
-                           companions=source.companions)
+    config = stream_config(args, source.companions)
     t0 = time.perf_counter()
-    catalog = Catalog.scan(source, min_size=config.patch_size, progress=not args.no_progress, pad=config.pad,
-                           check=False, index=options["index"], trust_index=options["trust_index"])
+    catalog = scan(source, config, args, check=False, progress=not args.no_progress)
     if args.verify:
         from ..engine.verify import find_corrupt
 
-        catalog = catalog.without(find_corrupt(source, catalog.files, os.cpu_count() or 1, not args.no_progress))
+        catalog = catalog.without(find_corrupt(source, catalog.files, args.num_threads or os.cpu_count() or 1,
+                                               not args.no_progress))
+    seconds = time.perf_counter() - t0
     sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
-    at_least, typical = images_held(sizes, int(config.cache_bytes or 0))
-    return {**catalog.summary(), "seconds": time.perf_counter() - t0, "scan": catalog.scan_report,
-            "cache": {"cache_bytes": config.cache_bytes, "images_at_least": at_least, "images_typical": typical,
+    memory: dict[str, Any] = {"max_memory": None, "device": None, "error": None}
+    if len(catalog):
+        fit_args(args, catalog, config)
+        memory = _max_memory(args)
+    cache = parse_bytes(args.cache) if args.cache is not None else 0
+    at_least, typical = images_held(sizes, cache)
+    return {**catalog.summary(), "seconds": seconds, "scan": catalog.scan_report,
+            "cache": {"cache_bytes": cache, "images_at_least": at_least, "images_typical": typical,
                       "bytes_per_image_mean": float(sizes.mean()) if len(sizes) else 0.0},
+            "batch": args.batch, "memory": memory,
             "bad_files": [{"path": p, "kind": getattr(r, "kind", "other"), "reason": str(r)} for p, r in catalog.skipped]}
+
+
+def _max_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """``PatchSampler.max_memory`` of a sampler with these flags (built, never started: nothing is
+    decoded), or why such a sampler cannot be built."""
+    from ..engine.backend import DeviceUnavailableError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the report lists the skipped files itself
+            with _open_sampler(args, progress=False) as sampler:
+                return {"max_memory": int(sampler.max_memory), "device": sampler.backend.device.value, "error": None}
+    except (ValueError, DeviceUnavailableError) as e:
+        return {"max_memory": None, "device": None, "error": translate(str(e))}
 
 
 def _counts(values: dict[Any, int]) -> str:
@@ -258,7 +179,7 @@ def _inspect_text(r: dict[str, Any], cache: str, shown: int = 50) -> str:
                 f"{', companions included' if r['companions'] else ''})")
         lines += [f"formats     {_counts(r['formats'])}", f"modes       {_counts(r['modes'])}",
                   f"channels    {', '.join(f'{k} ch × {v:,}' for k, v in r['channels'].items())}",
-                  f"size        {size}", f"cache {cache:<6}{fit}"]
+                  f"size        {size}", f"cache       {cache} {fit}", _memory_text(r)]
     lines += [f"companions  {name}: {n:,} images paired" for name, n in r["companions"].items()]
     alpha = {mode: n for mode, n in r["modes"].items() if mode in ("RGBA", "LA", "PA")}
     if alpha:
@@ -279,11 +200,23 @@ def _inspect_text(r: dict[str, Any], cache: str, shown: int = 50) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _memory_text(r: dict[str, Any]) -> str:
+    m = r["memory"]
+    if m["error"]:
+        return f"memory      a sampler with --batch {r['batch']} would not start: {m['error']}"
+    return (f"memory      at most {format_bytes(m['max_memory'])} of {m['device']} memory for a sampler with --batch "
+            f"{r['batch']} (the cache, DALI's decode queue, images decoded ahead, output batches)")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     report = _inspect_report(args)
-    _emit(args, report, _inspect_text(report, args.cache))
+    cache = args.cache if isinstance(args.cache, str) else format_bytes(report["cache"]["cache_bytes"])
+    _emit(args, report, _inspect_text(report, cache))
     if not report["images"]:
         sys.stderr.write("dali-patches: error: no usable image (see the skipped files above)\n")
+        return 2
+    if report["memory"]["error"]:  # the data may be fine, but a sampler with these flags would not start
+        sys.stderr.write(f"dali-patches: error: {report['memory']['error']}\n")
         return 2
     return 3 if report["bad_files"] else 0
 
@@ -305,16 +238,30 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_log(args: argparse.Namespace, log: str) -> None:
-    """Stream ``--patches`` patches (rounded up to whole batches), recording their provenance in ``log``."""
+def _sample_log(args: argparse.Namespace, log: str) -> str:
+    """Stream ``--patches`` patches (rounded up to whole batches), or for ``--seconds`` after the
+    warm-up, whichever ends first (neither given: :data:`COVERAGE_PATCHES` within :data:`SECONDS`),
+    recording their provenance in ``log``; returns a line saying which ended it."""
+    patches, seconds = args.patches, args.seconds
+    if patches is None and seconds is None:
+        patches, seconds = COVERAGE_PATCHES, SECONDS
     with _open_sampler(args, provenance=log) as sampler:
-        batches = -(-args.patches // args.batch)
-        with tqdm(total=batches * args.batch, desc="sampling", unit="patch", disable=args.no_progress) as bar:
-            for i in range(batches):
+        batches = -(-patches // args.batch) if patches is not None else None
+        with tqdm(total=batches * args.batch if batches else None, desc="sampling", unit="patch",
+                  disable=args.no_progress) as bar:
+            next(sampler)  # the first batch waits for the warm-up
+            bar.update(args.batch)
+            made, t0 = 1, time.perf_counter()
+            while (batches is None or made < batches) and (seconds is None or time.perf_counter() - t0 < seconds):
                 next(sampler)
+                made += 1
                 bar.update(args.batch)
-                if i % 32 == 31:
-                    bar.set_postfix_str(_live(sampler))
+                if made % 32 == 0:
+                    bar.set_postfix_str(live(sampler))
+    if batches is not None and made >= batches:
+        return ""
+    cap = f" of --patches {patches:,}" if patches is not None else ""
+    return f"stopped after --seconds {seconds:g} of sampling: {made * args.batch:,} patches{cap}\n"
 
 
 def _is_log(path: str) -> bool:
@@ -330,15 +277,17 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     from ..review import runs as review
     from ..review.figures import coverage_figure
 
+    if importlib.util.find_spec("matplotlib") is None:  # said before any sampling, not after it
+        msg = "coverage draws its figure with matplotlib: pip install 'dali-patches[viz]'"
+        raise ImportError(msg)
     reviewing = _is_log(args.source)  # an existing run's log: nothing to sample
     with tempfile.TemporaryDirectory() as tmp:
         log = args.source if reviewing else (args.log or os.path.join(tmp, "run.prov"))
-        if not reviewing:
-            _sample_log(args, log)
+        stopped = "" if reviewing else _sample_log(args, log)
         run = review.load(log)
         stats = coverage_figure(run, args.out, images=args.images, images_from=args.images_from)
     shown = ", ".join(Path(run.files[i]).name for i in stats["shown"])
-    text = (f"{stats['patches']:,} patches in {stats['batches']:,} batches from {stats['images']:,} images\n"
+    text = (f"{stopped}{stats['patches']:,} patches in {stats['batches']:,} batches from {stats['images']:,} images\n"
             f"patches per image  mean {stats['patches_per_image_mean']:.2f}, CV {stats['patches_per_image_cv']:.3f}"
             f" (0 = every image equally often)\n"
             f"never sampled      {stats['never_sampled']:,} images\n"
@@ -356,6 +305,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         h, w = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size {args.size!r} must look like 1536x2048 (HEIGHTxWIDTH)") from None
+    if min(h, w) < 1:
+        raise ValueError(f"--size {args.size!r} must be at least 1x1 pixels")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1 (or leave it out: every core)")
     paths = write_synthetic_images(args.folder, args.count, (h, w), seed=args.seed, fmt=args.format,

@@ -12,19 +12,24 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import platform
 import signal
 import sys
 import threading
+import warnings
+from typing import TextIO
 
-from ..config import Device, parse_reuse
+from ..config import Device, format_bytes, parse_reuse
 from ..engine.backend import DeviceUnavailableError
 from ..options import Reuse
-from . import commands
+from . import commands, defaults
+from .errors import translate
 
-__all__ = ["main"]
+__all__ = ["main", "version"]
 
 
-def _data_args(p: argparse.ArgumentParser, patch: int = 64, also: str = "") -> None:
+def _data_args(p: argparse.ArgumentParser, patch: int = defaults.PATCH, also: str = "") -> None:
     p.add_argument("source", metavar="SOURCE",
                    help=f"folder of images (searched recursively), glob such as 'data/**/*.jpg', s3://bucket/prefix, "
                         f"or one image{also}")
@@ -55,18 +60,31 @@ def _reuse(text: str) -> float | str:
     return value.value if isinstance(value, Reuse) else value
 
 
-def _stream_args(p: argparse.ArgumentParser, batch: int, reuse: float | str, cache: str) -> None:
-    p.add_argument("--batch", type=int, default=batch, help=f"patches per batch, each from a different image [{batch}]")
-    p.add_argument("--reuse", type=_reuse, default=reuse,
+def _stream_args(p: argparse.ArgumentParser) -> None:
+    """The sampler's flags, with the one set of defaults every command shares (:mod:`.defaults`)."""
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"patches per batch, each from a different image [{defaults.BATCH}, or fewer: at most half "
+                        "the usable images, and as many of the largest as the cache holds]")
+    p.add_argument("--reuse", type=_reuse, default=defaults.REUSE,
                    help=f"mean patches per decoded image, or 'auto': whatever the consumer's pace over the "
-                        f"decoder's gives [{reuse}]")
+                        f"decoder's gives [{defaults.REUSE}]")
     p.add_argument("--min-reuse", type=float, default=None, metavar="R",
                    help="--reuse auto: below this the decoder pauses [1]")
     p.add_argument("--max-reuse", type=float, default=None, metavar="R",
                    help="--reuse auto: past this the consumer waits for decodes (a staleness bound) [none]")
-    p.add_argument("--cache", default=cache, help=f"cache of decoded images, e.g. 512MiB, 2GiB [{cache}]")
+    p.add_argument("--cache", default=None,
+                   help=f"cache of decoded images, e.g. 512MiB, 2GiB [{defaults.DATA_SHARE * 100:g}%% of the data set "
+                        f"decoded (all of it with --reuse auto) up to {format_bytes(defaults.CACHE_BOUND).replace(' ', '')}"
+                        ", but at least --batch of the largest images, within half the free memory]")
+    p.add_argument("--allow-repeats", action="store_true",
+                   help="let a batch hold several patches of one image when fewer than --batch images are "
+                        "resident (small data sets, small caches)")
     p.add_argument("--device", default="auto", choices=[d.value for d in Device],
                    help="where images are decoded and cached: gpu if CUDA is usable, else cpu [auto]")
+    p.add_argument("--decode-batch", type=int, default=None, metavar="N",
+                   help="images per DALI decode batch; DALI holds about 3 of them decoded besides the cache "
+                        "[8 on cpu, 64 on gpu]")
+    p.add_argument("--num-threads", type=int, default=None, metavar="N", help="DALI worker threads [every core]")
     p.add_argument("--seed", type=int, default=0, help="seeds file order and patch positions [0]")
 
 
@@ -80,15 +98,18 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="exit codes: 0 success, 2 bad arguments or unusable data, 3 inspect found "
                                        "files that would be skipped, 1 unexpected failure, 130 interrupted")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    p.add_argument("--version", action="version", version=version(),
+                   help="print this package's version, the DALI wheel serving it and Python's, and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     i = sub.add_parser("inspect", help="what a data set holds: formats, sizes, bad files, companions, cache fit",
                        description="Scan every file's header (no decoding) and report the file count by format, "
                                    "size distribution, channels, files that would be skipped and why, companions "
-                                   "found or missing, and how many images --cache holds. Exit code 3 when any "
-                                   "file would be skipped, 2 when none is usable.")
+                                   "found or missing, how many images --cache holds, and the most memory a sampler "
+                                   "with these flags would hold. Exit code 3 when any file would be skipped, 2 when "
+                                   "none is usable.")
     _data_args(i)
-    i.add_argument("--cache", default="2GiB", help="cache size to check the data against [2GiB]")
+    _stream_args(i)
     i.add_argument("--verify", action="store_true",
                    help="also decode every JPEG once and report those with corrupt data (libjpeg decodes them to "
                         "partly grey pixels without an error); costs a full decode")
@@ -99,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Fill the cache, then stream patches for --seconds and report throughput, "
                                    "decode rate, batch diversity, reuse and peak memory.")
     _data_args(b)
-    _stream_args(b, batch=256, reuse=32, cache="2GiB")
-    b.add_argument("--seconds", type=float, default=30.0, help="timed streaming after warm-up [30]")
+    _stream_args(b)
+    b.add_argument("--seconds", type=float, default=defaults.SECONDS,
+                   help=f"timed streaming after warm-up [{defaults.SECONDS:g}]")
     b.add_argument("--via", default="dali", choices=["dali", "arrays", "torch"],
                    help="export path: DALI pipeline, plain arrays, or the PyTorch iterator [dali]")
     _json_arg(b, "the results, with settings and versions")
@@ -111,21 +133,27 @@ def _parser() -> argparse.ArgumentParser:
                                    "stretched to be visible) in a grid, each captioned with its file name and "
                                    "the (y, x) of its top-left corner.")
     _data_args(v)
-    _stream_args(v, batch=16, reuse=4, cache="512MiB")
-    v.add_argument("--out", required=True, help="PNG to write, e.g. grid.png")
+    _stream_args(v)
+    v.add_argument("--out", default="preview.png", help="PNG to write [preview.png]")
     v.add_argument("--columns", type=int, help="patches per row [about square]")
     v.add_argument("--skip", type=int, default=0, help="batches to skip before the one drawn [0]")
     v.set_defaults(run=commands.cmd_preview)
 
     c = sub.add_parser("coverage", help="where patches come from: heat maps, patches-per-image histogram, statistics",
-                       description="Stream --patches patches (or read a provenance log given as SOURCE), then draw "
+                       description="Stream --patches patches or for --seconds, whichever ends first (or read a "
+                                   "provenance log given as SOURCE), then draw "
                                    "a handful of images with a heat map of where their patches were taken and a "
                                    "histogram of patches per image, and print patches per image (mean, CV), images "
                                    "never sampled and the chi-squared uniformity of anchors.")
     _data_args(c, also="; or a provenance log (PatchSampler(provenance=...), --log) to review instead of sampling")
-    _stream_args(c, batch=32, reuse=8, cache="1GiB")
-    c.add_argument("--patches", type=int, default=10_000, help="patches to stream, rounded up to whole batches [10000]")
-    c.add_argument("--out", required=True, help="PNG to write, e.g. coverage.png")
+    _stream_args(c)
+    c.add_argument("--patches", type=int, default=None,
+                   help=f"patches to stream, rounded up to whole batches [{defaults.COVERAGE_PATCHES}, or what "
+                        f"--seconds allows; given alone: exactly this many]")
+    c.add_argument("--seconds", type=float, default=None,
+                   help=f"stream for this long after the warm-up [{defaults.SECONDS:g} with the default --patches; "
+                        "none with --patches given]")
+    c.add_argument("--out", default="coverage.png", help="PNG to write [coverage.png]")
     c.add_argument("--images", type=int, default=4, help="images drawn with heat maps [4]")
     c.add_argument("--images-from", metavar="DIR",
                    help="reviewing a log: draw its images from DIR (the data set moved since) instead of the folder "
@@ -149,15 +177,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def version() -> str:
+    """``dali-patches 0.1.0 (nvidia-dali-cuda130 2.4.0, Python 3.11.7)``: what ``--version`` prints."""
+    from .. import DALI, __version__
+
+    return f"dali-patches {__version__} ({DALI}, Python {platform.python_version()})"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """Warnings (skipped files, …) as one line each, in the command line's words."""
+    (file or sys.stderr).write(f"dali-patches: warning: {translate(str(message))}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name, least in (("patches", 1), ("batch", 1), ("images", 1), ("columns", 1), ("count", 1), ("skip", 0),
-                        ("seconds", 0)):
+                        ("seconds", 0), ("patch", 1), ("decode_batch", 1), ("num_threads", 1)):
         value = getattr(args, name, None)
         if value is not None and not (math.isfinite(value) and value >= least):
-            sys.stderr.write(f"dali-patches: error: --{name} {value} must be at least {least} (and a finite number)\n")
+            flag = name.replace("_", "-")
+            sys.stderr.write(f"dali-patches: error: --{flag} {value} must be at least {least} (and a finite number)\n")
             return 2
+    if args.run is commands.cmd_bench and args.seconds <= 0:
+        sys.stderr.write(f"dali-patches: error: --seconds {args.seconds:g} measures nothing; give a time above 0\n")
+        return 2
+    for name in ("out", "log", "json"):  # checked before any work, not after the sampling
+        path = getattr(args, name, None)
+        folder = os.path.dirname(os.path.abspath(path)) if isinstance(path, str) and path != "-" else None
+        if folder is not None and not os.path.isdir(folder):
+            sys.stderr.write(f"dali-patches: error: --{name} {path}: the folder {folder} does not exist; create it or "
+                             "write elsewhere\n")
+            return 2
+
     def interrupt(signum: int, frame: object) -> None:
         # The first Ctrl-C stops the command; later ones must not cut its clean-up short (closing the
         # sampler, DALI's pipelines), which is what aborted DALI at exit.
@@ -167,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, interrupt)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except (ValueError, FileNotFoundError, TypeError, ImportError, DeviceUnavailableError) as e:
-        sys.stderr.write(f"dali-patches: error: {e}\n")
+        sys.stderr.write(f"dali-patches: error: {translate(str(e))}\n")
         return 2
     except OSError as e:  # the machine, not the arguments: a full disk, a file-size limit, ...
-        sys.stderr.write(f"dali-patches: error: {e}\n")
+        sys.stderr.write(f"dali-patches: error: {translate(str(e))}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("dali-patches: interrupted\n")

@@ -211,7 +211,8 @@ def resolve_backend(device: Device | str, device_id: int = 0, from_local_rank: b
     if device is Device.GPU:
         cupy = _import_cupy()
         if cupy is None:
-            msg = "device='gpu' needs CuPy: pip install 'dali-patches[gpu]' (cupy-cuda13x), or use device='cpu'"
+            msg = ("device='gpu' needs CuPy: pip install 'dali-patches[cuda13]' (NVIDIA driver R580 or newer) or "
+                   "'dali-patches[cuda12]' (CUDA 12 drivers), or use device='cpu'")
             raise DeviceUnavailableError(msg)
         if not cuda_available():
             msg = "device='gpu' but CuPy sees no CUDA device; check the driver or use device='cpu'"

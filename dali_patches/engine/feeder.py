@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from .backend import Backend
@@ -114,8 +115,12 @@ class DecodeFeeder:
                             source, images = self.decoder.next()
                         finally:
                             self._decoding_since = None
+                        after = self.decoder.state_dict()
                     with self._state:
                         self._buffer.append((position, source, images))
+                        # With the buffer emptied before the next decode starts, the state is the one
+                        # after this image, not the one before it (which it was until the next loop).
+                        self._next_position = after
                         self._state.notify_all()
         except BaseException as e:  # noqa: BLE001 - the producer re-raises it, with its own type
             with self._state:
@@ -140,19 +145,27 @@ class DecodeFeeder:
 
     def take(self, at_least: int, at_most: int) -> list[tuple[int, list[Any]]]:
         """Between ``at_least`` (waiting for the decoder if needed) and ``at_most`` images: all that
-        are ready, within those bounds."""
-        with self._state:
-            if at_least > 0:
-                self._wait_for(min(at_least, self.capacity))
-            out: list[tuple[int, list[Any]]] = []
-            while len(out) < at_most and (self._buffer or len(out) < at_least):
-                if not self._buffer:  # more than the buffer holds: the rest as they come
+        are ready, within those bounds (held together: prefer :meth:`each` for more than a few)."""
+        return list(self.each(at_least, at_most))
+
+    def each(self, at_least: int, at_most: int) -> Iterator[tuple[int, list[Any]]]:
+        """:meth:`take`'s images one at a time, each handed over as soon as it is ready: the caller
+        holds one decoded image, not the whole refill (a refill at ``reuse=1`` is a batch's worth
+        of images — 32 images of up to 72 MiB each held at once were 2.3 GB beyond the arena). It
+        stops at ``at_most``, or once ``at_least`` are out and none is ready."""
+        out = 0
+        while out < at_most:
+            with self._state:
+                if not self._buffer:
+                    if out >= at_least:
+                        return
                     self._wait_for(1)
                 _, source, images = self._buffer.popleft()
-                out.append((source, images))
-            self.taken += len(out)
-            self._state.notify_all()
-            return out
+                self.taken += 1
+                self._state.notify_all()
+            out += 1
+            yield source, images
+            del images
 
     @property
     def ready(self) -> int:

@@ -38,13 +38,15 @@ from .feeder import DecodeFeeder
 from .outputs import PatchBatch
 from .rounds import RoundCutter, RoundStates, round_batches
 
-__all__ = ["BatchMaker", "Counts", "HELD_GROUPS"]
+__all__ = ["BatchMaker", "Counts", "HELD_GROUPS", "HOST_FIXED", "HOST_IMAGES_PER_BATCH"]
 
 log = logging.getLogger(__name__)
 
 HELD_GROUPS = 2  # GPU: decode batches of views awaiting their copies before the oldest is waited for
-_PROGRESS_MIN_IMAGES = 500  # with progress=None, a warm-up this long gets a progress bar
+_PROGRESS_DELAY_S = 2.0  # with progress=None, a warm-up that lasts longer than this shows its progress bar
 _DECODE_QUEUE_BATCHES = 3  # decode batches of images DALI holds at most (prefetch 2 + the one being made)
+HOST_FIXED = 480 * 2**20  # CPU max_memory: bytes beyond the arena whatever the images (see BatchMaker.max_memory) ...
+HOST_IMAGES_PER_BATCH = 2.4  # ... and largest images per decode batch, besides the feeder's look-ahead
 
 
 @dataclass
@@ -134,7 +136,7 @@ class BatchMaker:
             msg = (f"num_shards={shards} exceeds the {len(catalog.files)} usable images: every shard needs images; "
                    "use fewer shards (ranks) or more data")
             raise ValueError(msg)
-        sizes = catalog.sample_bytes(config.parts)
+        self._sizes = sizes = catalog.sample_bytes(config.parts)
         self.largest_bytes = int(sizes.max())
         queue_bytes = self.decode_queue_images() * self.largest_bytes
         if queue_bytes > backend.free_bytes():
@@ -158,7 +160,10 @@ class BatchMaker:
                                    min_good=1 if config.allow_repeats else config.batch_size,
                                    num_threads=config.num_threads or 1, seed=config.seed, shard_id=config.shard_id or 0,
                                    num_shards=shards, **self._output)
-        self.feeder = DecodeFeeder(self.decoder, backend, self.stream, 2 * (config.decode_batch or 1))
+        # "auto" takes what is ready: two decode batches banked; a fixed reuse takes exact counts and
+        # DALI's prefetch decodes ahead already: one batch (a decode batch of images less in memory).
+        look_ahead = 2 if config.reuse is Reuse.AUTO else 1
+        self.feeder = DecodeFeeder(self.decoder, backend, self.stream, look_ahead * (config.decode_batch or 1))
         self.cache = RingCache(backend, self.plan.capacity_bytes, self.plan.max_slots, parts=config.parts)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id or 0]))
         self.draws = Draws(config.batch_size, config.allow_repeats, rng, _anchor_policy(config, backend, rng, points),
@@ -173,7 +178,7 @@ class BatchMaker:
         self.counts = Counts()
         self.round_counts = (0, 0, 0)  # (batches made, of them distinct, images taken) after the last round
         self._states = RoundStates(self.round_batches)  # the state before each recent round
-        self._progress = self.plan.warmup_images >= _PROGRESS_MIN_IMAGES if progress is None else progress
+        self._progress = progress
         self._views = _HeldViews(config.decode_batch or 1)
         self.host_s = {"refill": 0.0, "round": 0.0}  # time inserting, and drawing + gathering + snapshotting
 
@@ -182,31 +187,52 @@ class BatchMaker:
         """Decoded images DALI's decode queue holds at most (``3 × decode_batch``)."""
         return _DECODE_QUEUE_BATCHES * (self.config.decode_batch or 1)
 
-    def max_memory(self) -> int:
-        """Bytes held on the device at most: the arena, DALI's decode queue, the images decoded ahead
-        of it (``2 × decode_batch``) and, on a GPU, those whose copies are still pending (up to
-        ``HELD_GROUPS + 1`` decode batches), each at the largest image's size with companions; and
-        the output batches (the rounds in the queue, the one being cut and the one being taken; on
-        a GPU the output ring and its staging)."""
-        cfg = self.config
-        images = self.decode_queue_images() + self.feeder.capacity
+    def arena_touched(self) -> int:
+        """Arena bytes that can become resident: on CPU all of the shard's images when they fit (a
+        page is resident once an image is written to it), else (and on a GPU) the whole arena."""
         if self.backend.asynchronous:
-            images += (HELD_GROUPS + 1) * (cfg.decode_batch or 1)
+            return self.plan.capacity_bytes
+        shard = int(np.sort(self._sizes)[::-1][: self.decoder.shard_size].sum())
+        return min(self.plan.capacity_bytes, shard)
+
+    def max_memory(self) -> int:
+        """Bytes held on the device at most (CPU: the rise of the peak resident set, ``VmHWM``, over
+        the resident set before the sampler was built). ``L``: the largest image's decoded bytes with
+        companions; ``D``: ``decode_batch``. The arena (:meth:`arena_touched`), the output batches
+        (the rounds queued, being cut and being taken; on a GPU the output ring if larger), and:
+
+        * CPU: ``HOST_FIXED`` (480 MiB: DALI's pipelines, thread pools, decoder work buffers and
+          the allocator's pools) ``+ HOST_IMAGES_PER_BATCH × D × L`` (2.4 images per decode batch:
+          DALI's output queue and its contiguous copy) ``+`` the feeder's look-ahead ``× L`` (``D``
+          with a fixed ``reuse``, ``2D`` with ``"auto"``). Calibrated (2 DALI threads; 9 and 11–25 MP
+          photos; ``D`` 1–8; caches 1–4 GiB; ``reuse`` 1 and 32) to within 10 % of the measured peak:
+          ``benchmarks/memory.py``, ``benchmarks/results/cpu_memory.json``.
+        * GPU (device memory; not calibrated on a device): DALI's decode queue
+          (:meth:`decode_queue_images`), the look-ahead and the views whose copies are pending (up to
+          ``HELD_GROUPS + 1`` decode batches), each image ``L``.
+        """
+        cfg = self.config
+        batch = cfg.decode_batch or 1
+        if self.backend.asynchronous:
+            engine = (self.decode_queue_images() + self.feeder.capacity + (HELD_GROUPS + 1) * batch) * self.largest_bytes
+        else:
+            engine = HOST_FIXED + int((HOST_IMAGES_PER_BATCH * batch + self.feeder.capacity) * self.largest_bytes)
         batches = (self.queue_rounds + 2) * self.round_batches * cfg.batch_size * cfg.patch_bytes
-        return self.plan.capacity_bytes + images * self.largest_bytes + max(batches, self.cutter.ring_bytes)
+        return self.arena_touched() + engine + max(batches, self.cutter.ring_bytes)
 
     # -- making rounds -----------------------------------------------------------------------
     def warm_up(self, stop: threading.Event) -> None:
         """Fill the arena until the next image would evict one, or the shard has been decoded once."""
         shard = self.decoder.shard_size
-        with tqdm(total=min(self.plan.warmup_images, shard), desc="filling cache", unit="img",
-                  disable=not self._progress, leave=False) as bar:
+        with tqdm(total=min(self.plan.warmup_images, shard), desc="filling cache", unit="img", leave=False,
+                  disable=self._progress is False, delay=_PROGRESS_DELAY_S if self._progress is None else 0,
+                  postfix={"max_memory": format_bytes(self.max_memory())}) as bar:
             while not stop.is_set() and self.feeder.taken < shard:
                 _, image = self.feeder.peek()
                 if self.cache.would_evict(self.cache.padded_bytes(image[0].shape, self.config.patch_size)):
                     break
-                for source, images in self.feeder.take(1, 1):
-                    self._insert(source, images)
+                del image
+                self._refill(1, 1)
                 bar.update()
         self._views.release(self.backend.record(self.stream), wait=True)
         self.counts.warmup_images = self.feeder.taken
@@ -224,13 +250,21 @@ class BatchMaker:
         if room <= 0:
             return
         t0 = time.perf_counter()
-        taken = self.feeder.take(0, room)
-        for source, images in taken:
-            self._insert(source, images)
-        self.counts.taken_ahead += len(taken)
+        self.counts.taken_ahead += self._refill(0, room)
         self._views.release(self.backend.record(self.stream))
         self.snapshot(self.counts.batches_made)
         self.host_s["refill"] += time.perf_counter() - t0
+
+    def _refill(self, least: int, most: int) -> int:
+        """Insert between ``least`` and ``most`` images from the feeder (see
+        :meth:`DecodeFeeder.each`), each as it comes, so that only one decoded image is held here
+        at a time; returns how many were taken."""
+        taken = 0
+        for source, images in self.feeder.each(least, most):
+            self._insert(source, images)
+            taken += 1
+            del images  # DALI's buffer goes back now, not after the next image has come
+        return taken
 
     def _insert(self, source: int, images: list[Any]) -> None:
         """Move a decoded image into the cache. A source still resident is not inserted twice (same
@@ -264,10 +298,8 @@ class BatchMaker:
         least, most = self.schedule.window(n)  # fixed reuse: least == most
         ahead, self.counts.taken_ahead = self.counts.taken_ahead, 0
         least = max(0, least - ahead)
-        taken = self.feeder.take(least, max(least, min(most - ahead, self.feeder.capacity)))
-        for source, images in taken:
-            self._insert(source, images)
-        self.schedule.record(n, ahead + len(taken))
+        taken = self._refill(least, max(least, min(most - ahead, self.feeder.capacity)))
+        self.schedule.record(n, ahead + taken)
         t1 = time.perf_counter()
         draw = self.draws.draw_round(self.cache, n)
         self.cache.record_served(draw.slots)

@@ -175,7 +175,9 @@ class DirectEpochIterator(EpochIterator):
     """An :class:`EpochIterator` over the sampler's batches themselves, no DALI pipeline: each
     output (:func:`~dali_patches.export.pipeline.batch_outputs`) handed to the framework, typically
     through DLPack. Subclasses write :meth:`_convert` and, for a GPU, :meth:`_take_on_device` (take
-    the batch on the framework's stream, or copy it on the device: ARCHITECTURE.md, GPU rules 1-2)."""
+    the batch on the framework's stream, or copy it on the device: ARCHITECTURE.md, GPU rules 1-2).
+    :class:`~dali_patches.export.transfer.TransferEpochIterator` adds copying a CPU sampler's batches
+    to a GPU (``to_device``)."""
 
     def __init__(self, sampler: SampleSource, batches_per_epoch: int | None = None) -> None:
         super().__init__(sampler, batches_per_epoch)
