@@ -166,6 +166,13 @@ class PatchSampler:
                  cfg.device.value, format_bytes(self.cache_bytes), format_bytes(self.max_memory), cfg.device.value,
                  cfg.decode_batch)
         self._warn_if_decodes_are_wasted()
+        # Said before it happens: the arena is allocated (on the CPU, not yet touched) but not the rest.
+        free = self.backend.free_bytes() + (self.cache_bytes if self.backend.is_gpu else 0)
+        if self.max_memory > free:
+            msg = (f"this sampler will hold up to {format_bytes(self.max_memory)} of {cfg.device.value} memory "
+                   f"(max_memory: the cache, decoding, output batches), more than the {format_bytes(free)} available; "
+                   "lower cache_bytes or decode_batch")
+            warnings.warn(msg, UserWarning, stacklevel=user_stacklevel())
 
     def _warn_if_decodes_are_wasted(self) -> None:
         """A fixed ``reuse`` with a cache that holds this shard's whole data set: after the warm-up

@@ -294,3 +294,15 @@ def test_the_first_fill_shows_progress_unless_told_not_to(image_dir: Path, progr
         next(sampler)
     err = capfd.readouterr().err
     assert ("filling cache" in err and "max_memory" in err) is progress
+
+
+def test_more_memory_than_available_is_said_before_the_run(many_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dali_patches.engine.backend import Backend
+
+    with PatchSampler(many_images, patch_size=16, batch_size=4, reuse=2, cache_images=8, device="cpu",
+                      progress=False) as sampler:
+        cache, most = sampler.cache_bytes, sampler.max_memory
+    monkeypatch.setattr(Backend, "free_bytes", lambda self: (cache + most) // 2)  # room for the cache, not the rest
+    with pytest.warns(UserWarning, match=r"will hold up to .* more than the .* available; lower cache_bytes"):
+        PatchSampler(many_images, patch_size=16, batch_size=4, reuse=2, cache_images=8, device="cpu",
+                     progress=False).close()

@@ -182,10 +182,17 @@ class Backend:
             return self.xp.asarray(dali_tensor)
 
     def free_bytes(self) -> int:
-        """Memory an arena could take now: free GPU memory, or available host RAM."""
+        """Memory an arena could take now: free GPU memory, or available host RAM (``MemAvailable``)."""
         if self.is_gpu:
             with self.on_device():
                 return int(self.xp.cuda.runtime.memGetInfo()[0])
+        try:  # what the kernel can give without swapping (free pages and reclaimable caches)
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
     def to_host(self, array: DeviceArray) -> HostArray:
