@@ -154,6 +154,7 @@ class PatchSampler:
             log.info("decode_batch=%d: a decode batch of the largest image (%s) is bounded by memory; with %d "
                      "threads a larger decode_batch decodes faster, at about 3.4 x %s more memory per step",
                      cfg.decode_batch, format_bytes(largest), cfg.num_threads, format_bytes(largest))
+        free = self.backend.free_bytes()  # before the engine takes any of what max_memory counts
         self._producer = Producer(self.catalog, cfg, self.backend, progress, anchors)
         self.plan = self._producer.maker.plan
         self.cache_bytes = self.plan.capacity_bytes
@@ -166,9 +167,7 @@ class PatchSampler:
                  cfg.device.value, format_bytes(self.cache_bytes), format_bytes(self.max_memory), cfg.device.value,
                  cfg.decode_batch)
         self._warn_if_decodes_are_wasted()
-        # Said before it happens: the arena is allocated (on the CPU, not yet touched) but not the rest.
-        free = self.backend.free_bytes() + (self.cache_bytes if self.backend.is_gpu else 0)
-        if self.max_memory > free:
+        if self.max_memory > free:  # said before it happens
             msg = (f"this sampler will hold up to {format_bytes(self.max_memory)} of {cfg.device.value} memory "
                    f"(max_memory: the cache, decoding, output batches), more than the {format_bytes(free)} available; "
                    "lower cache_bytes or decode_batch")
@@ -298,7 +297,9 @@ class PatchSampler:
         diff = {k: (v, mine[k]) for k, v in saved.items() if mine[k] != v}
         if diff:
             listed = ", ".join(f"{k}: saved {saved!r}, now {now!r}" for k, (saved, now) in diff.items())
-            msg = f"this state belongs to a different sampler ({listed}); create the sampler with the saved settings"
+            hint = "".join(f"; pass {k}={saved!r}" for k, (saved, _) in diff.items() if k == "decode_batch")
+            msg = (f"this state belongs to a different sampler ({listed}); create the sampler with the saved "
+                   f"settings{hint}")
             raise ValueError(msg)
         if "stream" not in state:
             msg = "state has no 'stream'; load a state made by state_dict() of the same version, unchanged"

@@ -134,3 +134,13 @@ def test_a_tampered_state_is_refused_naming_the_field(many_images: Path, case: s
         assert maker.cache.resident == 0 and maker.counts.batches_made == 0 and maker.schedule.credit == 0
         fresh.load_state_dict(state)  # ... and the good state still loads
         assert next(fresh).index == 3
+
+
+def test_a_state_from_another_decode_batch_names_the_one_to_pass(many_images: Path) -> None:
+    """The default decode_batch depends on the largest image; a state names the one it was made with."""
+    with PatchSampler(many_images, device="cpu", **{**SETTINGS, "decode_batch": 2}) as original:
+        next(original)
+        state = original.state_dict()
+    with PatchSampler(many_images, device="cpu", **{**SETTINGS, "decode_batch": 3}) as other, \
+            pytest.raises(ValueError, match=r"decode_batch: saved 2, now 3.*pass decode_batch=2"):
+        other.load_state_dict(state)

@@ -391,7 +391,7 @@ class BatchMaker:
 
     def _redecoded(self, resident: list[list[str]]) -> Iterator[list[Any]]:
         for parts in decode_files(self.source, resident, self.backend, self.config.num_threads or 1,
-                                  **self._output):
+                                  batch_size=self.config.decode_batch or 1, **self._output):  # max_memory's batch
             yield self.cache.padded(parts, self.config.patch_size)
             self.backend.synchronize(self.stream)  # copied before DALI may reuse the buffer
 
