@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .catalog.catalog import Catalog
-from .config import Device, SamplerConfig, format_bytes
+from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .engine.backend import resolve_backend
 from .engine.outputs import PatchBatch
 from .engine.producer import Producer
@@ -150,7 +150,7 @@ class PatchSampler:
         # Resolved again with the largest image known: the default decode_batch is bounded by memory too.
         largest = int(self.catalog.sample_bytes(cfg.parts).max()) if len(self.catalog.files) else None
         self.config = cfg = config.resolved(self.backend.device, largest)
-        if config.decode_batch is None and largest and (cfg.decode_batch or 1) < min(cfg.num_threads or 1, 8):
+        if config.decode_batch is None and largest and (cfg.decode_batch or 1) < min(cfg.num_threads or 1, default_decode_batch(cfg.device)):
             log.info("decode_batch=%d: a decode batch of the largest image (%s) is bounded by memory; with %d "
                      "threads a larger decode_batch decodes faster, at about 3.4 x %s more memory per step",
                      cfg.decode_batch, format_bytes(largest), cfg.num_threads, format_bytes(largest))

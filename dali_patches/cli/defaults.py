@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import SamplerConfig, format_bytes, parse_bytes
+from ..engine.cache import ring_bytes_for
 from ..options import Reuse
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ COVERAGE_PATCHES = 10_000  # coverage: at most this many patches within SECONDS
 CACHE_BOUND = 2 * 2**30  # the default cache holds DATA_SHARE of the data set up to this, and a batch of the largest beyond
 DATA_SHARE = 0.75  # of the data set's decoded bytes the default cache holds: images keep being replaced
 MEMORY_SHARE = 0.5  # of the free memory (after DALI's decode queue) the default cache may take
-_SLACK_IMAGES = 2  # the ring keeps room for this many of the largest images beyond a batch (RingCache.plan)
 _AHEAD_BATCHES = 5  # decode batches of images held outside the cache: DALI's queue (3) and the feeder's (2)
 
 
@@ -75,12 +75,11 @@ def fit(sample_bytes: np.ndarray, free_bytes: int, decode_batch: int, batch: int
       decode after the warm-up while a fixed ``reuse`` still waits for them (the sampler warns).
     """
     sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
-    largest, images = int(sizes[0]), max(1, len(sizes) // max(1, shards))
-    slack = _SLACK_IMAGES * largest
+    images = max(1, len(sizes) // max(1, shards))
     budget = int(MEMORY_SHARE * (free_bytes - _AHEAD_BATCHES * decode_batch * float(sizes.mean())))
 
-    def needed(b: int) -> int:
-        return (largest if allow_repeats else int(sizes[:b].sum())) + slack
+    def needed(b: int) -> int:  # the ring's own rule: b distinct images (one with repeats) and its slack
+        return ring_bytes_for(sizes, 1 if allow_repeats else b)
 
     notes = []
     if batch is None:
@@ -97,8 +96,7 @@ def fit(sample_bytes: np.ndarray, free_bytes: int, decode_batch: int, batch: int
             which = f"half the {images} usable images{of}" if images > 1 else f"the one usable image{of}"
             notes.append(f"--batch {batch} ({which}: a batch takes distinct ones)")
     if cache_bytes is None:
-        share = 1.0 if auto_reuse else DATA_SHARE
-        target = min(int(share * sizes.sum()) + (slack if auto_reuse else 0), CACHE_BOUND)
+        target = min(ring_bytes_for(sizes, len(sizes)) if auto_reuse else int(DATA_SHARE * sizes.sum()), CACHE_BOUND)
         cache_bytes = max(target, needed(batch))
         if cache_bytes > budget >= needed(batch):
             cache_bytes = budget

@@ -25,7 +25,7 @@ from ..state import state_value
 from .backend import Backend, DeviceArray, HostArray
 from .gather import OVERREAD_BYTES, gather, patch_table
 
-__all__ = ["CachePlan", "RingCache", "images_held"]
+__all__ = ["CachePlan", "RingCache", "images_held", "ring_bytes_for"]
 
 _SLOT_FIELDS = ("offset", "height", "width", "source", "served")
 # A ring holds n images for sure when it fits the n largest plus this many largest images of slack:
@@ -35,6 +35,12 @@ _SLACK_IMAGES = 2
 
 def _main_part(pixel_bytes: int) -> Part:
     return Part("patches", Fraction(1), CompanionKind.IMAGE, pixel_bytes, "uint8", (1, 1))
+
+
+def ring_bytes_for(sizes: HostArray, images: int) -> int:
+    """Bytes a ring needs to hold ``images`` of a data set whichever are drawn: the ``images``
+    largest of ``sizes`` (each image's bytes with companions, sorted largest first) plus the slack."""
+    return int(sizes[:images].sum()) + _SLACK_IMAGES * int(sizes[0])
 
 
 def images_held(sample_bytes: HostArray, capacity_bytes: int) -> tuple[int, int]:
@@ -120,15 +126,15 @@ class RingCache:
         included); fail now, with the size needed, if it cannot serve ``batch_size`` distinct
         images or does not fit in ``free_bytes`` of device memory."""
         sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
-        biggest, slack = int(sizes[0]), _SLACK_IMAGES * int(sizes[0])
+        biggest = int(sizes[0])
         named = f" ({largest})" if largest else ""
-        capacity = int(sizes[:cache_images].sum()) + slack if cache_images is not None else int(cache_bytes or 0)
+        capacity = ring_bytes_for(sizes, cache_images) if cache_images is not None else int(cache_bytes or 0)
         if not allow_repeats:
             if shard_images < batch_size:
                 msg = (f"batch_size={batch_size} distinct images are needed per batch but this shard has "
                        f"only {shard_images} images; lower batch_size or pass allow_repeats=True")
                 raise ValueError(msg)
-            needed = int(sizes[:batch_size].sum()) + slack
+            needed = ring_bytes_for(sizes, batch_size)
             if capacity < needed:
                 msg = (f"cache_bytes={format_bytes(capacity)} cannot hold batch_size={batch_size} distinct "
                        f"images of this data set (the largest takes {format_bytes(biggest)}{named}); it needs at least "

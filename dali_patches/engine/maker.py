@@ -136,7 +136,7 @@ class BatchMaker:
             msg = (f"num_shards={shards} exceeds the {len(catalog.files)} usable images: every shard needs images; "
                    "use fewer shards (ranks) or more data")
             raise ValueError(msg)
-        self._sizes = sizes = catalog.sample_bytes(config.parts)
+        sizes = catalog.sample_bytes(config.parts)
         self.largest_bytes = int(sizes.max())
         queue_bytes = self.decode_queue_images() * self.largest_bytes
         if queue_bytes > backend.free_bytes():
@@ -160,6 +160,8 @@ class BatchMaker:
                                    min_good=1 if config.allow_repeats else config.batch_size,
                                    num_threads=config.num_threads or 1, seed=config.seed, shard_id=config.shard_id or 0,
                                    num_shards=shards, **self._output)
+        # The most of the arena the shard's images can fill (on the CPU only written pages are resident).
+        self._shard_bytes = int(np.sort(sizes)[::-1][: self.decoder.shard_size].sum())
         # "auto" takes what is ready: two decode batches banked; a fixed reuse takes exact counts and
         # DALI's prefetch decodes ahead already: one batch (a decode batch of images less in memory).
         look_ahead = 2 if config.reuse is Reuse.AUTO else 1
@@ -192,8 +194,7 @@ class BatchMaker:
         page is resident once an image is written to it), else (and on a GPU) the whole arena."""
         if self.backend.asynchronous:
             return self.plan.capacity_bytes
-        shard = int(np.sort(self._sizes)[::-1][: self.decoder.shard_size].sum())
-        return min(self.plan.capacity_bytes, shard)
+        return min(self.plan.capacity_bytes, self._shard_bytes)
 
     def max_memory(self) -> int:
         """Bytes held on the device at most (CPU: the rise of the peak resident set, ``VmHWM``, over
