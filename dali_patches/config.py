@@ -10,7 +10,6 @@ import math
 import numbers
 import os
 import re
-import sys
 from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from typing import Any
@@ -19,9 +18,10 @@ import numpy as np
 
 from .options import DTYPES as _DTYPES
 from .options import AnchorMode, Augment, Companion, CompanionKind, Device, ImageChoice, Part, Reuse, enum_value, scaled
+from .ranks import distributed_defaults
 from .state import plain
 
-__all__ = ["Device", "SamplerConfig", "default_decode_batch", "distributed_defaults", "format_bytes", "local_rank",
+__all__ = ["Device", "SamplerConfig", "default_decode_batch", "format_bytes",
            "parse_bytes", "parse_reuse"]
 
 _DECODE_BATCH = {Device.GPU: 64, Device.CPU: 8}  # decode_batch=None resolves to at most this (see SamplerConfig) ...
@@ -63,36 +63,6 @@ def format_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
-
-
-def local_rank() -> tuple[int, int]:
-    """``(LOCAL_RANK, LOCAL_WORLD_SIZE)`` as launchers such as ``torchrun`` set them: this process's
-    rank among those on its machine (0 when unset), and their number — 1 when unset or not above
-    the rank: the process then works alone."""
-    try:
-        rank = max(0, int(os.environ.get("LOCAL_RANK", "0")))
-        world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    except ValueError:
-        return 0, 1
-    return rank, world if world > rank else 1
-
-
-def distributed_defaults() -> tuple[int, int, int]:
-    """``(shard_id, num_shards, device_id)`` of this process in a data-parallel job.
-
-    From an initialised ``torch.distributed`` process group (rank, world size), else from the
-    ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` variables that ``torchrun`` and most launchers set,
-    else ``(0, 1, 0)``. ``device_id`` is the local rank, so each rank binds its own GPU. torch is
-    never imported here: only a ``torch.distributed`` the program already uses is asked.
-    """
-    env = os.environ
-    device = local_rank()[0]
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), device
-    return 0, 1, device
 
 
 _MAX_DECODE_BATCH = 1024  # DALI holds about 3 decode batches of decoded images: beyond this, memory is the limit
@@ -207,6 +177,11 @@ class SamplerConfig:
         anchors: :class:`AnchorMode`; ``WEIGHTS`` and ``POS_NEG`` read the companion named
             ``anchor_mask`` (scale 1), ``POINTS`` needs ``points`` given to the sampler.
         pos_fraction: ``POS_NEG``: share of patches centred on mask > 0 (0.5 = as many as on 0).
+        min_std: ``CONTENT``: least standard deviation of a patch's luminance ``0.299 R + 0.587 G +
+            0.114 B`` on the 0–255 scale (16-bit values scaled to it); below 2 a patch looks flat.
+        min_opaque: ``CONTENT``: least share of a patch's pixels that are opaque (alpha at least half
+            its range), for images with an alpha channel (held in the cache for them: one more
+            channel per image of the data set).
         image_choice: :class:`ImageChoice`, uniform per image (default) or weighted by area.
         hw_decoder_load: GPU: the share (0–1) of each decode batch that nvJPEG gives the hardware
             JPEG engine of A100/H100-class GPUs, the rest going to its CUDA decoder; ``None`` keeps
@@ -237,6 +212,8 @@ class SamplerConfig:
     anchors: AnchorMode = AnchorMode.UNIFORM
     anchor_mask: str | None = None
     pos_fraction: float = 0.5
+    min_std: float = 4.0
+    min_opaque: float = 0.9
     image_choice: ImageChoice = ImageChoice.UNIFORM
     min_reuse: float = 1.0
     max_reuse: float | None = None
@@ -381,6 +358,15 @@ class SamplerConfig:
         if isinstance(self.pos_fraction, bool) or not isinstance(self.pos_fraction, (int, float)) \
                 or not 0 <= self.pos_fraction <= 1:
             msg = f"pos_fraction={self.pos_fraction!r} must be a number in [0, 1]"
+            raise ValueError(msg)
+        for name, most in (("min_std", 127.5), ("min_opaque", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= most:
+                msg = f"{name}={value!r} must be a number in [0, {most}] (anchors='content')"
+                raise ValueError(msg)
+        if self.anchors is not AnchorMode.CONTENT and (self.min_std, self.min_opaque) != (4.0, 0.9):
+            msg = (f"min_std={self.min_std!r} and min_opaque={self.min_opaque!r} are read with anchors='content' only; "
+                   "pass anchors='content' or leave them out")
             raise ValueError(msg)
         if self.anchors in (AnchorMode.WEIGHTS, AnchorMode.POS_NEG):
             named = {c.name: c for c in self.companions}

@@ -55,12 +55,16 @@ class AnchorMode(str, enum.Enum):
     pixel values of a mask companion (``anchor_mask``). ``POS_NEG``: a ``pos_fraction`` of the
     patches is centred on a pixel where the mask is > 0, the rest where it is 0 (as MONAI's
     ``RandCropByPosNegLabel``). ``POINTS``: centred on user-given ``(file, y, x)`` points.
+    ``CONTENT``: uniform over the positions whose patch is informative — a luminance standard
+    deviation of at least ``min_std`` and at least ``min_opaque`` of it opaque — decided from the
+    decoded pixels as images enter the cache, and checked exactly on every patch.
     """
 
     UNIFORM = "uniform"
     WEIGHTS = "weights"
     POS_NEG = "pos_neg"
     POINTS = "points"
+    CONTENT = "content"
 
 
 class Reuse(str, enum.Enum):

@@ -20,6 +20,7 @@ from typing import Any
 from .catalog.catalog import Catalog
 from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .engine.backend import resolve_backend
+from .engine.content import cached_parts
 from .engine.outputs import PatchBatch
 from .engine.producer import Producer
 from .engine.provenance import ProvenanceWriter
@@ -146,9 +147,10 @@ class PatchSampler:
         anchors = None
         if points is not None:
             catalog, anchors = catalog.with_points(points)
-        self.catalog = catalog.fitting(cfg.parts, cfg.cache_bytes)
+        parts = cached_parts(cfg, catalog.modes)[0]  # with the alpha that anchors="content" caches
+        self.catalog = catalog.fitting(parts, cfg.cache_bytes)
         # Resolved again with the largest image known: the default decode_batch is bounded by memory too.
-        largest = int(self.catalog.sample_bytes(cfg.parts).max()) if len(self.catalog.files) else None
+        largest = int(self.catalog.sample_bytes(parts).max()) if len(self.catalog.files) else None
         self.config = cfg = config.resolved(self.backend.device, largest)
         if config.decode_batch is None and largest and (cfg.decode_batch or 1) < min(cfg.num_threads or 1, default_decode_batch(cfg.device)):
             log.info("decode_batch=%d: a decode batch of the largest image (%s) is bounded by memory; with %d "
@@ -180,7 +182,7 @@ class PatchSampler:
         shard = self._producer.maker.decoder.shard_size
         if isinstance(self.config.reuse, Reuse) or self.plan.warmup_images < shard:
             return
-        data = int(self.catalog.sample_bytes(self.config.parts).sum()) // max(1, self.config.num_shards or 1)
+        data = int(self.catalog.sample_bytes(cached_parts(self.config, self.catalog.modes)[0]).sum()) // max(1, self.config.num_shards or 1)
         msg = (f"the cache holds all {shard} images of this shard, so with reuse={self.config.reuse:g} every decode "
                "after the warm-up is of a resident image and is discarded while the trainer waits for it; pass "
                "reuse='auto' (the decoder then pauses while the cache serves), or, where batch_size leaves room "

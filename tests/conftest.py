@@ -4,7 +4,7 @@ image sets, and a reference decoder."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import dali_patches.sampler as sampler_module
 from dali_patches.cli.synth import synthetic_image
 from dali_patches.engine.backend import Backend, cuda_available
 from dali_patches.engine.gather import KERNEL_NAME, kernel_twin
+from dali_patches.engine.measure import CHECK_NAME, MAP_NAME, check_twin, map_twin
 from dali_patches.options import Device
 
 from .cuda_sim import Simulator
@@ -23,7 +24,9 @@ from .cuda_sim import Simulator
 _DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("sim", id="sim"),
             pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
 _REAL_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("gpu", id="gpu", marks=pytest.mark.gpu)]
-KERNELS = {KERNEL_NAME: (kernel_twin, (0, 1), (2,))}  # the gather kernel runs as its NumPy twin there
+# The kernels run as their NumPy twins there: (twin, array arguments read, written).
+KERNELS = {KERNEL_NAME: (kernel_twin, (0, 1), (2,)), CHECK_NAME: (check_twin, (0, 1, 3), (10,)),
+           MAP_NAME: (map_twin, (0,), (16,))}
 GPU_TEST_HW_DECODER_LOAD = 0.0  # nvJPEG's share for its hardware engine in GPU tests (see reference_decode)
 
 
@@ -61,15 +64,16 @@ def _private_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
 def _pin_hw_decoder_load(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a real GPU, every decode of the sampler uses :data:`GPU_TEST_HW_DECODER_LOAD`, as
     :func:`reference_decode` does (see there), unless a test sets ``hw_decoder_load`` itself."""
-    import dali_patches.engine.decode as decode_module
+    import dali_patches.engine.decoders as decoders_module
 
-    real = decode_module._decode_pipeline
+    for name in ("_decode_pipeline", "_decode_alpha_pipeline"):
+        real = getattr(decoders_module, name)
 
-    def pinned(*args: object, hw_decoder_load: float | None = None, **kwargs: object) -> object:
-        load = GPU_TEST_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load
-        return real(*args, hw_decoder_load=load, **kwargs)
+        def pinned(*args: object, hw_decoder_load: float | None = None, real: Callable[..., object] = real, **kwargs: object) -> object:
+            load = GPU_TEST_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load
+            return real(*args, hw_decoder_load=load, **kwargs)
 
-    monkeypatch.setattr(decode_module, "_decode_pipeline", pinned)
+        monkeypatch.setattr(decoders_module, name, pinned)
 
 
 @pytest.fixture(params=_DEVICES)
@@ -166,7 +170,7 @@ def reference_decode(paths: list[str], device: str, exif: bool = True, channels:
     (``hw_decoder_load=``) to compare like with like."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from dali_patches.engine.decode import DALI_DTYPES
+    from dali_patches.engine.decoders import DALI_DTYPES
 
     backend = backend_module.resolve_backend(device)
     split = {"hw_decoder_load": GPU_TEST_HW_DECODER_LOAD} if backend.decoder_device == "mixed" else {}

@@ -709,8 +709,11 @@ class Simulator:
         if isinstance(source, ndarray):
             self._launch(name, [(source, False), (target, True)],
                          lambda src, dst: np.copyto(dst, src.reshape(dst.shape)))
-        else:
-            self._upload(np.asarray(source), target, None)
+        else:  # a host array, or a scalar filling the target (as CuPy broadcasts it)
+            host = np.asarray(source)
+            if host.size == 1 and target.size != 1:
+                host = np.full(target.shape, host.reshape(()), target.dtype)
+            self._upload(host, target, None)
 
     def _upload(self, host: np.ndarray, target: ndarray, stream: Stream | None) -> None:
         """A host-to-device copy: from pinned memory it reads the host bytes when it runs (so the host

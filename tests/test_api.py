@@ -57,12 +57,13 @@ def test_core_imports_without_torch_cupy_or_tensorflow() -> None:
 
 
 # The data flow, upstream first: a module imports only modules before it (ARCHITECTURE.md draws it).
-FLOW = ["flavour", "options", "state", "config",
+FLOW = ["flavour", "options", "state", "ranks", "config",
         "sources.base", "sources.headers", "sources.columns", "sources.workers", "sources.listing", "sources.pairing",
         "sources.feeding", "sources.files", "sources.s3", "sources.tar", "sources",
         "catalog.index", "catalog.lookup", "catalog.screen", "catalog.catalog", "catalog",
-        "engine.backend", "engine.decode", "engine.verify", "engine.feeder", "engine.gather", "engine.cache",
-        "engine.anchors", "engine.draw", "engine.outputs", "engine.rounds", "engine.pace", "engine.maker", "engine.producer",
+        "engine.backend", "engine.decoders", "engine.decode", "engine.feeder", "engine.gather", "engine.measure", "engine.plan",
+        "engine.cache", "engine.anchors", "engine.draw", "engine.content", "engine.verify", "engine.outputs", "engine.rounds", "engine.pace",
+        "engine.views", "engine.maker", "engine.producer",
         "engine.provenance", "engine",
         "export.augment", "export.pipeline", "export.epochs", "export.transfer", "export",
         "sampler", "torch", "tf", "jax",

@@ -175,6 +175,37 @@ def test_inspect_reports_companions_found_and_missing(sr_pairs: Path, tmp_path: 
     assert code == 3 and "mask: 14 images paired" in text and f"{lonely}: no 'mask' partner" in text
 
 
+
+def _block_luma_std(paths: list[Path], block: int = 16) -> np.ndarray:
+    """Luminance (0.299 R + 0.587 G + 0.114 B) standard deviation of every whole ``block``² block."""
+    out = []
+    for path in paths:
+        y = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) @ np.array([0.299, 0.587, 0.114])
+        h, w = y.shape[0] // block * block, y.shape[1] // block * block
+        out.append(y[:h, :w].reshape(h // block, block, w // block, block).std(axis=(1, 3)).ravel())
+    return np.concatenate(out)
+
+
+def test_synth_flat_areas(tmp_path: Path, capsys) -> None:
+    from dali_patches.cli.synth import write_synthetic_images
+
+    kw = {"count": 10, "size": (96, 128), "seed": 0, "fmt": "mixed", "workers": 1}
+    plain = write_synthetic_images(tmp_path / "plain", **kw)
+    assert main(["synth", str(tmp_path / "flat0"), "--count", "10", "--size", "96x128", "--format", "mixed",
+                 "--flat", "0", "--workers", "1", "--no-progress"]) == 0
+    assert [p.read_bytes() for p in plain] == [(tmp_path / "flat0" / p.name).read_bytes() for p in plain]
+    flat = write_synthetic_images(tmp_path / "flat", **kw, flat=0.4)
+    assert [p.name for p in flat] == [p.name for p in plain]
+    before, after = _block_luma_std(plain), _block_luma_std(flat)
+    assert (before < 2).mean() == 0
+    assert (after < 2).mean() > 0.15  # flat regions: no noise, after JPEG q90 too
+    assert (after > 6).mean() > 0.4  # the rest keeps its texture
+    # the PNG (image 9): the flat regions replace about 40 % of the pixels and leave the rest as they were
+    changed = np.any(np.asarray(Image.open(flat[9])) != np.asarray(Image.open(plain[9])), axis=-1)
+    assert 0.3 < changed.mean() < 0.5
+    assert main(["synth", str(tmp_path / "bad"), "--flat", "1.5", "--no-progress"]) == 2
+    assert "--flat 1.5 must be a fraction of the image area, from 0 to 1" in capsys.readouterr().err
+
 def test_every_option_of_every_command_is_explained() -> None:
     parser = _parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

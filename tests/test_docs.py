@@ -148,6 +148,15 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mask = np.zeros((100, 120), np.uint8)
         mask[20 + i % 30: 50 + i % 30, 30:70] = 1 + i % 3
         Image.fromarray(mask, "L").save(root / "data" / "seg" / "masks" / f"{i:03d}.png")
+    slides = root / "data" / "slides"  # tissue-like blobs on a white background; one blank slide
+    slides.mkdir()
+    yy, xx = np.mgrid[:160, :200]
+    for i in range(12):
+        slide = np.full((160, 200, 3), 242, np.uint8)
+        if i != 11:
+            blob = (yy - 50 - 5 * i) ** 2 / 35**2 + (xx - 70 - 6 * i) ** 2 / 50**2 < 1
+            slide[blob] = synthetic_image(160, 200, rng)[blob] // 2 + 90
+        Image.fromarray(slide).save(slides / f"slide_{i:02d}.png")
     _write_shards(root / "data" / "shards", rng)
     # what `dali-patches synth demo_images --count 64` writes, small (as the shortened command does)
     write_synthetic_images(str(root / "demo_images"), 64, (96, 128), seed=0, fmt="jpg", progress=False, workers=1)

@@ -159,7 +159,7 @@ def _release_decoded_views_early(monkeypatch: pytest.MonkeyPatch, sim: Simulator
     def release(self: Any, event: Any, wait: bool = False) -> None:
         self._holding = []  # dropped at once, without waiting for the copies that read them
 
-    monkeypatch.setattr(maker_module._HeldViews, "release", release)
+    monkeypatch.setattr(maker_module.HeldViews, "release", release)
 
 
 def _read_before_the_event(monkeypatch: pytest.MonkeyPatch, sim: Simulator) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..config import local_rank
+from ..ranks import local_rank
 from ..sources.base import user_stacklevel
 from ..sources.columns import Columns
 from .index import IndexWarning, load_index, save_index

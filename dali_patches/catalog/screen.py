@@ -19,11 +19,12 @@ from ..options import Companion, CompanionKind
 from ..sources.base import Problem, user_stacklevel
 from ..sources.columns import Columns
 
-__all__ = ["CatalogWarning", "screen"]
+__all__ = ["ALPHA_MODES", "CatalogWarning", "screen"]
 
 log = logging.getLogger(__name__)
 
 _ALPHA_MODES = (b"RGBA", b"LA", b"PA", b"La", b"RGBa")  # Pillow modes with an alpha channel
+ALPHA_MODES = ("RGBA",)  # those whose alpha the decoder reads (anchors="content"; DALI reads no LA or PA alpha)
 
 
 class CatalogWarning(UserWarning):
@@ -124,7 +125,8 @@ def screen(columns: Sequence[Sequence[str]], cols: Columns, skipped: list[tuple[
     if alpha and check:
         warnings.warn(f"{len(alpha)} image(s) have an alpha channel (e.g. {images[alpha[0]]!r}, "
                       f"{cols.mode[alpha[0]].decode()}): it is dropped when decoding, so their transparent "
-                      "areas appear as the colour stored under them (often flat black or white)",
+                      "areas appear as the colour stored under them (often flat black or white); anchors='content' "
+                      "keeps patches out of the transparent areas of RGBA images (convert LA/PA images to RGBA)",
                       CatalogWarning, stacklevel=user_stacklevel())
     log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
 

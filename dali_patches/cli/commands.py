@@ -19,11 +19,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import format_bytes, parse_bytes
+from ..engine.content import cached_parts
 from .bench import live, run_bench, summary_text
-from .defaults import COVERAGE_PATCHES, SECONDS, fit_args, scan, stream_config
+from .defaults import COVERAGE_PATCHES, SECONDS, content_options, fit_args, scan, stream_config
 from .errors import translate
 
 __all__ = ["cmd_bench", "cmd_coverage", "cmd_inspect", "cmd_preview", "cmd_synth"]
@@ -55,7 +57,8 @@ def _sampler_options(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     specs = [_companion(s) for s in args.companion]
     index = False if args.index == "off" else args.index
     options: dict[str, Any] = {"channels": args.channels, "dtype": args.dtype, "pad": args.pad, "index": index,
-                               "trust_index": args.trust_index, "allow_repeats": args.allow_repeats}
+                               "trust_index": args.trust_index, "allow_repeats": args.allow_repeats,
+                               **content_options(args)}
     for name in ("decode_batch", "num_threads"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
@@ -115,7 +118,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     """Scan the data set's headers and summarise it (formats, sizes, problems, cache capacity, and
     the most memory a sampler with these flags would hold)."""
-    from ..engine.cache import images_held
+    from ..engine.plan import images_held
     from ..sources import open_source
 
     spec, options = _sampler_options(args)
@@ -128,8 +131,16 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
 
         catalog = catalog.without(find_corrupt(source, catalog.files, args.num_threads or os.cpu_count() or 1,
                                                not args.no_progress))
+    content: dict[str, Any] | None = None
+    if args.content and len(catalog):
+        from ..engine.verify import find_flat
+
+        flat, shares = find_flat(catalog, config.patch_size, config.min_std, config.min_opaque, config.channels,
+                                 config.dtype, args.num_threads or os.cpu_count() or 1, not args.no_progress)
+        content = {"min_std": config.min_std, "min_opaque": config.min_opaque, "flat": flat,
+                   "informative_share_median": float(np.median(shares)) if shares else 0.0}
     seconds = time.perf_counter() - t0
-    sizes = catalog.sample_bytes(config.parts)  # bytes of each image in the cache, companions included
+    sizes = catalog.sample_bytes(cached_parts(config, catalog.modes)[0])  # bytes of each image in the cache, companions included
     memory: dict[str, Any] = {"max_memory": None, "device": None, "error": None}
     if len(catalog):
         fit_args(args, catalog, config)
@@ -139,7 +150,7 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
     return {**catalog.summary(), "seconds": seconds, "scan": catalog.scan_report,
             "cache": {"cache_bytes": cache, "images_at_least": at_least, "images_typical": typical,
                       "bytes_per_image_mean": float(sizes.mean()) if len(sizes) else 0.0},
-            "batch": args.batch, "memory": memory,
+            "batch": args.batch, "memory": memory, "content": content,
             "bad_files": [{"path": p, "kind": getattr(r, "kind", "other"), "reason": str(r)} for p, r in catalog.skipped]}
 
 
@@ -185,6 +196,12 @@ def _inspect_text(r: dict[str, Any], cache: str, shown: int = 50) -> str:
     if alpha:
         lines.append(f"alpha       {sum(alpha.values()):,} images ({_counts(alpha)}): dropped when decoding, so "
                      "transparent areas show the colour stored under them")
+    if r.get("content"):
+        flat, c = r["content"]["flat"], r["content"]
+        lines.append(f"content     {len(flat):,} images without a patch of luminance std >= {c['min_std']:g}"
+                     f" (--anchors content sets them aside); median {c['informative_share_median']:.0%} of an image's "
+                     "area looks informative")
+        lines += [f"  {path}: {why}" for path, why in list(flat.items())[:shown]]
     ignored = scan.get("ignored") if scan else None
     if ignored:
         examples = ", ".join(scan.get("ignored_examples", [])[:2])
@@ -209,6 +226,8 @@ def _memory_text(r: dict[str, Any]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.content:
+        args.anchors = "content"
     report = _inspect_report(args)
     cache = args.cache if isinstance(args.cache, str) else format_bytes(report["cache"]["cache_bytes"])
     _emit(args, report, _inspect_text(report, cache))
@@ -221,7 +240,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 3 if report["bad_files"] else 0
 
 
-def cmd_preview(args: argparse.Namespace) -> int:
+def _flat_count(patches: Any, min_std: float) -> int:
+    """Patches whose luminance std (0–255 scale) is below ``min_std``."""
+    values = np.asarray(patches, np.float64) / (257.0 if np.asarray(patches).dtype == np.uint16 else 1.0)
+    luma = values @ np.array([0.299, 0.587, 0.114]) if values.shape[-1] == 3 else values[..., 0]
+    return int((luma.reshape(len(values), -1).std(axis=1) < min_std).sum())
+
+
+def _preview_grid(args: argparse.Namespace, min_std: float) -> tuple[Any, Any, int]:
+    """One batch's grid (after ``--skip`` batches), the batch, and how many of its patches have a
+    luminance std below ``min_std``."""
     from ..options import CompanionKind
     from ..review.figures import patch_grid
 
@@ -232,16 +260,48 @@ def cmd_preview(args: argparse.Namespace) -> int:
         masks = [c.name for c in sampler.config.companions if c.kind is CompanionKind.MASK]
         grid = patch_grid(host(batch.patches), batch.source, batch.anchor, sampler.files,
                           {k: host(v) for k, v in batch.companions.items()}, masks, columns=args.columns)
-    grid.image.save(args.out)
-    sys.stdout.write(f"wrote {args.out}: {len(grid.boxes)} patches of batch {batch.index} from "
-                     f"{len(set(batch.source.tolist()))} images, {grid.image.width}x{grid.image.height} px\n")
+        flat = _flat_count(host(batch.patches), min_std)
+    return grid, batch, flat
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    min_std = args.min_std if args.min_std is not None else 4.0
+    if not args.compare:
+        grid, batch, flat = _preview_grid(args, min_std)
+        image = grid.image
+        what = (f"{len(grid.boxes)} patches of batch {batch.index} from {len(set(batch.source.tolist()))} images, "
+                f"{flat} flat (luminance std < {min_std:g})")
+    else:
+        from PIL import Image, ImageDraw
+
+        shown: list[tuple[Any, str]] = []
+        opaque = args.min_opaque
+        # The same seed, batch and flags but the anchors; content first: a batch or cache left to the
+        # defaults is fitted for it (its cache may hold an alpha channel more), and suits both.
+        for anchors in ("content", "uniform"):
+            args.anchors = anchors
+            args.min_std, args.min_opaque = (min_std, opaque) if anchors == "content" else (None, None)
+            grid, batch, flat = _preview_grid(args, min_std)
+            title = f"anchors={anchors}: {flat} of {len(batch.source)} patches flat (std < {min_std:g})"
+            shown.insert(0, (grid.image, title))
+        width, height = sum(im.width for im, _ in shown) + 24, max(im.height for im, _ in shown) + 28
+        image = Image.new("RGB", (width, height), "white")
+        draw, x = ImageDraw.Draw(image), 0
+        for im, title in shown:
+            image.paste(im, (x, 28))
+            draw.text((x + 4, 8), title, fill="black")
+            x += im.width + 24
+        what = "; ".join(title for _, title in shown)
+    image.save(args.out)
+    sys.stdout.write(f"wrote {args.out}: {what}, {image.width}x{image.height} px\n")
     return 0
 
 
-def _sample_log(args: argparse.Namespace, log: str) -> str:
+def _sample_log(args: argparse.Namespace, log: str) -> tuple[str, dict[str, Any] | None]:
     """Stream ``--patches`` patches (rounded up to whole batches), or for ``--seconds`` after the
     warm-up, whichever ends first (neither given: :data:`COVERAGE_PATCHES` within :data:`SECONDS`),
-    recording their provenance in ``log``; returns a line saying which ended it."""
+    recording their provenance in ``log``; returns a line saying which ended it, and the content
+    anchors' counts (``--anchors content``; else ``None``)."""
     patches, seconds = args.patches, args.seconds
     if patches is None and seconds is None:
         patches, seconds = COVERAGE_PATCHES, SECONDS
@@ -258,10 +318,11 @@ def _sample_log(args: argparse.Namespace, log: str) -> str:
                 bar.update(args.batch)
                 if made % 32 == 0:
                     bar.set_postfix_str(live(sampler))
+        content = sampler.stats().get("content")
     if batches is not None and made >= batches:
-        return ""
+        return "", content
     cap = f" of --patches {patches:,}" if patches is not None else ""
-    return f"stopped after --seconds {seconds:g} of sampling: {made * args.batch:,} patches{cap}\n"
+    return f"stopped after --seconds {seconds:g} of sampling: {made * args.batch:,} patches{cap}\n", content
 
 
 def _is_log(path: str) -> bool:
@@ -283,7 +344,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     reviewing = _is_log(args.source)  # an existing run's log: nothing to sample
     with tempfile.TemporaryDirectory() as tmp:
         log = args.source if reviewing else (args.log or os.path.join(tmp, "run.prov"))
-        stopped = "" if reviewing else _sample_log(args, log)
+        stopped, content = ("", None) if reviewing else _sample_log(args, log)
         run = review.load(log)
         stats = coverage_figure(run, args.out, images=args.images, images_from=args.images_from)
     shown = ", ".join(Path(run.files[i]).name for i in stats["shown"])
@@ -293,9 +354,19 @@ def cmd_coverage(args: argparse.Namespace) -> int:
             f"never sampled      {stats['never_sampled']:,} images\n"
             f"anchor uniformity  χ² {stats['anchor_chi2']:.1f} on {stats['anchor_chi2_dof']} dof "
             f"= {stats['anchor_chi2_per_dof']:.2f} per dof (≈ 1 uniform, ≫ 1 weighted or clustered)\n"
-            f"wrote {args.out} (heat maps of {shown})\n" + (f"kept the log in {args.log}\n" if args.log else ""))
-    _emit(args, {**stats, "out": args.out, "log": args.log}, text)
+            + (_content_text(content) if content else "")
+            + f"wrote {args.out} (heat maps of {shown})\n" + (f"kept the log in {args.log}\n" if args.log else ""))
+    _emit(args, {**stats, "out": args.out, "log": args.log, "content": content}, text)
     return 0
+
+
+def _content_text(c: dict[str, Any]) -> str:
+    """The content anchors' counts of a run (``--anchors content``), a line or two."""
+    share = c["redrawn"] / c["checked"] if c["checked"] else 0.0
+    text = (f"content anchors    {c['redrawn']:,} of {c['checked']:,} drawn patches failed the exact test and were "
+            f"redrawn ({share:.1%}; the producer's rounds, possibly past the last batch taken); "
+            f"{c['exact_images']:,} images drawn from an exact scan, {c['set_aside']:,} set aside as flat\n")
+    return text + "".join(f"  set aside: {path}: {why}\n" for path, why in c["set_aside_files"][:20])
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -309,7 +380,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise ValueError(f"--size {args.size!r} must be at least 1x1 pixels")
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1 (or leave it out: every core)")
+    if not 0 <= args.flat <= 1:
+        raise ValueError(f"--flat {args.flat:g} must be a fraction of the image area, from 0 to 1")
     paths = write_synthetic_images(args.folder, args.count, (h, w), seed=args.seed, fmt=args.format,
-                                   progress=not args.no_progress, workers=args.workers)
+                                   progress=not args.no_progress, workers=args.workers, flat=args.flat)
     sys.stdout.write(f"wrote {len(paths)} images to {args.folder}\n")
     return 0

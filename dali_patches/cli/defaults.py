@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import SamplerConfig, format_bytes, parse_bytes
-from ..engine.cache import ring_bytes_for
+from ..engine.content import cached_parts
+from ..engine.plan import ring_bytes_for
 from ..options import Reuse
 
 if TYPE_CHECKING:
@@ -109,6 +110,17 @@ def fit(sample_bytes: np.ndarray, free_bytes: int, decode_batch: int, batch: int
     return Fit(batch, cache_bytes, tuple(notes))
 
 
+def content_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--anchors``, ``--min-std`` and ``--min-opaque`` as sampler options (the bounds only with
+    ``--anchors content``)."""
+    anchors = getattr(args, "anchors", "uniform")
+    bounds = {name: getattr(args, name) for name in ("min_std", "min_opaque") if getattr(args, name, None) is not None}
+    if bounds and anchors != "content":
+        msg = f"--min-std and --min-opaque bound --anchors content; add --anchors content or leave them out (got {bounds})"
+        raise ValueError(msg)
+    return {"anchors": anchors, **bounds} if anchors == "content" else {}
+
+
 def stream_config(args: argparse.Namespace, companions: Any = ()) -> SamplerConfig:
     """The flags as a :class:`SamplerConfig` (every value checked before a file is read); a batch
     and a cache left to the defaults stand in as :data:`BATCH` and one byte."""
@@ -121,7 +133,7 @@ def stream_config(args: argparse.Namespace, companions: Any = ()) -> SamplerConf
     return SamplerConfig(patch_size=args.patch, batch_size=args.batch or BATCH, reuse=args.reuse,
                          cache_bytes=args.cache or 1, device=args.device, seed=args.seed, allow_repeats=args.allow_repeats,
                          decode_batch=args.decode_batch, num_threads=args.num_threads, channels=args.channels,
-                         dtype=args.dtype, pad=args.pad, companions=companions, **options)
+                         dtype=args.dtype, pad=args.pad, companions=companions, **options, **content_options(args))
 
 
 def scan(source: Any, config: SamplerConfig, args: argparse.Namespace, check: bool = True,
@@ -147,7 +159,7 @@ def fit_args(args: argparse.Namespace, catalog: Catalog, config: SamplerConfig) 
     from ..engine.backend import resolve_backend
 
     backend = resolve_backend(config.device, config.device_id or 0, from_local_rank=True)
-    sizes = catalog.sample_bytes(config.parts)
+    sizes = catalog.sample_bytes(cached_parts(config, catalog.modes)[0])
     resolved = config.resolved(backend.device, int(sizes.max()))  # the decode batch the sampler will use
     given = parse_bytes(args.cache, "cache_bytes") if args.cache is not None else None
     chosen = fit(sizes, backend.free_bytes(), resolved.decode_batch or 1, args.batch,

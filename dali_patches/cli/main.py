@@ -86,6 +86,14 @@ def _stream_args(p: argparse.ArgumentParser) -> None:
                         "[8 on cpu, 64 on gpu]")
     p.add_argument("--num-threads", type=int, default=None, metavar="N", help="DALI worker threads [every core]")
     p.add_argument("--seed", type=int, default=0, help="seeds file order and patch positions [0]")
+    p.add_argument("--anchors", default="uniform", choices=["uniform", "content"],
+                   help="where patches sit in an image: anywhere, or only where the patch is informative "
+                        "(luminance std at least --min-std, mostly opaque) [uniform]")
+    p.add_argument("--min-std", type=float, default=None, metavar="S",
+                   help="--anchors content: least luminance standard deviation of a patch, 0-255 scale; below 2 "
+                        "looks flat [4]")
+    p.add_argument("--min-opaque", type=float, default=None, metavar="F",
+                   help="--anchors content: least share of a patch's pixels that are opaque (images with alpha) [0.9]")
 
 
 def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -113,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--verify", action="store_true",
                    help="also decode every JPEG once and report those with corrupt data (libjpeg decodes them to "
                         "partly grey pixels without an error); costs a full decode")
+    i.add_argument("--content", action="store_true",
+                   help="also decode every image once and report those where no patch passes --min-std and "
+                        "--min-opaque (--anchors content would set them aside) and how much of the images looks "
+                        "informative; costs a full decode")
     _json_arg(i, "the report (every bad file included)")
     i.set_defaults(run=commands.cmd_inspect)
 
@@ -137,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="preview.png", help="PNG to write [preview.png]")
     v.add_argument("--columns", type=int, help="patches per row [about square]")
     v.add_argument("--skip", type=int, default=0, help="batches to skip before the one drawn [0]")
+    v.add_argument("--compare", action="store_true",
+                   help="draw the same batch with uniform and with content anchors side by side (same seed), "
+                        "and count the flat patches of each")
     v.set_defaults(run=commands.cmd_preview)
 
     c = sub.add_parser("coverage", help="where patches come from: heat maps, patches-per-image histogram, statistics",
@@ -170,6 +185,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="1536x2048", help="HEIGHTxWIDTH (±25%% per image) [1536x2048]")
     s.add_argument("--format", default="jpg", choices=["jpg", "png", "mixed"],
                    help="mixed: 70%% baseline JPEG, 20%% progressive JPEG, 10%% PNG, like a photo collection [jpg]")
+    s.add_argument("--flat", type=float, default=0.0, metavar="FRACTION",
+                   help="about this fraction of each image's area is flat, with no noise: a studio backdrop or "
+                        "clear sky (one colour, a very gentle gradient), black letterbox bars, or a slide's white "
+                        "or light-grey background around textured blobs; one kind per image, like a photo "
+                        "collection [0: none]")
     s.add_argument("--seed", type=int, default=0, help="[0]")
     s.add_argument("--workers", type=int, default=None, help="processes writing images [every core]")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")

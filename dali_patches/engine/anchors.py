@@ -52,6 +52,25 @@ class AnchorPolicy:
     def on_insert(self, cache: RingCache, slot: int) -> None:
         """Called when an image enters the cache (or is restored into it)."""
 
+    def drawable(self, cache: RingCache, resident: HostArray) -> HostArray:
+        """The resident slots a batch may use (all of them here)."""
+        return resident
+
+    def refuses(self, source: int) -> bool:
+        """Whether a decoded image of ``source`` should stay out of the cache (never, here)."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's own state beyond the shared generator (none here)."""
+        return {}
+
+    def check_state(self, state: dict[str, Any], where: str = "['anchors']") -> Any:
+        """A saved :meth:`state_dict`, checked; nothing changes."""
+        return state
+
+    def apply_state(self, checked: Any) -> None:
+        """Take a :meth:`check_state`'s values."""
+
     def draw(self, cache: RingCache, slots: HostArray) -> tuple[HostArray, HostArray]:
         """``(y, x)``, each ``(n,) int64``, of the patches cut from ``slots`` (``(n,)``)."""
         return self._uniform(*cache.sizes(slots))

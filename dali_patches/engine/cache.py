@@ -3,8 +3,8 @@
 A new image is written at the head; the oldest images in its way are evicted. FIFO gives every image
 the same residence time, hence ≈ ``reuse`` patches each (random eviction would not). The arena is
 allocated once and never grows (ARCHITECTURE.md, invariant 1), and only this class touches its bytes:
-it writes images in, cuts patches and windows out (:meth:`RingCache.cut`) and plans its own size
-(:meth:`RingCache.plan`, where the ring's slack rule lives). The slot table lives on the host: slot
+it writes images in, cuts patches and windows out (:meth:`RingCache.cut`) and maps their content
+(:meth:`RingCache.content_map`); its size is planned by :mod:`dali_patches.engine.plan`. The slot table lives on the host: slot
 ids are consecutive, and FIFO keeps the resident ones a contiguous range ``[first, next)``. A source is
 resident at most once (the producer does not insert a fresh decode of a resident source), so every
 resident image is a distinct image: ``resident ≥ batch_size`` is all that distinct batches need.
@@ -13,7 +13,6 @@ resident image is a distinct image: ``resident ≥ batch_size`` is all that dist
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
@@ -24,55 +23,15 @@ from ..options import CompanionKind, Part, scaled
 from ..state import state_value
 from .backend import Backend, DeviceArray, HostArray
 from .gather import OVERREAD_BYTES, gather, patch_table
+from .measure import map_device, map_twin
 
-__all__ = ["CachePlan", "RingCache", "images_held", "ring_bytes_for"]
+__all__ = ["RingCache"]
 
 _SLOT_FIELDS = ("offset", "height", "width", "source", "served")
-# A ring holds n images for sure when it fits the n largest plus this many largest images of slack:
-# one for the unusable tail at the wrap, one for the image being written.
-_SLACK_IMAGES = 2
 
 
 def _main_part(pixel_bytes: int) -> Part:
     return Part("patches", Fraction(1), CompanionKind.IMAGE, pixel_bytes, "uint8", (1, 1))
-
-
-def ring_bytes_for(sizes: HostArray, images: int) -> int:
-    """Bytes a ring needs to hold ``images`` of a data set whichever are drawn: the ``images``
-    largest of ``sizes`` (each image's bytes with companions, sorted largest first) plus the slack."""
-    return int(sizes[:images].sum()) + _SLACK_IMAGES * int(sizes[0])
-
-
-def images_held(sample_bytes: HostArray, capacity_bytes: int) -> tuple[int, int]:
-    """How many images a ring of ``capacity_bytes`` holds, from each image's bytes with companions.
-
-    Returns:
-        ``(at_least, typical)``: ``at_least`` fit whichever images are drawn (the largest ones, with
-        the ring's slack); ``typical`` is ``capacity_bytes // mean image bytes``; both at most the
-        number of images.
-    """
-    sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
-    if not len(sizes):
-        return 0, 0
-    room = capacity_bytes - _SLACK_IMAGES * int(sizes[0])
-    at_least = int(np.searchsorted(np.cumsum(sizes), room, side="right")) if room > 0 else 0
-    typical = min(len(sizes), int(capacity_bytes // max(1, sizes.mean())))
-    return min(at_least, len(sizes)), typical
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """The ring's size, worked out from the data set before anything is allocated.
-
-    Attributes:
-        capacity_bytes: arena bytes.
-        max_slots: slot-table size (``capacity_bytes // smallest image + 1``).
-        warmup_images: images a full ring typically holds (the warm-up's length).
-    """
-
-    capacity_bytes: int
-    max_slots: int
-    warmup_images: int
 
 
 class RingCache:
@@ -117,41 +76,6 @@ class RingCache:
         an image's last row (:data:`~dali_patches.engine.gather.OVERREAD_BYTES`), so they stay readable."""
         return -(-(int(capacity_bytes) + OVERREAD_BYTES) // 16) * 16
 
-    # -- planning ----------------------------------------------------------------------------
-    @staticmethod
-    def plan(sample_bytes: HostArray, batch_size: int, shard_images: int, allow_repeats: bool,
-             free_bytes: int, cache_bytes: int | None = None, cache_images: int | None = None,
-             device: str = "cpu", largest: str = "") -> CachePlan:
-        """Size the ring for a data set whose images take ``sample_bytes`` each (companions
-        included); fail now, with the size needed, if it cannot serve ``batch_size`` distinct
-        images or does not fit in ``free_bytes`` of device memory."""
-        sizes = np.sort(np.asarray(sample_bytes, dtype=np.int64))[::-1]
-        biggest = int(sizes[0])
-        named = f" ({largest})" if largest else ""
-        capacity = ring_bytes_for(sizes, cache_images) if cache_images is not None else int(cache_bytes or 0)
-        if not allow_repeats:
-            if shard_images < batch_size:
-                msg = (f"batch_size={batch_size} distinct images are needed per batch but this shard has "
-                       f"only {shard_images} images; lower batch_size or pass allow_repeats=True")
-                raise ValueError(msg)
-            needed = ring_bytes_for(sizes, batch_size)
-            if capacity < needed:
-                msg = (f"cache_bytes={format_bytes(capacity)} cannot hold batch_size={batch_size} distinct "
-                       f"images of this data set (the largest takes {format_bytes(biggest)}{named}); it needs at least "
-                       f"{format_bytes(needed)} ({needed} bytes). Raise cache_bytes, lower batch_size, "
-                       "leave the largest images out, or pass allow_repeats=True")
-                raise ValueError(msg)
-        elif capacity < biggest:
-            msg = (f"cache_bytes={format_bytes(capacity)} cannot hold even the largest image "
-                   f"({format_bytes(biggest)}{named}); raise cache_bytes to at least {biggest}")
-            raise ValueError(msg)
-        if capacity > free_bytes:
-            why = f" (cache_images={cache_images} of the largest images{named})" if cache_images is not None else ""
-            msg = (f"cache_bytes={format_bytes(capacity)}{why} exceeds the free {device} memory "
-                   f"({format_bytes(free_bytes)}); lower it, or leave the largest images out")
-            raise ValueError(msg)
-        return CachePlan(capacity, int(capacity // int(sizes[-1]) + 1), images_held(sizes, capacity)[1])
-
     # -- queries -----------------------------------------------------------------------------
     @property
     def resident(self) -> int:
@@ -194,8 +118,14 @@ class RingCache:
         out = []
         for image, part in zip(images, self.parts):
             th, tw = scaled(max(h, ph), part.scale), scaled(max(w, pw), part.scale)
-            out.append(self.backend.xp.pad(image, ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0))))
+            out.append(None if image is None else
+                       self.backend.xp.pad(image, ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0))))
         return out
+
+    @staticmethod
+    def nbytes(images: Sequence[Any], expected: Sequence[Any]) -> list[int]:
+        """Bytes of each decoded part (``None``, an all-opaque alpha the cache fills: as ``expected``)."""
+        return [int(e) if p is None else int(p.nbytes) for p, e in zip(images, expected)]
 
     def holds(self, source: int) -> bool:
         """Whether an image of ``source`` is resident."""
@@ -231,11 +161,16 @@ class RingCache:
         raw = gather(self.backend.xp, self.arena, table, hw, p.pixel_bytes, out, device_table)
         return raw.view(np.dtype(p.dtype)).reshape(len(table), hw[0], hw[1], p.channels)
 
+    def part_offset(self, part: int, slot: int) -> int:
+        """Byte offset in the arena of ``parts[part]`` of the image in ``slot``."""
+        h, w = int(self.height[slot]), int(self.width[slot])
+        return int(self.offset[slot]) + sum(int(q.image_bytes(h, w)) for q in self.parts[:part])
+
     def image(self, part: int, slot: int) -> DeviceArray:
         """``(h, w, C)`` view of ``parts[part]`` of the image in ``slot`` (read-only use)."""
         p = self.parts[part]
         h, w = int(self.height[slot]), int(self.width[slot])
-        offset = int(self.offset[slot]) + sum(int(q.image_bytes(h, w)) for q in self.parts[:part])
+        offset = self.part_offset(part, slot)
         nbytes = int(p.image_bytes(h, w))
         raw = self.arena[offset: offset + nbytes]
         dtype = np.dtype(p.dtype)
@@ -243,10 +178,29 @@ class RingCache:
             raw = raw.copy()  # parts are packed byte to byte: a 16-bit part may start at an odd offset
         return raw.view(dtype).reshape(scaled(h, p.scale), scaled(w, p.scale), p.channels)
 
+    def content_map(self, slot: int, alpha_part: int | None, geometry: dict[str, int], min_spread: float,
+                    min_opaque: int) -> DeviceArray:
+        """The coarse content map of the main image in ``slot`` (:mod:`dali_patches.engine.measure`,
+        ``geometry`` from :func:`~dali_patches.engine.content.map_geometry`): ``(cells,) uint8`` flags
+        on the cache's device (GPU: queued on the current stream)."""
+        g, main = geometry, self.parts[0]
+        cells = g["cells_h"] * g["cells_w"]
+        alpha = self.part_offset(alpha_part, slot) if alpha_part is not None else -1
+        args: tuple[Any, ...] = (np.int64(self.offset[slot]), np.int64(alpha), np.int32(self.width[slot]), np.int32(main.channels),
+                np.int32(np.dtype(main.dtype).itemsize), *(np.int32(g[k]) for k in (
+                    "stride", "win_h", "win_w", "anchors_h", "anchors_w", "cell", "cells_w")), np.int32(cells),
+                np.float64(min_spread), np.int64(min_opaque))
+        if self.backend.xp is np:
+            out = np.empty(cells, np.uint8)
+            map_twin(self.arena, *args, out)  # type: ignore[call-arg]
+            return out
+        return map_device(self.backend.xp, self.arena, args, cells)
+
     # -- updates -----------------------------------------------------------------------------
     def insert(self, images: Any, source: int) -> int:
         """Copy an ``(H, W, C)`` image, or a list of it and its companions (in ``parts`` order), into
-        the arena, evicting the oldest in its way.
+        the arena, evicting the oldest in its way. A part given as ``None`` is filled with ``0xFF``
+        bytes (an opaque alpha).
 
         Returns the ring index of its slot. ``source`` must not be resident (see :meth:`holds`).
         """
@@ -256,9 +210,9 @@ class RingCache:
         images = images if isinstance(images, (list, tuple)) else [images]
         h, w = int(images[0].shape[0]), int(images[0].shape[1])
         sizes = self.part_bytes(h, w)
-        bad = [i for i, (image, n) in enumerate(zip(images, sizes)) if image.nbytes != n]
+        bad = [i for i, (n, expected) in enumerate(zip(self.nbytes(images, sizes), sizes)) if n != expected]
         if bad or len(images) != len(sizes):
-            shapes = [tuple(image.shape) for image in images]
+            shapes = [None if image is None else tuple(image.shape) for image in images]
             msg = (f"file {source}: decoded parts {shapes} do not fit the layout {[p.name for p in self.parts]} for a "
                    f"{h}x{w} image; a companion decodes to another size than its header says (EXIF orientation?)")
             raise ValueError(msg)
@@ -344,8 +298,8 @@ class RingCache:
         for slot, parts in zip(self.resident_slots(), images, strict=True):
             parts = parts if isinstance(parts, (list, tuple)) else [parts]
             expected = self.part_bytes(int(self.height[slot]), int(self.width[slot]))
-            if [p.nbytes for p in parts] != expected:
-                msg = (f"file {int(self.source[slot])} decodes to {[tuple(p.shape) for p in parts]}, not the "
+            if self.nbytes(parts, expected) != [int(e) for e in expected]:
+                msg = (f"file {int(self.source[slot])} decodes to {[p if p is None else tuple(p.shape) for p in parts]}, not the "
                        f"{int(self.height[slot])}x{int(self.width[slot])} it had when the state was saved; "
                        "the data set changed since")
                 raise ValueError(msg)
@@ -359,9 +313,15 @@ class RingCache:
 
     # -- internals ---------------------------------------------------------------------------
     def _write(self, offset: int, parts: Sequence[Any]) -> None:
-        for part in parts:
-            self.arena[offset : offset + part.nbytes] = part.reshape(-1).view(self.arena.dtype)
-            offset += part.nbytes
+        h, w = parts[0].shape[:2]
+        for part, layout in zip(parts, self.parts):
+            if part is None:  # an opaque alpha: every byte 0xFF, in uint8 and uint16 alike
+                nbytes = int(layout.image_bytes(h, w))
+                self.arena[offset: offset + nbytes] = 0xFF
+            else:
+                nbytes = part.nbytes
+                self.arena[offset: offset + nbytes] = part.reshape(-1).view(self.arena.dtype)
+            offset += nbytes
 
     def _make_room(self, nbytes: int) -> None:
         if self._head + nbytes > self.capacity_bytes:

@@ -19,23 +19,21 @@ import base64
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from nvidia.dali import fn, pipeline_def, types
 
 from ..sources.base import Source
-from ..sources.feeding import Reader
 from ..sources.s3 import ENDPOINT_PATIENCE_S
 from ..state import state_value
-from .backend import Backend
+from .backend import Backend, HostArray
+from .decoders import decode_files, decode_pipeline
 
-__all__ = ["DALI_DTYPES", "DecodeError", "DecodeStage", "decode_files", "error_cause"]
+__all__ = ["DecodeError", "DecodeStage", "error_cause"]
 
 log = logging.getLogger(__name__)
 
-DALI_DTYPES = {"uint8": types.UINT8, "uint16": types.UINT16}  # the sampler's dtype names → DALI types
 _MAX_FAILED_RUNS_IN_A_ROW = 8  # a reader that fails this often is broken, not unlucky
 
 
@@ -49,35 +47,6 @@ def error_cause(error: BaseException) -> str:
 
 class DecodeError(RuntimeError):
     """The decode pipeline failed repeatedly; the message carries DALI's error (it names the file)."""
-
-
-@pipeline_def(enable_conditionals=False)
-def _decode_pipeline(reader: Reader, decoder_device: str, exif: bool = True,
-                     parts: Sequence[tuple[int, str]] = ((3, "uint8"),), hw_decoder_load: float | None = None):
-    """The reader's encoded parts, each decoded with its ``(channels, dtype)``. Returns
-    ``(*images, *labels)``: the labels (catalog rows) of every reader that has its own, so that
-    :class:`DecodeStage` can check that the parts stay aligned."""
-    encoded, labels = reader.nodes()
-    # nvJPEG splits a batch between the hardware JPEG engine and CUDA (hw_decoder_load), which may
-    # differ pixel for pixel; pinning the share makes a decode reproducible batch for batch.
-    split: dict[str, Any] = ({"hw_decoder_load": hw_decoder_load}
-                             if hw_decoder_load is not None and decoder_device == "mixed" else {})
-    outputs = [fn.decoders.image(data, device=decoder_device, output_type=types.RGB if channels == 3 else types.GRAY,
-                                 dtype=DALI_DTYPES[dtype], adjust_orientation=exif, name=f"Decoder{k or ''}", **split)
-               for k, (data, (channels, dtype)) in enumerate(zip(encoded, parts))]
-    return (*outputs, *labels)
-
-
-def _pipeline(reader: Reader, backend: Backend, batch_size: int, num_threads: int, prefetch: int, seed: int,
-              output: dict[str, Any]) -> Any:
-    """A built decode pipeline over ``reader`` (``output``: ``exif``, ``parts``, ``hw_decoder_load``)."""
-    with reader.building():
-        pipe = _decode_pipeline(reader=reader, decoder_device=backend.decoder_device, batch_size=batch_size,
-                                num_threads=num_threads, device_id=backend.dali_device_id, prefetch_queue_depth=prefetch,
-                                seed=seed, enable_checkpointing=reader.checkpointing, checkpoint=reader.dali_checkpoint,
-                                **output)
-        pipe.build()
-    return pipe
 
 
 class DecodeStage:
@@ -98,6 +67,9 @@ class DecodeStage:
         parts: ``(channels, dtype)`` of each column: 3 (RGB) or 1 (gray), ``"uint8"``/``"uint16"``.
         hw_decoder_load: GPU: the share of each batch nvJPEG gives its hardware engine (``None``:
             DALI's default).
+        alpha: ``(N,) bool`` per row, whether its main image has an alpha channel; given, every
+            row comes with one more part after its companions: its alpha ``(H, W, 1)``, or ``(1, 1, 1)``
+            opaque for rows without (:func:`_decode_alpha_pipeline`). ``None``: no alpha part.
         source: where the locations live (``None``: local files or ``s3://`` objects, as the
             locations say).
     """
@@ -117,8 +89,10 @@ class DecodeStage:
         exif: bool = True,
         parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
         hw_decoder_load: float | None = None,
+        alpha: HostArray | None = None,
     ) -> None:
         self._backend = backend
+        self._alpha = None if alpha is None else np.asarray(alpha, bool)
         self._paths: list[list[str]] = ([list(c) for c in columns] if columns and not isinstance(columns[0], str)
                                         else [[str(c) for c in columns]])
         self._source = source
@@ -193,7 +167,8 @@ class DecodeStage:
             self._reader = self._source.reader(range(len(self._paths[0])), self._paths, self._read_as,
                                                **self._order, at=checkpoint)
             try:
-                self._pipe: Any = _pipeline(self._reader, self._backend, **self._build_args, output=self._output)
+                self._pipe: Any = decode_pipeline(self._reader, self._backend, **self._build_args, output=self._output,
+                                            alpha_rows=self._alpha_rows())
                 self._runs = 0
                 return
             except RuntimeError as e:
@@ -203,6 +178,12 @@ class DecodeStage:
                 if source is None:
                     raise
                 self._mark_broken(source, error_cause(e))
+
+    def _alpha_rows(self) -> list[int] | None:
+        """The labels whose bytes (their own, or a stand-in's) have an alpha channel."""
+        if self._alpha is None:
+            return None
+        return np.flatnonzero(self._alpha[self._read_as]).tolist()
 
     def _named_in(self, text: str) -> int | None:
         """The row whose item an error message names (the longest matching location), if any."""
@@ -278,7 +259,7 @@ class DecodeStage:
         self._runs += 1
         for source, why in self._reader.take_bad():
             self.mark_broken(source, why)
-        n = len(self._paths)
+        n = len(self._paths) + (self._alpha is not None)  # images per row (the alpha part last)
         sources = np.asarray(outputs[n].as_tensor()).reshape(-1)
         for labels in outputs[n + 1:]:
             if not np.array_equal(np.asarray(labels.as_tensor()).reshape(-1), sources):
@@ -349,7 +330,7 @@ class DecodeStage:
                 continue
             try:
                 for _ in decode_files(self._source, [[c[source]] for c in self._paths], self._backend, num_threads=1,
-                                      **self._output):
+                                      alpha=None if self._alpha is None else self._alpha[[source]], **self._output):
                     pass
             except RuntimeError as e:
                 self._mark_broken(source, f"the decoder rejects it ({error_cause(e)})")
@@ -387,23 +368,3 @@ class DecodeStage:
         """Drop pending images and the DALI pipeline (frees its buffers and threads)."""
         self._pending.clear()
         self._pipe = None
-
-
-def decode_files(source: Source, columns: Sequence[Sequence[str]], backend: Backend, num_threads: int,
-                 batch_size: int = 8, exif: bool = True, parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
-                 hw_decoder_load: float | None = None) -> Iterator[list[Any]]:
-    """Decode the rows of ``columns`` (main images, then each companion's locations in ``source``) once, in order,
-    with the same decoders as :class:`DecodeStage`; yields ``[image, *companions]`` of each row (views
-    valid until the next row is taken). Used to refill a restored cache with the images it held."""
-    if not columns or not columns[0]:
-        return
-    batch_size = min(batch_size, len(columns[0]))
-    reader = source.reader(range(len(columns[0])), columns, shuffle=False, batch_size=batch_size)
-    pipe = _pipeline(reader, backend, batch_size, num_threads, 1, 0,
-                     {"exif": exif, "parts": parts, "hw_decoder_load": hw_decoder_load})
-    left, n = len(columns[0]), len(columns)
-    while left:
-        outputs = pipe.run()
-        for i in range(min(left, batch_size)):
-            yield [backend.as_array(images[i]) for images in outputs[:n]]
-        left -= min(left, batch_size)

@@ -167,7 +167,7 @@ class Draws:
 
     def draw_round(self, cache: RingCache, n: int) -> RoundDraw:
         """``n`` batches from the images resident now."""
-        resident = cache.resident_slots()
+        resident = self.anchors.drawable(cache, cache.resident_slots())
         b, r = self.batch_size, len(resident)
         if r >= b and self.image_choice is ImageChoice.AREA:
             picks = self._by_area(cache, resident, n)
@@ -186,17 +186,23 @@ class Draws:
         return RoundDraw(slots, cache.sources(slots), y.reshape(n, b), x.reshape(n, b))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state}
+        anchors = self.anchors.state_dict()
+        return {"rng": self.rng.bit_generator.state, **({"anchors": anchors} if anchors else {})}
 
     def load_state_dict(self, state: dict[str, Any], where: str = "['draws']") -> None:
         self.apply_state(self.check_state(state, where))
 
     def apply_state(self, checked: dict[str, Any]) -> None:
-        """Take a :meth:`check_state`'s generator state."""
-        self.rng.bit_generator.state = checked
+        """Take a :meth:`check_state`'s generator state (and the anchor policy's)."""
+        self.rng.bit_generator.state = checked["rng"]
+        if "anchors" in checked:
+            self.anchors.apply_state(checked["anchors"])
 
     def check_state(self, state: dict[str, Any], where: str = "['draws']") -> dict[str, Any]:
-        """The generator state of a saved state, checked on a generator of its own; nothing changes."""
+        """The generator state of a saved state, checked on a generator of its own, and the anchor
+        policy's state when it keeps one; nothing changes."""
+        keeps = bool(self.anchors.state_dict())
+        anchors = self.anchors.check_state(state_value(state, "anchors", where, dict), f"{where}['anchors']") if keeps else None
         saved = state_value(state, "rng", where, dict)
         kind = type(self.rng.bit_generator)
         if saved.get("bit_generator") != kind.__name__:
@@ -208,4 +214,4 @@ class Draws:
         except (TypeError, ValueError, KeyError) as e:
             msg = f"state {where}['rng'] is damaged ({e}); load a state made by state_dict() of the same version"
             raise ValueError(msg) from None
-        return saved
+        return {"rng": saved, **({"anchors": anchors} if keeps else {})}

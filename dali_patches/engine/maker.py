@@ -16,8 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -26,23 +25,27 @@ from tqdm.auto import tqdm
 
 from ..catalog.catalog import Catalog
 from ..config import SamplerConfig, format_bytes
-from ..options import AnchorMode, Reuse
+from ..options import DTYPES, AnchorMode, Reuse
 from ..sources.base import Source
 from ..state import Field, read_fields, state_value
 from .anchors import AnchorPolicy, MaskAnchors, PointAnchors, UniformAnchors
 from .backend import Backend, HostArray
 from .cache import RingCache
-from .decode import DecodeStage, decode_files
+from .content import ContentAnchors, cached_parts
+from .decode import DecodeStage
+from .decoders import decode_files
 from .draw import Draws, RefillSchedule
 from .feeder import DecodeFeeder
+from .measure import Threshold
 from .outputs import PatchBatch
+from .plan import plan_cache
 from .rounds import RoundCutter, RoundStates, round_batches
+from .views import HELD_GROUPS, HeldViews
 
 __all__ = ["BatchMaker", "Counts", "HELD_GROUPS", "HOST_FIXED", "HOST_IMAGES_PER_BATCH"]
 
 log = logging.getLogger(__name__)
 
-HELD_GROUPS = 2  # GPU: decode batches of views awaiting their copies before the oldest is waited for
 _PROGRESS_DELAY_S = 2.0  # with progress=None, a warm-up that lasts longer than this shows its progress bar
 _DECODE_QUEUE_BATCHES = 3  # decode batches of images DALI holds at most (prefetch 2 + the one being made)
 HOST_FIXED = 480 * 2**20  # CPU max_memory: bytes beyond the arena whatever the images (see BatchMaker.max_memory) ...
@@ -63,42 +66,12 @@ class Counts:
                                                                         "duplicate_decodes", "warmup_images", "taken_ahead")}
 
 
-class _HeldViews:
-    """GPU: decoded views (DALI's buffers) kept until the copies that read them are done. DALI takes
-    a buffer back as soon as its last view goes and may decode into it at once, so each decode batch
-    of views is tied to an event recorded after its copies, and dropped when that event is done —
-    at most :data:`HELD_GROUPS` groups wait."""
-
-    def __init__(self, every: int) -> None:
-        self._held: deque[tuple[Any, list[Any]]] = deque()  # (event, views copied before it)
-        self._holding: list[Any] = []
-        self._every = every
-
-    def add(self, views: Iterable[Any], record: Any) -> None:
-        """Keep ``views``; every ``every`` of them, tie those kept to an event (``record()``)."""
-        self._holding += views
-        if len(self._holding) >= self._every:
-            self.release(record())
-
-    def release(self, event: Any, wait: bool = False) -> None:
-        """Tie the views kept so far to ``event``; drop the groups whose reads are done (no host
-        blocking unless more than ``HELD_GROUPS`` groups wait, or ``wait``)."""
-        if self._holding:
-            self._held.append((event, self._holding))
-            self._holding = []
-        while self._held and (wait or len(self._held) > HELD_GROUPS or self._held[0][0].done):
-            event, views = self._held[0]  # the views stay referenced until their reads are known done
-            event.synchronize()
-            self._held.popleft()
-            del views
-
-    def clear(self) -> None:
-        self._held.clear()
-        self._holding.clear()
-
-
 def _anchor_policy(config: SamplerConfig, backend: Backend, rng: np.random.Generator,
-                   points: dict[int, HostArray] | None) -> AnchorPolicy:
+                   points: dict[int, HostArray] | None, alpha_part: int | None, names: list[str]) -> AnchorPolicy:
+    if config.anchors is AnchorMode.CONTENT:
+        threshold = Threshold(config.min_std, config.min_opaque, DTYPES[config.dtype])
+        return ContentAnchors(config.patch_size, config.anchor_step, rng, backend, threshold, alpha_part,
+                              config.allow_repeats, names)
     if config.anchors is AnchorMode.POINTS:
         return PointAnchors(config.patch_size, config.anchor_step, rng, points or {})
     if config.anchors in (AnchorMode.WEIGHTS, AnchorMode.POS_NEG):
@@ -136,7 +109,9 @@ class BatchMaker:
             msg = (f"num_shards={shards} exceeds the {len(catalog.files)} usable images: every shard needs images; "
                    "use fewer shards (ranks) or more data")
             raise ValueError(msg)
-        sizes = catalog.sample_bytes(config.parts)
+        # anchors="content" over images with transparency: their alpha is cached as one more part.
+        self.parts, self._alpha = cached_parts(config, catalog.modes)
+        sizes = catalog.sample_bytes(self.parts)
         self.largest_bytes = int(sizes.max())
         queue_bytes = self.decode_queue_images() * self.largest_bytes
         if queue_bytes > backend.free_bytes():
@@ -145,7 +120,7 @@ class BatchMaker:
                    f"free {backend.device.value} memory ({format_bytes(backend.free_bytes())}); lower decode_batch")
             raise ValueError(msg)
         big = int(np.argmax(sizes))
-        self.plan = RingCache.plan(sizes, config.batch_size, len(catalog.files) // shards, config.allow_repeats,
+        self.plan = plan_cache(sizes, config.batch_size, len(catalog.files) // shards, config.allow_repeats,
                                    backend.free_bytes(), config.cache_bytes, config.cache_images, backend.device.value,
                                    largest=f"{catalog.files[big]!r} ({catalog.heights[big]}x{catalog.widths[big]})")
         self._points_sha = (hashlib.sha256(repr(sorted((k, v.tolist()) for k, v in points.items())).encode()).hexdigest()
@@ -159,17 +134,18 @@ class BatchMaker:
         self.decoder = DecodeStage(self.source, self.columns, backend, batch_size=config.decode_batch or 1,
                                    min_good=1 if config.allow_repeats else config.batch_size,
                                    num_threads=config.num_threads or 1, seed=config.seed, shard_id=config.shard_id or 0,
-                                   num_shards=shards, **self._output)
+                                   num_shards=shards, alpha=self._alpha, **self._output)
         # The most of the arena the shard's images can fill (on the CPU only written pages are resident).
         self._shard_bytes = int(np.sort(sizes)[::-1][: self.decoder.shard_size].sum())
         # "auto" takes what is ready: two decode batches banked; a fixed reuse takes exact counts and
         # DALI's prefetch decodes ahead already: one batch (a decode batch of images less in memory).
         look_ahead = 2 if config.reuse is Reuse.AUTO else 1
         self.feeder = DecodeFeeder(self.decoder, backend, self.stream, look_ahead * (config.decode_batch or 1))
-        self.cache = RingCache(backend, self.plan.capacity_bytes, self.plan.max_slots, parts=config.parts)
+        self.cache = RingCache(backend, self.plan.capacity_bytes, self.plan.max_slots, parts=self.parts)
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id or 0]))
-        self.draws = Draws(config.batch_size, config.allow_repeats, rng, _anchor_policy(config, backend, rng, points),
-                           config.image_choice)
+        alpha_part = len(config.parts) if self._alpha is not None else None
+        self.draws = Draws(config.batch_size, config.allow_repeats, rng,
+                           _anchor_policy(config, backend, rng, points, alpha_part, self.columns[0]), config.image_choice)
         self.schedule = RefillSchedule(config.batch_size, None if config.reuse is Reuse.AUTO else float(config.reuse),
                                        config.min_reuse, config.max_reuse, slack=self.feeder.capacity)
         self.round_batches = round_batches(config, self.plan.warmup_images, self.feeder.capacity)
@@ -181,7 +157,7 @@ class BatchMaker:
         self.round_counts = (0, 0, 0)  # (batches made, of them distinct, images taken) after the last round
         self._states = RoundStates(self.round_batches)  # the state before each recent round
         self._progress = progress
-        self._views = _HeldViews(config.decode_batch or 1)
+        self._views = HeldViews(config.decode_batch or 1)
         self.host_s = {"refill": 0.0, "round": 0.0}  # time inserting, and drawing + gathering + snapshotting
 
     # -- memory ------------------------------------------------------------------------------
@@ -274,12 +250,12 @@ class BatchMaker:
         if self.cache.holds(source):
             self.counts.duplicate_decodes += 1
             return
-        if source in self.decoder.broken:  # set aside (changed) after the feeder had decoded it again
+        if source in self.decoder.broken or self.draws.anchors.refuses(source):  # set aside before
             return
-        decoded, images = images, self.cache.padded(images, self.config.patch_size)
+        decoded, images = images, self.cache.padded(self._complete(images), self.config.patch_size)
         h, w = images[0].shape[:2]
         expected = self.cache.part_bytes(self._heights[source], self._widths[source])
-        if (h, w) != (self._heights[source], self._widths[source]) or [p.nbytes for p in images] != expected:
+        if (h, w) != (self._heights[source], self._widths[source]) or RingCache.nbytes(images, expected) != expected:
             shapes = "x".join(map(str, images[0].shape[:2])) if len(images) == 1 else [tuple(p.shape) for p in images]
             self.feeder.mark_broken(source, f"changed during the run: it decodes to {shapes}, not the "
                                             f"{self._heights[source]}x{self._widths[source]} measured at the start "
@@ -292,6 +268,13 @@ class BatchMaker:
         if self.backend.asynchronous:  # DALI's buffers (not the padded copies) must outlive the pending reads
             self._views.add(decoded, lambda: self.backend.record(self.stream))
 
+    def _complete(self, images: list[Any]) -> list[Any]:
+        """The decoded parts as the cache takes them: an opaque stand-in for the alpha of an image
+        without one becomes ``None`` (the cache fills it)."""
+        if self._alpha is not None and images[-1].shape[:2] == (1, 1) and images[0].shape[:2] != (1, 1):
+            return [*images[:-1], None]
+        return images
+
     def make_round(self) -> list[PatchBatch]:
         """The next round's batches (see the module)."""
         t0 = time.perf_counter()
@@ -303,8 +286,14 @@ class BatchMaker:
         self.schedule.record(n, ahead + taken)
         t1 = time.perf_counter()
         draw = self.draws.draw_round(self.cache, n)
-        self.cache.record_served(draw.slots)
         cuts, device_source, device_anchor = self.cutter.cut(self.cache, draw, self.stream)
+        if isinstance(self.draws.anchors, ContentAnchors):  # every patch tested; failing ones drawn again
+            with self.backend.use(self.stream):
+                self.draws.anchors.settle(
+                    self.cache, draw, cuts[0].reshape(-1, *self.config.parts[0].patch_shape),
+                    lambda todo: self.cutter.recut(self.cache, draw, cuts, device_source, device_anchor, todo),
+                    self.draws.anchors.drawable(self.cache, self.cache.resident_slots()))
+        self.cache.record_served(draw.slots)
         ready = self.backend.record(self.stream)
         self._views.release(ready)
         anchor = np.stack([draw.y, draw.x], axis=-1).astype(np.int32)
@@ -382,7 +371,7 @@ class BatchMaker:
         self.feeder.load_state_dict(snapshot["decoder"])
         resident = [[column[s] for s in snapshot["cache"]["source"]] for column in self.columns]
         with self.backend.use(self.stream):
-            self.cache.rewrite(self._redecoded(resident))
+            self.cache.rewrite(self._redecoded(resident, snapshot["cache"]["source"]))
             for slot in self.cache.resident_slots():
                 self.draws.anchors.on_insert(self.cache, slot)
         self.counts = counts
@@ -390,10 +379,11 @@ class BatchMaker:
         self.snapshot(self.counts.batches_made)
         return skip
 
-    def _redecoded(self, resident: list[list[str]]) -> Iterator[list[Any]]:
+    def _redecoded(self, resident: list[list[str]], sources: list[int]) -> Iterator[list[Any]]:
+        alpha = None if self._alpha is None else self._alpha[sources]
         for parts in decode_files(self.source, resident, self.backend, self.config.num_threads or 1,
-                                  batch_size=self.config.decode_batch or 1, **self._output):  # max_memory's batch
-            yield self.cache.padded(parts, self.config.patch_size)
+                                  batch_size=self.config.decode_batch or 1, alpha=alpha, **self._output):
+            yield self.cache.padded(self._complete(parts), self.config.patch_size)  # max_memory's batch above
             self.backend.synchronize(self.stream)  # copied before DALI may reuse the buffer
 
     # -- the end -----------------------------------------------------------------------------

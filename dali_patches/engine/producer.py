@@ -22,6 +22,7 @@ from typing import Any
 from ..catalog.catalog import Catalog
 from ..config import SamplerConfig
 from .backend import Backend, HostArray
+from .content import ContentAnchors
 from .feeder import POLL_S
 from .maker import BatchMaker
 from .outputs import PatchBatch
@@ -209,9 +210,19 @@ class Producer:
             "decode_lost_batches": maker.decoder.lost_batches,
             "changed_files": maker.changed_files,
             "anchor_fallbacks": maker.draws.anchors.fallbacks,
+            **self._content_stats(),
             "broken_files": [(maker.catalog.files[i], why) for i, why in maker.decoder.broken_items()],
             "decode_errors": maker.decoder.error_list(),
         }
+
+    def _content_stats(self) -> dict[str, Any]:
+        """``anchors="content"``: ``{"content": ...}`` (see :meth:`ContentAnchors.stats`) with the
+        ``set_aside_files`` as ``(file, why)``; nothing otherwise."""
+        anchors, files = self.maker.draws.anchors, self.maker.catalog.files
+        if not isinstance(anchors, ContentAnchors):
+            return {}
+        aside = dict(anchors.set_aside)  # a copy: the producer thread may add to it
+        return {"content": {**anchors.stats(), "set_aside_files": [(files[i], why) for i, why in sorted(aside.items())]}}
 
     def pace_stats(self) -> dict[str, Any]:
         """How the two speeds met since the first batch and over the last 5 s (see

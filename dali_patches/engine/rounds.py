@@ -207,6 +207,24 @@ class RoundCutter:
             out.append(cut.reshape(n, b, *part.patch_shape))
         return out, source.reshape(n, b), anchor.reshape(n, b, 2)
 
+    def recut(self, cache: RingCache, draw: RoundDraw, cuts: list[Any], source: Any, anchor: Any,
+              positions: Any) -> None:
+        """Cut the patches at ``positions`` (flat indices into the round) again, after their slots or
+        anchors in ``draw`` changed, into the same memory: on the host those patches alone, on a GPU
+        the whole round (one launch per part, queued on the current stream, as ordered as the first
+        cut) with its ``source`` and ``anchor``."""
+        slots, ys, xs = draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1)
+        if not self.backend.is_gpu:
+            for k, part in enumerate(self.parts):
+                cuts[k].reshape(-1, *part.patch_shape)[positions] = cache.cut(k, cache.table(k, slots[positions],
+                                                                                          ys[positions], xs[positions]))
+            return
+        xp = self.backend.xp
+        for k in range(len(self.parts)):
+            cache.cut(k, cache.table(k, slots, ys, xs), out=cuts[k].reshape(-1).view(np.uint8))
+        source[...] = xp.asarray(draw.source.reshape(source.shape))
+        anchor[...] = xp.asarray(np.stack([draw.y, draw.x], axis=-1).astype(np.int32).reshape(anchor.shape))
+
     def _next_stage(self) -> _Staging:
         """The staging slot to fill now, once its upload two rounds ago has left the pinned memory."""
         stage = self._stages[self._turn]

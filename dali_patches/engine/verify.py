@@ -1,4 +1,5 @@
-"""Verify: decode every JPEG once, before sampling, to find those whose data libjpeg only warns about.
+"""Verify: decode every JPEG once, before sampling, to find those whose data libjpeg only warns about;
+decode every image once to find those without a single informative patch (``anchors="content"``).
 
 A JPEG whose entropy-coded data is damaged (a truncated body with an end marker appended, a few bad
 bytes) decodes without an error: libjpeg fills the rest with grey and prints a warning to the
@@ -14,14 +15,20 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from tqdm.auto import tqdm
 
 from ..catalog.catalog import Catalog, CatalogWarning
+from ..catalog.screen import ALPHA_MODES
 from ..sources.base import Problem, Source, user_stacklevel
+from .backend import resolve_backend
+from .content import content_share
 from .decode import error_cause
+from .decoders import decode_files
+from .measure import Threshold
 
-__all__ = ["find_corrupt", "without_corrupt"]
+__all__ = ["find_corrupt", "find_flat", "without_corrupt"]
 
 
 _LIBJPEG_WARNING = "Corrupt JPEG data"
@@ -98,3 +105,36 @@ def without_corrupt(catalog: Catalog, num_threads: int = 1, progress: bool = Fal
     warnings.warn(f"skipped {len(corrupt)} JPEG(s) with corrupt data, e.g. {example[0]}: {example[1]}",
                   CatalogWarning, stacklevel=user_stacklevel())
     return catalog.without(corrupt)
+
+
+def find_flat(catalog: Catalog, patch_size: tuple[int, int], min_std: float, min_opaque: float = 0.9,
+              channels: int = 3, dtype: str = "uint8", num_threads: int = 1,
+              progress: bool = False) -> tuple[dict[str, str], list[float]]:
+    """Decode every image of ``catalog`` once (on the CPU, as the sampler decodes it, with its alpha
+    where it has one) and judge it as ``anchors="content"`` would when it enters the cache.
+
+    Returns:
+        ``(flat, shares)``: the images with no ``patch_size`` patch of a luminance std of at least
+        ``min_std`` (and ``min_opaque`` of it opaque), each with why — the sampler would set them
+        aside — and each image's share of map cells that look informative
+        (:func:`~dali_patches.engine.content.content_share`).
+    """
+    if catalog.source is None:
+        msg = "this catalog was built without its source; scan it with Catalog.scan"
+        raise ValueError(msg)
+    threshold = Threshold(min_std, min_opaque, 2 if dtype == "uint16" else 1)
+    alpha = np.isin(np.asarray(catalog.modes), ALPHA_MODES) if len(catalog.modes) else np.zeros(len(catalog.files), bool)
+    flat: dict[str, str] = {}
+    shares: list[float] = []
+    decoded = decode_files(catalog.source, [list(catalog.files)], resolve_backend("cpu"), num_threads, batch_size=2,
+                           parts=[(channels, dtype)], alpha=alpha if alpha.any() else None)
+    for path, parts in tqdm(zip(catalog.files, decoded), total=len(catalog.files), desc="judging content", unit="img",
+                            disable=not progress, leave=False):
+        image = np.asarray(parts[0])
+        transparency = np.asarray(parts[1]) if len(parts) > 1 and parts[1].shape[:2] == image.shape[:2] else None
+        share = content_share(image, transparency, patch_size, 1, threshold)
+        shares.append(share)
+        if share == 0:
+            flat[path] = (f"no {patch_size[0]}x{patch_size[1]} patch has a luminance std of at least {min_std:g}"
+                          + (f" with {min_opaque:.0%} of it opaque" if transparency is not None else ""))
+    return flat, shares

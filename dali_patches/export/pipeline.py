@@ -38,7 +38,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from ..config import SamplerConfig
 from ..engine.backend import Backend
-from ..engine.decode import DALI_DTYPES
+from ..engine.decoders import DALI_DTYPES
 from ..engine.outputs import PatchBatch
 from ..options import Layout
 from .augment import augment_outputs, output_dtype

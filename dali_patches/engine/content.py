@@ -1,0 +1,335 @@
+"""content: ``anchors="content"`` — patches only where an image holds something to learn from.
+
+When an image enters the cache, its coarse map (:mod:`dali_patches.engine.measure`) is computed
+on its device: one flag per cell of ``2s × 2s`` anchors (``s = min(P_h, P_w) // 8``), set where a
+sample every ``s`` pixels suggests an informative patch. The flags come to the host with those of
+every other image inserted before the next draw, in one copy; the candidate cells of each resident
+image are kept in one pool (4 bytes per cell). A draw picks a candidate cell of the image uniformly
+and an anchor uniformly inside it.
+
+The map only proposes; the round's gathered patches are then tested exactly (:meth:`ContentAnchors.settle`),
+and every failing one is drawn again in the same image and cut again, so no patch below the
+threshold leaves the engine and every batch keeps its ``B`` distinct images. An image whose map
+proposes nothing, or whose patches keep failing (:data:`_MAP_TRIES` passes), is scanned exactly at
+every anchor (:func:`~dali_patches.engine.measure.passing_anchors`): its draws then come from the
+anchors found, or, when none passes, the image is set aside — reported once, never drawn, not
+inserted again — and a patch that was to come from it comes from another resident image not in its
+batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from ..catalog.screen import ALPHA_MODES
+from ..config import SamplerConfig
+from ..options import AnchorMode, CompanionKind, Part
+from ..state import state_value
+from .anchors import AnchorPolicy
+from .backend import Backend, HostArray
+from .cache import RingCache
+from .draw import RoundDraw
+from .measure import (
+    MAP_OPAQUE_SLACK,
+    MAP_STD_SHARE,
+    Threshold,
+    check_device,
+    check_host,
+    map_twin,
+    passing_anchors,
+)
+
+__all__ = ["ContentAnchors", "cached_parts", "content_share", "map_geometry"]
+
+log = logging.getLogger(__name__)
+
+_SAMPLES_PER_SIDE = 8  # the map samples a patch's window on an 8 × 8 grid (at least)
+_CELL = 2  # sample anchors per cell side
+_MAP_TRIES = 3  # passes of redraws from the map before a failing image is scanned exactly
+_MAX_PASSES = 12  # passes of checks in a round before giving up (the exact lists end it long before)
+_EXACT_ANCHORS = 4096  # anchors kept per exactly scanned image
+_MAP, _EXACT, _ASIDE = 0, 1, 2
+
+
+def cached_parts(config: SamplerConfig, modes: Sequence[str]) -> tuple[tuple[Part, ...], HostArray | None]:
+    """What the cache holds per image: ``config.parts``, plus the main image's alpha (one channel of
+    its dtype, named ``"alpha"``, never delivered) with ``anchors="content"`` when an image has
+    transparency the decoder reads (``modes``: each image's Pillow mode); and ``(N,) bool``: which
+    images have it (``None`` without the part)."""
+    alpha = np.isin(np.asarray(modes), ALPHA_MODES) if config.anchors is AnchorMode.CONTENT and len(modes) else None
+    if alpha is None or not alpha.any():
+        return config.parts, None
+    main = config.parts[0]
+    return (*config.parts, Part("alpha", Fraction(1), CompanionKind.MASK, 1, main.dtype, main.patch_hw)), alpha
+
+
+def map_geometry(patch_size: tuple[int, int], height: int, width: int) -> dict[str, int]:
+    """The map of an ``height × width`` image: ``stride`` (pixels between samples), ``win_h``/``win_w``
+    (samples per patch window), ``anchors_h``/``anchors_w`` (sample anchors), ``cells_h``/``cells_w``,
+    ``cell`` (sample anchors per cell side) and ``cell_px`` (the same in pixels)."""
+    ph, pw = patch_size
+    s = max(1, min(ph, pw) // _SAMPLES_PER_SIDE)
+    ah, aw = (height - ph) // s + 1, (width - pw) // s + 1
+    return {"stride": s, "win_h": ph // s, "win_w": pw // s, "anchors_h": ah, "anchors_w": aw,
+            "cells_h": -(-ah // _CELL), "cells_w": -(-aw // _CELL), "cell": _CELL, "cell_px": _CELL * s}
+
+
+def content_share(image: HostArray, alpha: HostArray | None, patch_size: tuple[int, int], step: int,
+                  threshold: Threshold) -> float:
+    """The share of an image's map cells that look informative (the map as the cache computes it,
+    on the host), or, where the map finds none, ``1e-9`` if the exhaustive scan finds one patch that
+    passes and 0 if none does (such an image would be set aside). ``image``: ``(H, W, C)``;
+    ``alpha``: its ``(H, W, 1)`` alpha or ``None``."""
+    h, w = image.shape[:2]
+    g = map_geometry(patch_size, h, w)
+    n = g["win_h"] * g["win_w"]
+    arena = np.concatenate([image.reshape(-1).view(np.uint8), *([] if alpha is None else [alpha.reshape(-1).view(np.uint8)])])
+    flags = np.zeros(g["cells_h"] * g["cells_w"], np.uint8)
+    map_twin(arena, 0, -1 if alpha is None else image.nbytes, w, image.shape[2], image.dtype.itemsize, g["stride"],
+             g["win_h"], g["win_w"], g["anchors_h"], g["anchors_w"], g["cell"], g["cells_w"], len(flags),
+             threshold.min_spread(n, MAP_STD_SHARE), threshold.min_opaque_count(n, MAP_OPAQUE_SLACK), flags)
+    if flags.any():
+        return float(flags.mean())
+    return 1e-9 if len(passing_anchors(image, alpha, patch_size, step, threshold, 1)) else 0.0
+
+
+class ContentAnchors(AnchorPolicy):
+    """Anchors where patches pass ``threshold`` (see the module).
+
+    Args:
+        backend: the device.
+        threshold: the test (:class:`~dali_patches.engine.measure.Threshold`).
+        alpha_part: index of the cache's alpha part (images with transparency), or ``None``.
+        allow_repeats: a patch whose image was set aside may come from an image already in its batch.
+        names: each source's location, for messages.
+    """
+
+    def __init__(self, patch_size: tuple[int, int], step: int, rng: np.random.Generator, backend: Backend,
+                 threshold: Threshold, alpha_part: int | None, allow_repeats: bool = False,
+                 names: Sequence[str] = ()) -> None:
+        super().__init__(patch_size, step, rng)
+        self.names = names
+        self.backend, self.xp = backend, backend.xp
+        self.threshold, self.alpha_part, self.allow_repeats = threshold, alpha_part, allow_repeats
+        self._pending: dict[int, Any] = {}  # slot → cell flags on the device, not yet on the host
+        self._slots = 0
+        self._mode = np.zeros(0, np.int8)  # per slot: _MAP, _EXACT or _ASIDE
+        self._start = np.zeros(0, np.int64)  # per slot: first candidate in the pool, and how many
+        self._count = np.zeros(0, np.int64)
+        self._cols = np.ones(0, np.int64)  # per slot: cells per row
+        self._pool = np.zeros(1 << 16, np.int32)
+        self._used = 0
+        self._exact: dict[int, HostArray] = {}  # slot → (k, 2) anchors that pass
+        self.exact_sources: set[int] = set()  # images drawn from their exact scan
+        self.set_aside: dict[int, str] = {}  # source → why (no patch passes)
+        self.checked = self.redrawn = self.replaced = 0
+        self.maps, self.map_s = 0, 0.0
+
+    # -- maps ----------------------------------------------------------------------------------
+    def _grow(self, slots: int) -> None:
+        if slots > self._slots:
+            extra = slots - self._slots
+            self._mode = np.concatenate([self._mode, np.zeros(extra, np.int8)])
+            self._start = np.concatenate([self._start, np.zeros(extra, np.int64)])
+            self._count = np.concatenate([self._count, np.zeros(extra, np.int64)])
+            self._cols = np.concatenate([self._cols, np.ones(extra, np.int64)])
+            self._slots = slots
+
+    def on_insert(self, cache: RingCache, slot: int) -> None:
+        """Queue the map of the image in ``slot`` on its device (its flags come over at the next draw)."""
+        t0 = time.perf_counter()
+        self._grow(cache.max_slots)
+        h, w = cache.sizes(np.asarray([slot]))
+        geometry = map_geometry(self.patch_size, int(h[0]), int(w[0]))
+        self._pending[int(slot)] = cache.content_map(slot, self.alpha_part, geometry,
+                                                     self.threshold.min_spread(geometry["win_h"] * geometry["win_w"],
+                                                                               MAP_STD_SHARE),
+                                                     self.threshold.min_opaque_count(geometry["win_h"] * geometry["win_w"],
+                                                                                     MAP_OPAQUE_SLACK))
+        self._cols[slot] = geometry["cells_w"]
+        self._mode[slot] = _MAP
+        self._exact.pop(int(slot), None)
+        self.maps += 1
+        self.map_s += time.perf_counter() - t0
+
+    def _flush(self, cache: RingCache) -> None:
+        """Bring the pending maps to the host at once; scan exactly the images whose map proposes
+        nothing (or that were scanned before a resume) and set aside those where nothing passes."""
+        if not self._pending:
+            return
+        t0 = time.perf_counter()
+        slots, pending = list(self._pending), list(self._pending.values())
+        self._pending = {}
+        flags = self.backend.to_host(self.xp.concatenate(pending)) if len(pending) > 1 else self.backend.to_host(pending[0])
+        ends = np.cumsum([len(p) for p in pending])
+        for slot, cells in zip(slots, np.split(flags, ends[:-1])):
+            candidates = np.flatnonzero(cells).astype(np.int32)
+            source = int(cache.sources(np.asarray([slot]))[0])
+            if not len(candidates) or source in self.exact_sources:
+                self._scan(cache, slot)
+                continue
+            self._append(cache, slot, candidates)
+        self.map_s += time.perf_counter() - t0
+
+    def _append(self, cache: RingCache, slot: int, candidates: HostArray) -> None:
+        if self._used + len(candidates) > len(self._pool):
+            live = [s for s in cache.resident_slots().tolist() if self._mode[s] == _MAP and self._count[s]
+                    and s not in self._pending and s != slot]
+            kept = [self._pool[self._start[s]: self._start[s] + self._count[s]] for s in live]
+            total = sum(len(k) for k in kept) + len(candidates)
+            pool = np.zeros(max(2 * total, len(self._pool)), np.int32)
+            at = 0
+            for s, values in zip(live, kept):
+                pool[at: at + len(values)], self._start[s] = values, at
+                at += len(values)
+            self._pool, self._used = pool, at
+        self._pool[self._used: self._used + len(candidates)] = candidates
+        self._start[slot], self._count[slot] = self._used, len(candidates)
+        self._used += len(candidates)
+
+    def _scan(self, cache: RingCache, slot: int) -> None:
+        """Test every anchor of the image in ``slot`` exactly: draw from those that pass, or set it aside."""
+        source = int(cache.sources(np.asarray([slot]))[0])
+        image = self.backend.to_host(cache.image(0, slot))
+        alpha = self.backend.to_host(cache.image(self.alpha_part, slot)) if self.alpha_part is not None else None
+        found = passing_anchors(image, alpha, self.patch_size, self.step, self.threshold, _EXACT_ANCHORS)
+        self.exact_sources.add(source)
+        self._count[slot] = 0
+        if len(found):
+            self._mode[slot], self._exact[int(slot)] = _EXACT, found
+            return
+        self._aside(cache, slot)
+
+    def _aside(self, cache: RingCache, slot: int) -> None:
+        self._mode[slot] = _ASIDE
+        source = int(cache.sources(np.asarray([slot]))[0])
+        why = (f"no {self.patch_size[0]}x{self.patch_size[1]} patch has a luminance std of at least "
+               f"{self.threshold.min_std:g}" + (f" with {self.threshold.min_opaque:.0%} of it opaque"
+                                                if self.alpha_part is not None else ""))
+        if source not in self.set_aside:
+            self.set_aside[source] = why
+            log.warning("set aside for anchors='content' (reported once, not drawn again): %s: %s",
+                        self.names[source] if source < len(self.names) else source, why)
+
+    def refuses(self, source: int) -> bool:
+        """Whether a decoded image of ``source`` should not enter the cache (set aside before)."""
+        return source in self.set_aside
+
+    def drawable(self, cache: RingCache, resident: HostArray) -> HostArray:
+        """The resident slots a batch may use: all but those set aside."""
+        self._flush(cache)
+        return resident[self._mode[resident] != _ASIDE] if self._slots else resident
+
+    # -- draws ---------------------------------------------------------------------------------
+    def draw(self, cache: RingCache, slots: HostArray) -> tuple[HostArray, HostArray]:
+        """Anchors for ``slots``: a candidate cell of the map, then a position in it; from the exact
+        list for scanned images."""
+        self._flush(cache)
+        (ph, pw), s = self.patch_size, self.step
+        h, w = cache.sizes(slots)
+        n = len(slots)
+        u = self.rng.random((n, 3))
+        count = self._count[slots]
+        cell = self._pool[self._start[slots] + np.minimum((u[:, 0] * count).astype(np.int64), np.maximum(count - 1, 0))]
+        row, col = np.divmod(cell.astype(np.int64), self._cols[slots])
+        size = map_geometry(self.patch_size, ph, pw)["cell_px"]
+        top, left = row * size, col * size
+        y = top + (u[:, 1] * (np.minimum(top + size, h - ph + 1) - top)).astype(np.int64)
+        x = left + (u[:, 2] * (np.minimum(left + size, w - pw + 1) - left)).astype(np.int64)
+        y, x = y // s * s, x // s * s
+        exact = self._mode[slots] == _EXACT
+        for i in np.flatnonzero(exact):
+            anchors = self._exact[int(slots[i])]
+            y[i], x[i] = anchors[min(int(u[i, 0] * len(anchors)), len(anchors) - 1)]
+        empty = ~exact & (count == 0)
+        if empty.any():  # cannot happen after a flush; stay safe: uniform (the check still applies)
+            self.fallbacks += int(empty.sum())
+            y[empty], x[empty] = self._uniform(h[empty], w[empty])
+        return y, x
+
+    def settle(self, cache: RingCache, draw: RoundDraw, patches: Any, recut: Any, resident: HostArray) -> None:
+        """Test every patch of a round exactly and redraw the failing ones until all pass (see the
+        module). ``patches``: the round's main patches ``(n·B, P_h, P_w, C)`` on the device;
+        ``recut(positions)``: cut those positions again from ``draw`` (changed in place);
+        ``resident``: the slots a batch may use."""
+        slots, ys, xs, sources = (draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1),
+                                  draw.source.reshape(-1))
+        b = draw.slots.shape[1]
+        todo = np.arange(len(slots))
+        for attempt in range(_MAX_PASSES):
+            ok = self._check(cache, patches, todo, slots, ys, xs)
+            self.checked += len(todo)
+            todo = todo[~ok]
+            if not len(todo):
+                return
+            self.redrawn += len(todo)
+            for slot in np.unique(slots[todo]).tolist():  # map proposals that keep failing: scan exactly
+                if attempt + 1 >= _MAP_TRIES and self._mode[slot] == _MAP:
+                    self._scan(cache, slot)
+                elif attempt + 1 >= _MAP_TRIES + 3 and self._mode[slot] == _EXACT:  # only at a rounding edge
+                    self._aside(cache, slot)
+            resident = resident[self._mode[resident] != _ASIDE]
+            for i in todo[self._mode[slots[todo]] == _ASIDE].tolist():
+                slots[i] = self._replacement(resident, slots[(i // b) * b: (i // b + 1) * b])
+                sources[i] = cache.sources(slots[i: i + 1])[0]
+                self.replaced += 1
+            ys[todo], xs[todo] = self.draw(cache, slots[todo])
+            recut(todo)
+        msg = (f"{len(todo)} patches still fail min_std={self.threshold.min_std:g} after {_MAX_PASSES} redraws; "
+               "please report this with the images")
+        raise RuntimeError(msg)
+
+    def _replacement(self, resident: HostArray, row: HostArray) -> int:
+        free = np.setdiff1d(resident, row)
+        if not len(free) and self.allow_repeats and len(resident):
+            free = resident
+        if not len(free):
+            msg = (f"only {len(resident)} resident images hold a patch with a luminance std of at least "
+                   f"{self.threshold.min_std:g}, fewer than a batch needs ({len(self.set_aside)} set aside as flat); "
+                   "lower min_std, raise cache_bytes, or pass allow_repeats=True")
+            raise RuntimeError(msg)
+        return int(free[self.rng.integers(len(free))])
+
+    def _check(self, cache: RingCache, patches: Any, todo: HostArray, slots: HostArray, ys: HostArray,
+               xs: HostArray) -> HostArray:
+        """``(len(todo),) bool``: which of the patches ``todo`` pass, tested exactly on their device."""
+        alpha = None
+        if self.alpha_part is not None:
+            alpha = cache.cut(self.alpha_part, cache.table(self.alpha_part, slots[todo], ys[todo], xs[todo]))
+        if not self.backend.is_gpu:
+            return check_host(patches[todo], alpha, self.threshold)
+        flags = check_device(self.xp, patches, alpha, todo, self.threshold)
+        return self.backend.to_host(flags).astype(bool)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"checked": self.checked, "redrawn": self.redrawn, "replaced": self.replaced,
+                "exact_sources": sorted(self.exact_sources), "set_aside": {str(k): v for k, v in self.set_aside.items()}}
+
+    def check_state(self, state: dict[str, Any], where: str = "['anchors']") -> dict[str, Any]:
+        counts = {name: state_value(state, name, where, int, 0) for name in ("checked", "redrawn", "replaced")}
+        exact = state_value(state, "exact_sources", where, list)
+        aside = state_value(state, "set_aside", where, dict)
+        if not all(isinstance(s, int) and s >= 0 for s in exact) or not all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in aside.items()):
+            msg = f"state {where} is damaged; load a state made by state_dict() of the same version, unchanged"
+            raise ValueError(msg)
+        return {**counts, "exact_sources": set(exact), "set_aside": {int(k): v for k, v in aside.items()}}
+
+    def apply_state(self, checked: dict[str, Any]) -> None:
+        self.checked, self.redrawn, self.replaced = checked["checked"], checked["redrawn"], checked["replaced"]
+        self.exact_sources, self.set_aside = set(checked["exact_sources"]), dict(checked["set_aside"])
+
+    def stats(self) -> dict[str, Any]:
+        """``checked`` and ``redrawn`` patches, ``replaced`` (patches moved to another image because
+        theirs was set aside), ``maps`` (images mapped) and ``map_s`` (host seconds spent on maps,
+        their flags and exact scans), ``exact_images`` (images drawn from an exact scan) and
+        ``set_aside`` (images where no patch passes)."""
+        return {"checked": self.checked, "redrawn": self.redrawn, "replaced": self.replaced, "maps": self.maps,
+                "map_s": self.map_s, "exact_images": len(self.exact_sources), "set_aside": len(self.set_aside)}
