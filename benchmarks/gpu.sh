@@ -6,10 +6,13 @@
 #      step 3 are written in parallel;
 #   3. benchmarks/engine.py at B 256, P 64: the warm DALI path against its own pipeline's floor, the
 #      direct path and the gather kernel against the device's copy bandwidth, reuse 1/8/32/128 end to
-#      end against bare nvJPEG, and the multi-crop recipe with its distinct images per batch.
+#      end against bare nvJPEG, and the multi-crop recipe with its distinct images per batch;
+#   4. benchmarks/content.py on the same images: anchors="content" against uniform anchors (reuse and
+#      warm throughput, the map's cost per image against the decode).
 # It never stops half-way: every step runs and is timed, the short table comes last on stdout, and
 # the exit status is non-zero at the end if any step failed. Everything lands in OUT_DIR (default
-# benchmarks/out): status.txt, pytest_<device>.txt, engine_<device>.txt and .json.
+# benchmarks/out): status.txt, pytest_<device>.txt, engine_<device>.txt and .json, content_<device>.txt,
+# .json and content_grid_<device>.png.
 #   bash benchmarks/gpu.sh [OUT_DIR]          # needs a CUDA GPU, CuPy, torch and DALI
 #   bash benchmarks/gpu.sh --dry-run [OUT]    # the same script on the CPU, small and short (CI)
 set -uo pipefail
@@ -19,7 +22,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # the package from this tr
 device=gpu; count=800; size=2600x3500; seconds=5; batch=256; cache=12GiB; reuse="1 8 32 128"; test_limit=240
 tests="tests/test_handover.py tests/test_gather.py tests/test_sampler.py tests/test_producer.py tests/test_state.py
        tests/test_cache.py tests/test_formats.py tests/test_companions.py tests/test_anchors.py tests/test_torch.py
-       tests/test_auto_reuse.py tests/test_augment.py"
+       tests/test_auto_reuse.py tests/test_augment.py tests/test_content.py"
 marker=gpu
 if [[ "${1:-}" == "--dry-run" ]]; then
   shift; device=cpu; count=24; size=240x320; seconds=0.5; batch=8; cache=64MiB; reuse="1 32"; test_limit=120
@@ -112,11 +115,22 @@ $py benchmarks/engine.py "$data" --device $device --batch $batch --patch 64 --ca
 rc=$?
 if [[ $rc -ne 0 ]]; then failed=1; note "engine" "FAILED (exit $rc): $(tail -n 1 "$out/engine_$device.txt")"; fi
 note "step 3 (engine)" "$(( $(date +%s) - t0 )) s"
+
+# 4. anchors="content" against uniform anchors on the same images: throughput, warm, the map's cost.
+t0=$(date +%s)
+$py benchmarks/content.py --data "$data" --device $device --batch $batch --patch 64 --cache $cache \
+  --seconds $seconds --repeats 1 --json "$out/content_$device.json" --figure "$out/content_grid_$device.png" \
+  > "$out/content_$device.txt" 2>&1
+rc=$?
+if [[ $rc -ne 0 ]]; then failed=1; note "content" "FAILED (exit $rc): $(tail -n 1 "$out/content_$device.txt")"; fi
+note "step 4 (content)" "$(( $(date +%s) - t0 )) s"
 note "total" "$(( $(date +%s) - started )) s"
 
 echo
 echo "=== status"
 cat "$status"
+echo "=== content ($device)"
+tail -n 6 "$out/content_$device.txt"
 echo "=== engine ($device)"
 grep -v "it/s\]\|img/s\]" "$out/engine_$device.txt" | tail -n 20
 exit $failed

@@ -87,7 +87,7 @@ class PatchSampler:
     host's cost per batch small; every promise (distinct images, reuse, provenance, resumable state
     at any batch) holds per batch.
         **options: the rest of :class:`SamplerConfig` (``augment``, ``anchors``, ``anchor_mask``,
-            ``pos_fraction``, ``image_choice``, ``min_reuse``, ``max_reuse``, ``allow_repeats``,
+            ``pos_fraction``, ``min_std``, ``min_opaque``, ``image_choice``, ``min_reuse``, ``max_reuse``, ``allow_repeats``,
             ``decode_batch``, ``num_threads``,
             ``queue_depth``, ``channels``, ``dtype``, ``pad``, ``device_id``, ``shard_id``, ``num_shards``).
 
@@ -253,7 +253,10 @@ class PatchSampler:
         ``duplicate_decodes`` (fresh decodes of still-resident images, not inserted twice),
         ``distinct_fraction`` (batches whose sources are all distinct), ``reader_epochs``,
         ``skipped_files``, decode failures, ``anchor_fallbacks`` (weighted draws that fell back: see
-        :mod:`dali_patches.engine.anchors`), ``round_batches`` and host time per batch in µs:
+        :mod:`dali_patches.engine.anchors`), with ``anchors="content"`` ``content`` (patches
+        ``checked`` and ``redrawn``, images mapped, ``map_s``, images drawn from an exact scan, and
+        ``set_aside_files``: ``(file, why)`` of the images without an informative patch; see
+        :meth:`~dali_patches.engine.content.ContentAnchors.stats`), ``round_batches`` and host time per batch in µs:
         ``producer_us_per_batch`` (draw + gather + snapshot), ``refill_us_per_batch`` (moving decoded
         images into the cache, waits for the decoder included) and ``handover_us_per_batch`` (the
         consumer's time in ``next()``, waits for the producer included)."""

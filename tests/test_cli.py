@@ -206,6 +206,38 @@ def test_synth_flat_areas(tmp_path: Path, capsys) -> None:
     assert main(["synth", str(tmp_path / "bad"), "--flat", "1.5", "--no-progress"]) == 2
     assert "--flat 1.5 must be a fraction of the image area, from 0 to 1" in capsys.readouterr().err
 
+def _slides(folder: Path) -> Path:
+    """12 slide-like PNGs (a textured blob on white), the last one blank."""
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:96, :128]
+    for i in range(12):
+        slide = np.full((96, 128, 3), 240, np.uint8)
+        if i != 11:
+            blob = (yy - 30 - 3 * i) ** 2 / 20**2 + (xx - 40 - 4 * i) ** 2 / 30**2 < 1
+            slide[blob] = rng.integers(40, 200, (int(blob.sum()), 3))
+        Image.fromarray(slide).save(folder / f"slide_{i:02d}.png")
+    return folder
+
+
+def test_content_anchors_on_the_command_line(tmp_path: Path, capsys) -> None:
+    data, common = _slides(tmp_path / "slides"), ["--patch", "24", "--min-std", "6", "--device", "cpu", "--no-progress"]
+    out = tmp_path / "compare.png"
+    assert main(["preview", str(data), "--anchors", "content", "--compare", "--out", str(out), *common]) == 0
+    text = capsys.readouterr().out
+    assert "anchors=uniform: " in text and "anchors=content: 0 of " in text and out.stat().st_size > 0
+    assert main(["inspect", str(data), "--content", "--json", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [Path(p).name for p in report["content"]["flat"]] == ["slide_11.png"]
+    assert 0 < report["content"]["informative_share_median"] < 1
+    assert main(["coverage", str(data), "--anchors", "content", "--patches", "300", "--out", str(tmp_path / "c.png"),
+                 *common]) == 0
+    text = capsys.readouterr().out
+    assert "content anchors" in text and "redrawn" in text and "set aside: " in text and "slide_11.png" in text
+    assert main(["bench", str(data), *common]) == 2
+    assert "--min-std and --min-opaque bound --anchors content" in capsys.readouterr().err
+
+
 def test_every_option_of_every_command_is_explained() -> None:
     parser = _parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices

@@ -279,3 +279,122 @@ def test_the_provenance_log_records_the_delivered_patches(flat_photos: Path, tmp
         taken = run.batch == batch.index
         assert np.array_equal(run.source[taken], batch.source)
         assert np.array_equal(run.anchor[taken], batch.anchor)
+
+
+def test_map_twin_sums_alike_in_floats_and_in_integer_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dali_patches.engine import measure
+
+    rng = np.random.default_rng(8)
+    image = np.full((200, 240, 3), 60, np.uint8)
+    image[40:160, 20:120] = rng.integers(0, 256, (120, 100, 3))
+    arena = np.concatenate([image.reshape(-1), np.zeros(16, np.uint8)])
+    threshold = Threshold(5.0, 0.9, 1)
+    g = map_geometry((32, 32), 200, 240)
+    n = g["win_h"] * g["win_w"]
+    args = (0, -1, 240, 3, 1, g["stride"], g["win_h"], g["win_w"], g["anchors_h"], g["anchors_w"], g["cell"],
+            g["cells_w"], g["cells_h"] * g["cells_w"], threshold.min_spread(n, 0.5), threshold.min_opaque_count(n, 0.25))
+    floats, parts = np.zeros(args[-3], np.uint8), np.zeros(args[-3], np.uint8)
+    map_twin(arena, *args, floats)
+    monkeypatch.setattr(measure, "_FLOAT_EXACT", 0.0)
+    map_twin(arena, *args, parts)
+    assert np.array_equal(floats, parts) and 0 < floats.sum() < len(floats)
+
+
+def test_sixteen_bit_grey_images_are_judged_on_the_0_255_scale(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    for i in range(8):
+        image = np.full((90, 100), 30000, np.uint16)
+        image[10:60, 20:80] = rng.integers(20000, 40000, (50, 60))  # std ≈ 5800 = 22.5 × 257
+        image[70:, :] += (np.arange(100) * 3).astype(np.uint16)  # a gradient: std ≈ 87 = 0.34 × 257
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    with PatchSampler(tmp_path, patch_size=16, batch_size=4, reuse=4, cache_images=8, device="cpu", channels=1,
+                      dtype="uint16", anchors="content", min_std=2) as s:
+        for _ in range(20):
+            patches = next(s).patches
+            assert patches.dtype == np.uint16
+            assert (_std(patches) / 257 >= 2).all()
+
+
+def _write(folder: Path, name: str, image: np.ndarray) -> None:
+    folder.mkdir(exist_ok=True)
+    mode = {3: "RGB", 4: "RGBA"}[image.shape[-1]]
+    Image.fromarray(image, mode).save(folder / name)
+
+
+def test_flat_images_give_way_to_informative_ones(tmp_path: Path) -> None:
+    """Images set aside still fill the cache until evicted: the sampler takes more rather than fail."""
+    rng = np.random.default_rng(10)
+    for i in range(10):
+        _write(tmp_path, f"flat_{i}.png", np.full((64, 80, 3), 20 * i, np.uint8))
+        _write(tmp_path, f"rich_{i}.png", rng.integers(0, 256, (64, 80, 3), np.uint8))
+    for seed in range(3):
+        with PatchSampler(tmp_path, patch_size=16, batch_size=4, reuse=2, cache_images=6, device="cpu", seed=seed,
+                          anchors="content") as s:
+            for _ in range(30):
+                batch = next(s)
+                assert len(set(batch.source.tolist())) == 4 and (_std(batch.patches) >= 4).all()
+            assert s.stats()["content"]["set_aside"] == 10
+
+
+def test_too_few_informative_images_name_the_fix(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    for i in range(8):
+        _write(tmp_path / "few", f"flat_{i}.png", np.full((64, 80, 3), 20 * i, np.uint8))
+        _write(tmp_path / "none", f"flat_{i}.png", np.full((64, 80, 3), 20 * i, np.uint8))
+    for i in range(2):
+        _write(tmp_path / "few", f"rich_{i}.png", rng.integers(0, 256, (64, 80, 3), np.uint8))
+    options = {"patch_size": 16, "reuse": 2, "cache_images": 6, "device": "cpu", "anchors": "content"}
+    with PatchSampler(tmp_path / "few", batch_size=3, **options) as s, pytest.raises(
+            ValueError, match=r"only 2 images hold .* std of at least 4 .* lower min_std, lower batch_size, or pass "
+                              r"allow_repeats=True"):
+        next(s)
+    with PatchSampler(tmp_path / "none", batch_size=3, allow_repeats=True, **options) as s, pytest.raises(
+            ValueError, match=r"no image of this shard holds a patch with a luminance std of at least 4 \(8 set aside\); "
+                              r"lower min_std$"):
+        next(s)
+
+
+def test_set_aside_reasons_say_what_failed(tmp_path: Path) -> None:
+    rng = np.random.default_rng(12)
+    for i in range(6):
+        rgba = np.concatenate([rng.integers(0, 256, (64, 64, 3), np.uint8), np.full((64, 64, 1), 255, np.uint8)], -1)
+        rgba[:, :13, 3] = 0  # 80 % opaque everywhere a 64 px patch can sit
+        _write(tmp_path, f"glass_{i}.png", rgba)
+        _write(tmp_path, f"rich_{i}.png", rng.integers(0, 256, (70, 70, 3), np.uint8))
+    _write(tmp_path, "flat.png", np.full((70, 70, 3), 9, np.uint8))
+    with PatchSampler(tmp_path, patch_size=64, batch_size=3, reuse=2, cache_images=13, device="cpu",
+                      anchors="content", min_opaque=0.9) as s:
+        for _ in range(10):
+            next(s)
+        why = {Path(f).name: w for f, w in s.stats()["content"]["set_aside_files"]}
+    assert why["glass_0.png"].endswith("with at least 90% of its pixels opaque")
+    assert why["flat.png"] == "no 64x64 patch has a luminance std of at least 4"
+
+
+def test_images_the_map_cannot_see_are_drawn_anywhere_not_from_a_short_list(tmp_path: Path) -> None:
+    """A one-pixel checkerboard looks flat to samples every 4 px; its patches all pass: the draws
+    must stay spread over the image, not come from the few anchors a probe found."""
+    checker = ((np.indices((128, 128)).sum(0) % 2) * 200 + 20).astype(np.uint8)
+    _write(tmp_path, "checker.png", np.repeat(checker[..., None], 3, -1))
+    rng = np.random.default_rng(13)
+    _write(tmp_path, "noise.png", rng.integers(0, 256, (128, 128, 3), np.uint8))
+    with PatchSampler(tmp_path, patch_size=16, batch_size=2, reuse=1e9, cache_images=2, device="cpu",
+                      anchors="content") as s:
+        anchors = []
+        for _ in range(600):
+            batch = next(s)
+            anchors += [tuple(a) for src, a in zip(batch.source, batch.anchor) if s.files[src].endswith("checker.png")]
+        assert s.stats()["content"]["exact_images"] == 1
+    assert len(set(anchors)) > 500  # of 600 draws (the probe tests 512 anchors)
+
+
+def test_sixteen_bit_maps_propose_like_eight_bit_ones(tmp_path: Path) -> None:
+    rng = np.random.default_rng(14)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 65536, (120, 120), np.uint16)).save(tmp_path / f"{i}.png")
+    for dtype in ("uint8", "uint16"):
+        with PatchSampler(tmp_path, patch_size=16, batch_size=2, reuse=4, cache_images=4, device="cpu", channels=1,
+                          dtype=dtype, anchors="content") as s:
+            for _ in range(10):
+                next(s)
+            assert s.stats()["content"]["exact_images"] == 0, dtype  # the map proposed; nothing was scanned

@@ -93,6 +93,7 @@ def run_bench(source: Any, patch: int, batch: int, reuse: float | str, cache: st
         "round_batches": end["round_batches"],
         "host_us_per_batch": {"producer": end["producer_us_per_batch"], "refill": end["refill_us_per_batch"],
                               "handover": end["handover_us_per_batch"]},
+        "content": end.get("content"),
         "config": {"patch": patch, "batch": batch, "reuse": reuse, "cache_bytes": parse_bytes(cache),
                    "device": end["device"], "via": via, "seed": seed},
         "versions": _versions(),
@@ -134,4 +135,8 @@ def summary_text(r: dict[str, Any]) -> str:
          f"{r['round_batches']}), refill {r['host_us_per_batch']['refill']:,.0f}, hand-over "
          f"{r['host_us_per_batch']['handover']:,.0f} (waits included)"),
     ]
+    if r.get("content"):
+        k = r["content"]
+        lines.append(f"content anchors    {k['redrawn']:,} of {k['checked']:,} tested patches redrawn, map "
+                     f"{1e3 * k['map_s'] / max(1, k['maps']):.1f} ms per image, {k['set_aside']:,} images set aside")
     return "\n".join(lines) + "\n"

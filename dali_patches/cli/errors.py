@@ -16,12 +16,15 @@ __all__ = ["FLAGS", "translate"]
 # Python parameter → the flag that sets it (every sampling command has each of them).
 FLAGS = {
     "allow_repeats": "--allow-repeats",
+    "anchors": "--anchors",
     "batch_size": "--batch",
     "cache_bytes": "--cache",
     "decode_batch": "--decode-batch",
     "device": "--device",
     "max_reuse": "--max-reuse",
+    "min_opaque": "--min-opaque",
     "min_reuse": "--min-reuse",
+    "min_std": "--min-std",
     "num_threads": "--num-threads",
     "pad": "--pad",
     "patch_size": "--patch",

@@ -1,7 +1,7 @@
 """content: ``anchors="content"`` — patches only where an image holds something to learn from.
 
 When an image enters the cache, its coarse map (:mod:`dali_patches.engine.measure`) is computed
-on its device: one flag per cell of ``2s × 2s`` anchors (``s = min(P_h, P_w) // 8``), set where a
+on its device: one flag per cell of ``2s × 2s`` anchors (``s = min(P_h, P_w) // 4``), set where a
 sample every ``s`` pixels suggests an informative patch. The flags come to the host with those of
 every other image inserted before the next draw, in one copy; the candidate cells of each resident
 image are kept in one pool (4 bytes per cell). A draw picks a candidate cell of the image uniformly
@@ -10,11 +10,15 @@ and an anchor uniformly inside it.
 The map only proposes; the round's gathered patches are then tested exactly (:meth:`ContentAnchors.settle`),
 and every failing one is drawn again in the same image and cut again, so no patch below the
 threshold leaves the engine and every batch keeps its ``B`` distinct images. An image whose map
-proposes nothing, or whose patches keep failing (:data:`_MAP_TRIES` passes), is scanned exactly at
-every anchor (:func:`~dali_patches.engine.measure.passing_anchors`): its draws then come from the
-anchors found, or, when none passes, the image is set aside — reported once, never drawn, not
-inserted again — and a patch that was to come from it comes from another resident image not in its
-batch.
+proposes nothing, or a patch that failed :data:`_MAP_TRIES` times, has its image scanned exactly
+(:meth:`ContentAnchors._scan`): :data:`_PROBE` anchors drawn and tested, and where none passes, every
+anchor (:func:`~dali_patches.engine.measure.passing_anchors`). Such a patch then comes from the
+anchors found; an image whose map proposes nothing (texture finer than the samples, or little of
+it) is drawn from anywhere, each patch tested; and an image where nothing passes is set aside —
+reported once, never drawn, not inserted again — and a patch that was to come from it comes from
+another resident image not in its batch. Images set aside still fill the cache until they are
+evicted, so before a round the maker takes more decoded images while fewer than a batch's worth
+of the resident ones hold an informative patch (:meth:`ContentAnchors.top_up`).
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ __all__ = ["ContentAnchors", "cached_parts", "content_share", "map_geometry"]
 
 log = logging.getLogger(__name__)
 
-_SAMPLES_PER_SIDE = 8  # the map samples a patch's window on an 8 × 8 grid (at least)
+_SAMPLES_PER_SIDE = 4  # the map samples a patch's window on a 4 × 4 grid (at least)
 _CELL = 2  # sample anchors per cell side
 _MAP_TRIES = 3  # passes of redraws from the map before a failing image is scanned exactly
 _MAX_PASSES = 12  # passes of checks in a round before giving up (the exact lists end it long before)
 _EXACT_ANCHORS = 4096  # anchors kept per exactly scanned image
-_MAP, _EXACT, _ASIDE = 0, 1, 2
+_PROBE = 512  # anchors drawn and tested before a whole image is scanned
+_MAP, _UNIFORM, _ASIDE = 0, 1, 2  # draw from the map's cells; anywhere (the map proposes nothing); never
 
 
 def cached_parts(config: SamplerConfig, modes: Sequence[str]) -> tuple[tuple[Part, ...], HostArray | None]:
@@ -80,6 +85,11 @@ def map_geometry(patch_size: tuple[int, int], height: int, width: int) -> dict[s
             "cells_h": -(-ah // _CELL), "cells_w": -(-aw // _CELL), "cell": _CELL, "cell_px": _CELL * s}
 
 
+def _sampled(threshold: Threshold) -> Threshold:
+    """The map's threshold: it samples 8-bit values (a 16-bit value's high byte)."""
+    return Threshold(threshold.min_std, threshold.min_opaque, 1)
+
+
 def content_share(image: HostArray, alpha: HostArray | None, patch_size: tuple[int, int], step: int,
                   threshold: Threshold) -> float:
     """The share of an image's map cells that look informative (the map as the cache computes it,
@@ -93,7 +103,7 @@ def content_share(image: HostArray, alpha: HostArray | None, patch_size: tuple[i
     flags = np.zeros(g["cells_h"] * g["cells_w"], np.uint8)
     map_twin(arena, 0, -1 if alpha is None else image.nbytes, w, image.shape[2], image.dtype.itemsize, g["stride"],
              g["win_h"], g["win_w"], g["anchors_h"], g["anchors_w"], g["cell"], g["cells_w"], len(flags),
-             threshold.min_spread(n, MAP_STD_SHARE), threshold.min_opaque_count(n, MAP_OPAQUE_SLACK), flags)
+             _sampled(threshold).min_spread(n, MAP_STD_SHARE), threshold.min_opaque_count(n, MAP_OPAQUE_SLACK), flags)
     if flags.any():
         return float(flags.mean())
     return 1e-9 if len(passing_anchors(image, alpha, patch_size, step, threshold, 1)) else 0.0
@@ -108,28 +118,31 @@ class ContentAnchors(AnchorPolicy):
         alpha_part: index of the cache's alpha part (images with transparency), or ``None``.
         allow_repeats: a patch whose image was set aside may come from an image already in its batch.
         names: each source's location, for messages.
+        seed: seeds the probes of images scanned exactly (with each image's source index).
+        alpha: ``(N,) bool``, which sources have an alpha channel (for messages), or ``None``.
     """
 
     def __init__(self, patch_size: tuple[int, int], step: int, rng: np.random.Generator, backend: Backend,
                  threshold: Threshold, alpha_part: int | None, allow_repeats: bool = False,
-                 names: Sequence[str] = ()) -> None:
+                 names: Sequence[str] = (), seed: int = 0, alpha: HostArray | None = None) -> None:
         super().__init__(patch_size, step, rng)
-        self.names = names
+        self.names, self.seed, self._alpha = names, seed, alpha
+        self._map_threshold = _sampled(threshold)
         self.backend, self.xp = backend, backend.xp
         self.threshold, self.alpha_part, self.allow_repeats = threshold, alpha_part, allow_repeats
         self._pending: dict[int, Any] = {}  # slot → cell flags on the device, not yet on the host
         self._slots = 0
-        self._mode = np.zeros(0, np.int8)  # per slot: _MAP, _EXACT or _ASIDE
+        self._mode = np.zeros(0, np.int8)  # per slot: _MAP, _UNIFORM or _ASIDE
         self._start = np.zeros(0, np.int64)  # per slot: first candidate in the pool, and how many
         self._count = np.zeros(0, np.int64)
         self._cols = np.ones(0, np.int64)  # per slot: cells per row
         self._pool = np.zeros(1 << 16, np.int32)
         self._used = 0
-        self._exact: dict[int, HostArray] = {}  # slot → (k, 2) anchors that pass
-        self.exact_sources: set[int] = set()  # images drawn from their exact scan
+        self._exact: dict[int, HostArray] = {}  # slot → (k, 2) anchors that pass: where redraws keep failing
+        self.exact_sources: set[int] = set()  # images scanned exactly (scanned again when they come back)
         self.set_aside: dict[int, str] = {}  # source → why (no patch passes)
         self.checked = self.redrawn = self.replaced = 0
-        self.maps, self.map_s = 0, 0.0
+        self.maps, self.map_s, self.scan_s = 0, 0.0, 0.0
 
     # -- maps ----------------------------------------------------------------------------------
     def _grow(self, slots: int) -> None:
@@ -147,11 +160,10 @@ class ContentAnchors(AnchorPolicy):
         self._grow(cache.max_slots)
         h, w = cache.sizes(np.asarray([slot]))
         geometry = map_geometry(self.patch_size, int(h[0]), int(w[0]))
+        n = geometry["win_h"] * geometry["win_w"]
         self._pending[int(slot)] = cache.content_map(slot, self.alpha_part, geometry,
-                                                     self.threshold.min_spread(geometry["win_h"] * geometry["win_w"],
-                                                                               MAP_STD_SHARE),
-                                                     self.threshold.min_opaque_count(geometry["win_h"] * geometry["win_w"],
-                                                                                     MAP_OPAQUE_SLACK))
+                                                     self._map_threshold.min_spread(n, MAP_STD_SHARE),
+                                                     self._map_threshold.min_opaque_count(n, MAP_OPAQUE_SLACK))
         self._cols[slot] = geometry["cells_w"]
         self._mode[slot] = _MAP
         self._exact.pop(int(slot), None)
@@ -168,14 +180,13 @@ class ContentAnchors(AnchorPolicy):
         self._pending = {}
         flags = self.backend.to_host(self.xp.concatenate(pending)) if len(pending) > 1 else self.backend.to_host(pending[0])
         ends = np.cumsum([len(p) for p in pending])
+        scanned = self.scan_s
         for slot, cells in zip(slots, np.split(flags, ends[:-1])):
             candidates = np.flatnonzero(cells).astype(np.int32)
-            source = int(cache.sources(np.asarray([slot]))[0])
-            if not len(candidates) or source in self.exact_sources:
+            self._append(cache, slot, candidates)  # first: a scan probes the candidates (as it did before a resume)
+            if not len(candidates) or int(cache.sources(np.asarray([slot]))[0]) in self.exact_sources:
                 self._scan(cache, slot)
-                continue
-            self._append(cache, slot, candidates)
-        self.map_s += time.perf_counter() - t0
+        self.map_s += time.perf_counter() - t0 - (self.scan_s - scanned)
 
     def _append(self, cache: RingCache, slot: int, candidates: HostArray) -> None:
         if self._used + len(candidates) > len(self._pool):
@@ -194,28 +205,81 @@ class ContentAnchors(AnchorPolicy):
         self._used += len(candidates)
 
     def _scan(self, cache: RingCache, slot: int) -> None:
-        """Test every anchor of the image in ``slot`` exactly: draw from those that pass, or set it aside."""
+        """Find anchors of the image in ``slot`` that pass, exactly: first those among :data:`_PROBE`
+        drawn from its candidate cells (or anywhere, without candidates) with a generator of the
+        image's own, gathered and tested; where none passes, every anchor (:func:`passing_anchors`).
+        Redraws that keep failing come from them; an image whose map proposes nothing is drawn from
+        anywhere (each patch tested) once one is found; with none, it is set aside."""
+        t0 = time.perf_counter()
         source = int(cache.sources(np.asarray([slot]))[0])
-        image = self.backend.to_host(cache.image(0, slot))
-        alpha = self.backend.to_host(cache.image(self.alpha_part, slot)) if self.alpha_part is not None else None
-        found = passing_anchors(image, alpha, self.patch_size, self.step, self.threshold, _EXACT_ANCHORS)
         self.exact_sources.add(source)
-        self._count[slot] = 0
+        found = self._probe(cache, slot, source)
+        if not len(found):
+            image = self.backend.to_host(cache.image(0, slot))
+            alpha = self.backend.to_host(cache.image(self.alpha_part, slot)) if self.alpha_part is not None else None
+            found = passing_anchors(image, alpha, self.patch_size, self.step, self.threshold, _EXACT_ANCHORS)
         if len(found):
-            self._mode[slot], self._exact[int(slot)] = _EXACT, found
-            return
-        self._aside(cache, slot)
+            self._exact[int(slot)] = found
+            if not self._count[slot]:
+                self._mode[slot] = _UNIFORM
+        else:
+            self._aside(cache, slot)
+        self.scan_s += time.perf_counter() - t0
+
+    def _probe(self, cache: RingCache, slot: int, source: int) -> HostArray:
+        """``(k, 2)`` anchors among :data:`_PROBE` drawn for the image in ``slot`` that pass the exact
+        test (seeded by ``source``: the same wherever and whenever it is probed, so a resumed stream
+        finds the same)."""
+        rng, self.rng = self.rng, np.random.default_rng([self.seed, source])
+        try:
+            slots = np.full(_PROBE, slot, np.int64)
+            if self._mode[slot] == _MAP and self._count[slot]:
+                ys, xs = self.draw(cache, slots)
+            else:
+                ys, xs = self._uniform(*cache.sizes(slots))
+        finally:
+            self.rng = rng
+        patches = cache.cut(0, cache.table(0, slots, ys, xs))
+        ok = self._check(cache, patches, np.arange(_PROBE), slots, ys, xs)
+        found = np.unique(np.stack([ys[ok], xs[ok]], axis=1), axis=0)
+        return found.astype(np.int64)
 
     def _aside(self, cache: RingCache, slot: int) -> None:
         self._mode[slot] = _ASIDE
         source = int(cache.sources(np.asarray([slot]))[0])
-        why = (f"no {self.patch_size[0]}x{self.patch_size[1]} patch has a luminance std of at least "
-               f"{self.threshold.min_std:g}" + (f" with {self.threshold.min_opaque:.0%} of it opaque"
-                                                if self.alpha_part is not None else ""))
         if source not in self.set_aside:
+            why = f"no {self.patch_size[0]}x{self.patch_size[1]} patch has {self._bound(source)}"
             self.set_aside[source] = why
             log.warning("set aside for anchors='content' (reported once, not drawn again): %s: %s",
                         self.names[source] if source < len(self.names) else source, why)
+
+    def _bound(self, source: int | None = None) -> str:
+        """What a patch must have, in words (the opaque share where the image, or any, has alpha)."""
+        opaque = self.threshold.min_opaque > 0 and self._alpha is not None and (source is None or self._alpha[source])
+        return (f"a luminance std of at least {self.threshold.min_std:g}"
+                + (f" with at least {self.threshold.min_opaque:.0%} of its pixels opaque" if opaque else ""))
+
+    def _too_few(self, drawable: int, batch_size: int) -> str:
+        """The message when fewer images hold an informative patch than a batch needs."""
+        fix = "lower min_std" + (" or min_opaque" if self._alpha is not None else "")
+        if self.allow_repeats:
+            return (f"no image of this shard holds a patch with {self._bound()} ({len(self.set_aside)} set aside); "
+                    f"{fix}")
+        return (f"only {drawable} images hold a patch with {self._bound()} ({len(self.set_aside)} set aside) but "
+                f"batch_size={batch_size} distinct images are needed; {fix}, lower batch_size, or pass "
+                "allow_repeats=True")
+
+    def top_up(self, cache: RingCache, take: Any, batch_size: int, shard_size: int) -> None:
+        """Before a round: while fewer resident images than a batch needs hold an informative patch
+        (those set aside still fill the cache until they are evicted), ``take()`` one more decoded
+        image (it returns how many it took). Raises ``ValueError`` when a whole shard's worth more
+        does not make up for them."""
+        need = 1 if self.allow_repeats else batch_size
+        taken = 0
+        while len(self.drawable(cache, cache.resident_slots())) < need:
+            if taken >= shard_size:
+                raise ValueError(self._too_few(len(self.drawable(cache, cache.resident_slots())), batch_size))
+            taken += max(1, take())
 
     def refuses(self, source: int) -> bool:
         """Whether a decoded image of ``source`` should not enter the cache (set aside before)."""
@@ -227,9 +291,10 @@ class ContentAnchors(AnchorPolicy):
         return resident[self._mode[resident] != _ASIDE] if self._slots else resident
 
     # -- draws ---------------------------------------------------------------------------------
-    def draw(self, cache: RingCache, slots: HostArray) -> tuple[HostArray, HostArray]:
-        """Anchors for ``slots``: a candidate cell of the map, then a position in it; from the exact
-        list for scanned images."""
+    def draw(self, cache: RingCache, slots: HostArray, exact: HostArray | None = None) -> tuple[HostArray, HostArray]:
+        """Anchors for ``slots``: a candidate cell of the map, then a position in it (anywhere for an
+        image whose map proposes nothing); from the image's exact list where ``exact`` (bool, per
+        slot) says so."""
         self._flush(cache)
         (ph, pw), s = self.patch_size, self.step
         h, w = cache.sizes(slots)
@@ -243,43 +308,46 @@ class ContentAnchors(AnchorPolicy):
         y = top + (u[:, 1] * (np.minimum(top + size, h - ph + 1) - top)).astype(np.int64)
         x = left + (u[:, 2] * (np.minimum(left + size, w - pw + 1) - left)).astype(np.int64)
         y, x = y // s * s, x // s * s
-        exact = self._mode[slots] == _EXACT
-        for i in np.flatnonzero(exact):
+        anywhere = count == 0  # _UNIFORM images (and, defensively, any without candidates)
+        if anywhere.any():
+            self.fallbacks += int((self._mode[slots[anywhere]] != _UNIFORM).sum())
+            y[anywhere], x[anywhere] = self._uniform(h[anywhere], w[anywhere])
+        for i in np.flatnonzero(exact) if exact is not None else ():
             anchors = self._exact[int(slots[i])]
             y[i], x[i] = anchors[min(int(u[i, 0] * len(anchors)), len(anchors) - 1)]
-        empty = ~exact & (count == 0)
-        if empty.any():  # cannot happen after a flush; stay safe: uniform (the check still applies)
-            self.fallbacks += int(empty.sum())
-            y[empty], x[empty] = self._uniform(h[empty], w[empty])
         return y, x
 
-    def settle(self, cache: RingCache, draw: RoundDraw, patches: Any, recut: Any, resident: HostArray) -> None:
+    def settle(self, cache: RingCache, draw: RoundDraw, patches: Any, recut: Any, resident: HostArray,
+               split: Any = None) -> None:
         """Test every patch of a round exactly and redraw the failing ones until all pass (see the
         module). ``patches``: the round's main patches ``(n·B, P_h, P_w, C)`` on the device;
         ``recut(positions)``: cut those positions again from ``draw`` (changed in place);
-        ``resident``: the slots a batch may use."""
+        ``resident``: the slots a batch may use; ``split(work, count)``: runs ``work(start, stop)``
+        over ``range(count)``, on two threads where it can (the host's test)."""
         slots, ys, xs, sources = (draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1),
                                   draw.source.reshape(-1))
         b = draw.slots.shape[1]
         todo = np.arange(len(slots))
-        for attempt in range(_MAX_PASSES):
-            ok = self._check(cache, patches, todo, slots, ys, xs)
+        tries = np.zeros(len(slots), np.int64)  # failed tests of each position
+        for _ in range(_MAX_PASSES):
+            ok = self._check(cache, patches, todo, slots, ys, xs, split)
             self.checked += len(todo)
             todo = todo[~ok]
             if not len(todo):
                 return
             self.redrawn += len(todo)
-            for slot in np.unique(slots[todo]).tolist():  # map proposals that keep failing: scan exactly
-                if attempt + 1 >= _MAP_TRIES and self._mode[slot] == _MAP:
+            tries[todo] += 1
+            for slot in np.unique(slots[todo[tries[todo] >= _MAP_TRIES]]).tolist():  # proposals that keep failing
+                if self._mode[slot] != _ASIDE and int(slot) not in self._exact:
                     self._scan(cache, slot)
-                elif attempt + 1 >= _MAP_TRIES + 3 and self._mode[slot] == _EXACT:  # only at a rounding edge
+                elif tries[todo][slots[todo] == slot].max() >= _MAP_TRIES + 3:  # its exact list fails: a rounding edge
                     self._aside(cache, slot)
             resident = resident[self._mode[resident] != _ASIDE]
             for i in todo[self._mode[slots[todo]] == _ASIDE].tolist():
                 slots[i] = self._replacement(resident, slots[(i // b) * b: (i // b + 1) * b])
-                sources[i] = cache.sources(slots[i: i + 1])[0]
+                sources[i], tries[i] = cache.sources(slots[i: i + 1])[0], 0
                 self.replaced += 1
-            ys[todo], xs[todo] = self.draw(cache, slots[todo])
+            ys[todo], xs[todo] = self.draw(cache, slots[todo], tries[todo] >= _MAP_TRIES)
             recut(todo)
         msg = (f"{len(todo)} patches still fail min_std={self.threshold.min_std:g} after {_MAX_PASSES} redraws; "
                "please report this with the images")
@@ -290,20 +358,25 @@ class ContentAnchors(AnchorPolicy):
         if not len(free) and self.allow_repeats and len(resident):
             free = resident
         if not len(free):
-            msg = (f"only {len(resident)} resident images hold a patch with a luminance std of at least "
-                   f"{self.threshold.min_std:g}, fewer than a batch needs ({len(self.set_aside)} set aside as flat); "
-                   "lower min_std, raise cache_bytes, or pass allow_repeats=True")
-            raise RuntimeError(msg)
+            raise ValueError(self._too_few(len(resident), len(row)))
         return int(free[self.rng.integers(len(free))])
 
     def _check(self, cache: RingCache, patches: Any, todo: HostArray, slots: HostArray, ys: HostArray,
-               xs: HostArray) -> HostArray:
+               xs: HostArray, split: Any = None) -> HostArray:
         """``(len(todo),) bool``: which of the patches ``todo`` pass, tested exactly on their device."""
         alpha = None
         if self.alpha_part is not None:
             alpha = cache.cut(self.alpha_part, cache.table(self.alpha_part, slots[todo], ys[todo], xs[todo]))
         if not self.backend.is_gpu:
-            return check_host(patches[todo], alpha, self.threshold)
+            ok = np.empty(len(todo), bool)
+            every = len(todo) == len(patches)  # the first pass: views, not copies
+
+            def work(start: int, stop: int) -> None:
+                ok[start:stop] = check_host(patches[start:stop] if every else patches[todo[start:stop]],
+                                            None if alpha is None else alpha[start:stop], self.threshold)
+
+            (split or (lambda w, count: w(0, count)))(work, len(todo))
+            return ok
         flags = check_device(self.xp, patches, alpha, todo, self.threshold)
         return self.backend.to_host(flags).astype(bool)
 
@@ -328,8 +401,10 @@ class ContentAnchors(AnchorPolicy):
 
     def stats(self) -> dict[str, Any]:
         """``checked`` and ``redrawn`` patches, ``replaced`` (patches moved to another image because
-        theirs was set aside), ``maps`` (images mapped) and ``map_s`` (host seconds spent on maps,
-        their flags and exact scans), ``exact_images`` (images drawn from an exact scan) and
-        ``set_aside`` (images where no patch passes)."""
+        theirs was set aside), ``maps`` (images mapped), ``map_s`` (host seconds spent on maps and
+        their flags), ``scan_s`` (on probes and exact scans), ``exact_images`` (images scanned
+        exactly and drawn from; set aside ones not counted) and ``set_aside`` (images where no patch
+        passes)."""
         return {"checked": self.checked, "redrawn": self.redrawn, "replaced": self.replaced, "maps": self.maps,
-                "map_s": self.map_s, "exact_images": len(self.exact_sources), "set_aside": len(self.set_aside)}
+                "map_s": self.map_s, "scan_s": self.scan_s, "exact_images": len(self.exact_sources - set(self.set_aside)),
+                "set_aside": len(self.set_aside)}

@@ -67,11 +67,12 @@ class Counts:
 
 
 def _anchor_policy(config: SamplerConfig, backend: Backend, rng: np.random.Generator,
-                   points: dict[int, HostArray] | None, alpha_part: int | None, names: list[str]) -> AnchorPolicy:
+                   points: dict[int, HostArray] | None, alpha_part: int | None, names: list[str],
+                   alpha: HostArray | None = None) -> AnchorPolicy:
     if config.anchors is AnchorMode.CONTENT:
         threshold = Threshold(config.min_std, config.min_opaque, DTYPES[config.dtype])
         return ContentAnchors(config.patch_size, config.anchor_step, rng, backend, threshold, alpha_part,
-                              config.allow_repeats, names)
+                              config.allow_repeats, names, config.seed, alpha)
     if config.anchors is AnchorMode.POINTS:
         return PointAnchors(config.patch_size, config.anchor_step, rng, points or {})
     if config.anchors in (AnchorMode.WEIGHTS, AnchorMode.POS_NEG):
@@ -145,7 +146,7 @@ class BatchMaker:
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, config.shard_id or 0]))
         alpha_part = len(config.parts) if self._alpha is not None else None
         self.draws = Draws(config.batch_size, config.allow_repeats, rng,
-                           _anchor_policy(config, backend, rng, points, alpha_part, self.columns[0]), config.image_choice)
+                           _anchor_policy(config, backend, rng, points, alpha_part, self.columns[0], self._alpha), config.image_choice)
         self.schedule = RefillSchedule(config.batch_size, None if config.reuse is Reuse.AUTO else float(config.reuse),
                                        config.min_reuse, config.max_reuse, slack=self.feeder.capacity)
         self.round_batches = round_batches(config, self.plan.warmup_images, self.feeder.capacity)
@@ -283,6 +284,9 @@ class BatchMaker:
         ahead, self.counts.taken_ahead = self.counts.taken_ahead, 0
         least = max(0, least - ahead)
         taken = self._refill(least, max(least, min(most - ahead, self.feeder.capacity)))
+        if isinstance(self.draws.anchors, ContentAnchors):  # images set aside hold no patch: take more
+            self.draws.anchors.top_up(self.cache, lambda: self._refill(1, 1), self.config.batch_size,
+                                      self.decoder.shard_size)
         self.schedule.record(n, ahead + taken)
         t1 = time.perf_counter()
         draw = self.draws.draw_round(self.cache, n)
@@ -292,7 +296,7 @@ class BatchMaker:
                 self.draws.anchors.settle(
                     self.cache, draw, cuts[0].reshape(-1, *self.config.parts[0].patch_shape),
                     lambda todo: self.cutter.recut(self.cache, draw, cuts, device_source, device_anchor, todo),
-                    self.draws.anchors.drawable(self.cache, self.cache.resident_slots()))
+                    self.draws.anchors.drawable(self.cache, self.cache.resident_slots()), self.cutter.split)
         self.cache.record_served(draw.slots)
         ready = self.backend.record(self.stream)
         self._views.release(ready)

@@ -25,8 +25,8 @@ and the kernel's stand-in on the simulated device of the tests; they agree bit f
 * :func:`passing_anchors` — every anchor of one image tested exactly from summed-area tables (a band
   of rows at a time, on the host): for the rare image whose map promised what its patches do not hold.
 
-On the host, :func:`check_host` first accepts patches by certificates that read a sixteenth, then
-a quarter of their pixels: for any subset ``K`` of a patch ``S``, ``|S|·Var(S) ≥ |K|·Var(K)`` (the
+On the host, :func:`check_host` first accepts patches by certificates that read an eighth, then
+half of their rows: for any subset ``K`` of a patch ``S``, ``|S|·Var(S) ≥ |K|·Var(K)`` (the
 squared deviations over ``K`` from ``S``'s mean are at least those from ``K``'s own), so a subset
 spread enough proves the whole patch is; the rest get the exact test. For 8-bit patches it sums in
 ``float64``, exactly (every partial sum is an integer below 2⁵³), through one small matrix product
@@ -50,7 +50,7 @@ MAP_NAME = "dali_patches_content_map"
 MAP_STD_SHARE = 0.5  # a map cell is a candidate where its sampled std reaches this share of min_std ...
 MAP_OPAQUE_SLACK = 0.25  # ... and its sampled opaque share min_opaque less this
 _CHECK_THREADS = 256
-_CERTIFICATE_STEP = 4  # the host's certificate reads every 4th row and column (1/16 of the pixels)
+_CERTIFICATE_ROWS = (8, 2)  # the host's certificates read every 8th, then every 2nd row of a patch
 _SCAN_BAND_ROWS = 256  # passing_anchors: anchor rows per band (temporaries ~ (band + P_h) × W × 8 bytes × 4)
 
 # Every double operation in the kernels is rounded as written (no fused multiply-add), as NumPy computes.
@@ -225,6 +225,7 @@ def check_twin(patches: HostArray, alpha: HostArray, has_alpha: int, index: Host
 _LUMA_WEIGHTS = np.array([299, 587, 114], np.float32)
 _EXACT_FLOAT_PIXELS = 1 << 17  # 8-bit: sums of Y'² over at most this many pixels stay below 2⁵³
 _CHUNK = 32  # patches per step of the host's sums (their temporaries stay in the CPU's cache)
+_FLOAT_EXACT = 2.0**53  # float64 holds every integer below this
 
 
 def _sums(values: HostArray) -> tuple[HostArray, HostArray]:
@@ -245,8 +246,8 @@ def _sums(values: HostArray) -> tuple[HostArray, HostArray]:
 def check_host(patches: HostArray, alpha: HostArray | None, threshold: Threshold) -> HostArray:
     """``(m,) bool``: which of ``patches`` (``(m, P_h, P_w, C)``, host) pass; ``alpha``: their
     ``(m, P_h, P_w, 1)`` alpha, or ``None``. The same answers as :func:`check_twin`, sooner: 8-bit
-    sums are taken in ``float64`` where they are exact, and patches whose every 4th (then every 2nd)
-    row and column already prove the spread are not read whole (see the module)."""
+    sums are taken in ``float64`` where they are exact, and patches whose every 8th (then every 2nd)
+    row already proves the spread are not read whole (see the module)."""
     m, ph, pw, channels = patches.shape
     n = ph * pw
     ok = np.ones(m, bool)
@@ -260,9 +261,9 @@ def check_host(patches: HostArray, alpha: HostArray | None, threshold: Threshold
         ok[todo] = _spread(n, s1, hi, mid, lo) >= threshold.min_spread(n)
         return ok
     todo = np.flatnonzero(ok)
-    for step in (_CERTIFICATE_STEP, _CERTIFICATE_STEP // 2):
+    for step in _CERTIFICATE_ROWS:  # whole rows: contiguous reads
         # |S|·Var(S) ≥ |K|·Var(K): spread_K = k²·Var(K) ≥ k·n·T² proves Var(S) ≥ T².
-        sub = (patches if len(todo) == m else patches[todo])[:, ::step, ::step]
+        sub = (patches if len(todo) == m else patches[todo])[:, ::step]
         k = sub.shape[1] * sub.shape[2]
         s1, s2 = _sums(sub)
         proven = float(k) * s2 - s1 * s1 >= threshold.min_spread(n) * k / n
@@ -292,11 +293,23 @@ def check_device(xp: Any, patches: DeviceArray, alpha: DeviceArray | None, index
     return out
 
 
+def _box(values: HostArray, win_h: int, win_w: int) -> HostArray:
+    """Sums of every ``win_h × win_w`` window of ``values`` (``float64``), rows first then columns
+    (exact while every partial sum is an integer below 2⁵³)."""
+    rows, cols = values.shape
+    across = np.zeros((rows, cols + 1))
+    np.cumsum(values, axis=1, out=across[:, 1:])
+    down = np.zeros((rows + 1, cols - win_w + 1))
+    np.cumsum(across[:, win_w:] - across[:, :-win_w], axis=0, out=down[1:])
+    return down[win_h:] - down[:-win_h]
+
+
 def map_twin(arena: HostArray, offset: int, alpha: int, width: int, channels: int, value_bytes: int, stride: int,
              win_h: int, win_w: int, anchors_h: int, anchors_w: int, cell: int, cells_w: int, cells: int,
              min_spread: float, min_opaque: int, out: HostArray) -> None:
     """:data:`MAP_SOURCE`, argument for argument, in NumPy: the samples as strided views of the
-    arena's high bytes, the windows' sums from cumulative sums (integers: the same sums), the
+    arena's high bytes, the windows' sums as box sums in ``float64`` (every sum an integer below 2⁵³:
+    the kernel's integers exactly; windows too large for that are summed in integer parts), the
     cells' flags into ``out`` (``uint8``, ``cells``)."""
     offset, alpha, width, channels, vb = int(offset), int(alpha), int(width), int(channels), int(value_bytes)
     stride, win_h, win_w, cell = int(stride), int(win_h), int(win_w), int(cell)
@@ -306,21 +319,26 @@ def map_twin(arena: HostArray, offset: int, alpha: int, width: int, channels: in
     pixel = channels * vb
     samples = np.ndarray((rows, cols, channels), np.uint8, flat, offset + vb - 1,
                          (stride * width * pixel, stride * pixel, vb))
-    luma = _luma(samples, channels)
-    if alpha < 0:
-        opaque = np.ones((rows, cols), np.int64)
-    else:
-        a = np.ndarray((rows, cols, 1), np.uint8, flat, alpha + vb - 1, (stride * width * vb, stride * vb, 1))
-        opaque = (a[..., 0] >= 128).astype(np.int64)
-    h, low = luma >> 16, luma & 0xFFFF
+    n = win_h * win_w
+    if max(rows, cols) * max(win_h, win_w) * 255000.0**2 < _FLOAT_EXACT:
+        luma = (samples @ _LUMA_WEIGHTS if channels == 3 else samples[..., 0] * np.float32(1000)).astype(np.float64)
+        spread = np.float64(n) * _box(luma * luma, win_h, win_w) - _box(luma, win_h, win_w) ** 2
+    else:  # integer parts, as the kernel sums them
+        whole = _luma(samples, channels)
+        h, low = whole >> 16, whole & 0xFFFF
 
-    def windows(values: HostArray) -> HostArray:  # (anchors_h, anchors_w) sums of win_h × win_w samples
-        table = np.zeros((rows + 1, cols + 1), np.int64)
-        np.cumsum(np.cumsum(values, 0), 1, out=table[1:, 1:])
-        return (table[win_h:, win_w:] - table[:-win_h, win_w:] - table[win_h:, :-win_w] + table[:-win_h, :-win_w])
+        def windows(values: HostArray) -> HostArray:
+            table = np.zeros((rows + 1, cols + 1), np.int64)
+            np.cumsum(np.cumsum(values, 0), 1, out=table[1:, 1:])
+            return table[win_h:, win_w:] - table[:-win_h, win_w:] - table[win_h:, :-win_w] + table[:-win_h, :-win_w]
 
-    ok = ((_spread(win_h * win_w, windows(luma), windows(h * h), windows(h * low), windows(low * low)) >= min_spread)
-          & (windows(opaque) >= min_opaque))
+        spread = _spread(n, windows(whole), windows(h * h), windows(h * low), windows(low * low))
+    ok = spread >= min_spread
+    if alpha >= 0:
+        a = np.ndarray((rows, cols), np.uint8, flat, alpha + vb - 1, (stride * width * vb, stride * vb))
+        ok &= _box((a >= 128).astype(np.float64), win_h, win_w) >= min_opaque
+    elif n < min_opaque:
+        ok[...] = False
     cells_h = cells // cells_w
     padded = np.zeros((cells_h * cell, cells_w * cell), bool)
     padded[:anchors_h, :anchors_w] = ok

@@ -148,7 +148,7 @@ class Producer:
                     self._put(batches[skip:])
         except BaseException as e:  # handed to the consumer, which re-raises it
             if not self._stop.is_set():
-                log.exception("producer failed")
+                log.debug("producer failed", exc_info=True)  # the consumer raises it with its type and message
                 self._put(_Failure(e))
 
     def _put(self, item: object) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -224,6 +225,20 @@ class RoundCutter:
             cache.cut(k, cache.table(k, slots, ys, xs), out=cuts[k].reshape(-1).view(np.uint8))
         source[...] = xp.asarray(draw.source.reshape(source.shape))
         anchor[...] = xp.asarray(np.stack([draw.y, draw.x], axis=-1).astype(np.int32).reshape(anchor.shape))
+
+    def split(self, work: Callable[[int, int], None], count: int) -> None:
+        """Run ``work(start, stop)`` over ``range(count)``: on the host with a helper thread, its
+        first half there and the rest here (NumPy releases the GIL); else all here."""
+        half = count // 2 if self._helper is not None and count > 1 else 0
+        first = None
+        if half:
+            try:
+                first = self._helper.submit(work, 0, half)  # type: ignore[union-attr]
+            except RuntimeError:  # the interpreter is exiting (executors refuse work): all of it here
+                half = 0
+        work(half, count)
+        if first is not None:
+            first.result()
 
     def _next_stage(self) -> _Staging:
         """The staging slot to fill now, once its upload two rounds ago has left the pinned memory."""
