@@ -55,9 +55,10 @@ class AnchorMode(str, enum.Enum):
     pixel values of a mask companion (``anchor_mask``). ``POS_NEG``: a ``pos_fraction`` of the
     patches is centred on a pixel where the mask is > 0, the rest where it is 0 (as MONAI's
     ``RandCropByPosNegLabel``). ``POINTS``: centred on user-given ``(file, y, x)`` points.
-    ``CONTENT``: uniform over the positions whose patch is informative — a luminance standard
-    deviation of at least ``min_std`` and at least ``min_opaque`` of it opaque — decided from the
-    decoded pixels as images enter the cache, and checked exactly on every patch.
+    ``CONTENT``: only informative patches — a luminance standard deviation of at least ``min_std``
+    and at least ``min_opaque`` of it opaque: anchors uniform over the cells an image's coarse map
+    (made as it enters the cache) proposes, then within the cell, and every patch tested exactly and
+    drawn again until it passes.
     """
 
     UNIFORM = "uniform"
@@ -235,6 +236,7 @@ class Part:
         kind: :class:`CompanionKind`.
         channels, dtype: decoded layout, e.g. 3 and ``"uint8"``.
         patch_hw: this part's patch ``(height, width)`` in its own pixels (the main patch × ``scale``).
+        pad_value: what ``pad=True`` fills around a small image (0; an alpha channel's: opaque).
     """
 
     name: str
@@ -243,6 +245,7 @@ class Part:
     channels: int
     dtype: str
     patch_hw: tuple[int, int]
+    pad_value: int = 0
 
     @property
     def pixel_bytes(self) -> int:

@@ -489,14 +489,14 @@ class Simulator:
         stream.synchronize()
         return out
 
-    def pad(self, array: ndarray, pad_width: Any) -> ndarray:
+    def pad(self, array: ndarray, pad_width: Any, constant_values: Any = 0) -> ndarray:
         widths = [(int(a), int(b)) for a, b in pad_width]
         shape = tuple(n + a + b for n, (a, b) in zip(array.shape, widths))
         out = self.empty(shape, array.dtype)
         inner = tuple(slice(a, a + n) for n, (a, _) in zip(array.shape, widths))
 
         def run(src: np.ndarray, dst: np.ndarray) -> None:
-            dst.fill(0)
+            dst.fill(constant_values)
             dst[inner] = src
 
         self._launch("pad", [(array, False), (out, True)], run)

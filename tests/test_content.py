@@ -398,3 +398,83 @@ def test_sixteen_bit_maps_propose_like_eight_bit_ones(tmp_path: Path) -> None:
             for _ in range(10):
                 next(s)
             assert s.stats()["content"]["exact_images"] == 0, dtype  # the map proposed; nothing was scanned
+
+
+def _engine(parts_alpha: bool = False, slots: int = 8, patch: int = 16) -> tuple:
+    from fractions import Fraction
+
+    from dali_patches.engine.backend import resolve_backend
+    from dali_patches.engine.cache import RingCache
+    from dali_patches.engine.content import ContentAnchors
+    from dali_patches.options import CompanionKind, Part
+
+    backend = resolve_backend("cpu")
+    parts = [Part("patches", Fraction(1), CompanionKind.IMAGE, 3, "uint8", (patch, patch))]
+    if parts_alpha:
+        parts.append(Part("alpha", Fraction(1), CompanionKind.MASK, 1, "uint8", (patch, patch), 255))
+    cache = RingCache(backend, slots * 64 * 64 * 4, slots + 1, parts=parts)
+    policy = ContentAnchors((patch, patch), 1, np.random.default_rng(0), backend, Threshold(4, 0.9, 1),
+                            1 if parts_alpha else None)
+    return cache, policy
+
+
+def _checker(h: int = 64, w: int = 64) -> np.ndarray:
+    """Texture finer than the map's samples: the map proposes nothing, every patch passes."""
+    return np.repeat((((np.indices((h, w)).sum(0) % 2) * 200 + 20).astype(np.uint8))[..., None], 3, -1)
+
+
+def test_a_full_candidate_pool_and_an_image_without_candidates_draw_fine() -> None:
+    cache, policy = _engine()
+    slot = cache.insert([_checker()], 0)
+    policy.on_insert(cache, slot)
+    policy._used = len(policy._pool)  # the pool is exactly full when the image's (empty) list goes in
+    ys, xs = policy.draw(cache, np.full(50, slot))
+    assert ((ys >= 0) & (ys <= 48) & (xs >= 0) & (xs <= 48)).all()
+
+
+def test_an_image_evicted_before_its_map_is_read_is_not_judged() -> None:
+    cache, policy = _engine(slots=1)
+    first = cache.insert([_checker()], 0)
+    policy.on_insert(cache, first)
+    policy.on_insert(cache, cache.insert([np.full((64, 64, 3), 9, np.uint8)], 1))  # evicts image 0
+    policy.drawable(cache, cache.resident_slots())
+    assert set(policy.set_aside) == {1} and not policy.refuses(0)
+
+
+def test_an_image_set_aside_before_a_resume_stays_aside_when_it_comes_back() -> None:
+    cache, policy = _engine()
+    policy.apply_state(policy.check_state({"checked": 0, "redrawn": 0, "replaced": 0, "exact_sources": [0],
+                                           "set_aside": {"0": "its exact anchors failed"}}))
+    slot = cache.insert([np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)], 0)
+    policy.on_insert(cache, slot)
+    assert len(policy.drawable(cache, cache.resident_slots())) == 0
+
+
+def test_padding_counts_as_opaque_for_images_with_and_without_alpha(tmp_path: Path) -> None:
+    rng = np.random.default_rng(15)
+    for i in range(3):
+        texture = rng.integers(0, 256, (30, 30, 3), np.uint8)
+        _write(tmp_path, f"rgba_{i}.png", np.concatenate([texture, np.full((30, 30, 1), 255, np.uint8)], -1))
+        _write(tmp_path, f"rgb_{i}.png", texture)
+    with PatchSampler(tmp_path, patch_size=32, batch_size=6, reuse=2, cache_images=6, device="cpu", pad=True,
+                      anchors="content", min_opaque=0.9) as s:
+        for _ in range(5):
+            assert len(set(next(s).source.tolist())) == 6
+        assert s.stats()["content"]["set_aside"] == 0
+
+
+def test_a_corrupt_file_among_rgba_images_costs_only_itself(tmp_path: Path) -> None:
+    rng = np.random.default_rng(16)
+    for i in range(6):
+        rgba = np.concatenate([rng.integers(0, 256, (60, 70, 3), np.uint8), np.full((60, 70, 1), 255, np.uint8)], -1)
+        _write(tmp_path, f"rgba_{i}.png", rgba)
+        Image.fromarray(rng.integers(0, 256, (60, 70, 3), np.uint8)).save(tmp_path / f"rgb_{i}.jpg", quality=90)
+    data = bytearray((tmp_path / "rgba_3.png").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # damaged pixel data: fails at decode, not at the scan
+    (tmp_path / "rgba_3.png").write_bytes(bytes(data))
+    with PatchSampler(tmp_path, patch_size=16, batch_size=4, reuse=2, cache_images=8, device="cpu", seed=1,
+                      anchors="content", decode_batch=4) as s:
+        used = {Path(s.files[i]).name for _ in range(30) for i in next(s).source.tolist()}
+        broken = [Path(f).name for f, _ in s.stats()["broken_files"]]
+    assert broken == ["rgba_3.png"] and "rgba_3.png" not in used  # set aside by the decoder's recovery, alone
+    assert len(used) == 11  # every good image served

@@ -136,7 +136,8 @@ def _inspect_report(args: argparse.Namespace) -> dict[str, Any]:
         from ..engine.verify import find_flat
 
         flat, shares = find_flat(catalog, config.patch_size, config.min_std, config.min_opaque, config.channels,
-                                 config.dtype, args.num_threads or os.cpu_count() or 1, not args.no_progress)
+                                 config.dtype, args.num_threads or os.cpu_count() or 1, not args.no_progress,
+                                 config.anchor_step)
         content = {"min_std": config.min_std, "min_opaque": config.min_opaque, "flat": flat,
                    "informative_share_median": float(np.median(shares)) if shares else 0.0}
     seconds = time.perf_counter() - t0

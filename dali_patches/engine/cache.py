@@ -110,16 +110,17 @@ class RingCache:
         return self.image_bytes(max(shape[0], patch_size[0]), max(shape[1], patch_size[1]))
 
     def padded(self, images: list[Any], patch_size: tuple[int, int]) -> list[Any]:
-        """``images`` (an image and its companions) zero-padded at the bottom and right to at least
-        ``patch_size``, scaled per part (``pad=True``); as they are when large enough."""
+        """``images`` (an image and its companions) padded at the bottom and right to at least
+        ``patch_size`` with each part's ``pad_value`` (zeros; an alpha part: opaque), scaled per part
+        (``pad=True``); as they are when large enough."""
         (h, w, _), (ph, pw) = images[0].shape, patch_size
         if h >= ph and w >= pw:
             return images
         out = []
         for image, part in zip(images, self.parts):
             th, tw = scaled(max(h, ph), part.scale), scaled(max(w, pw), part.scale)
-            out.append(None if image is None else
-                       self.backend.xp.pad(image, ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0))))
+            out.append(None if image is None else self.backend.xp.pad(
+                image, ((0, th - image.shape[0]), (0, tw - image.shape[1]), (0, 0)), constant_values=part.pad_value))
         return out
 
     @staticmethod

@@ -58,7 +58,8 @@ _CELL = 2  # sample anchors per cell side
 _MAP_TRIES = 3  # passes of redraws from the map before a failing image is scanned exactly
 _MAX_PASSES = 12  # passes of checks in a round before giving up (the exact lists end it long before)
 _EXACT_ANCHORS = 4096  # anchors kept per exactly scanned image
-_PROBE = 512  # anchors drawn and tested before a whole image is scanned
+_PROBE = 512  # anchors drawn and tested before a whole image is scanned ...
+_PROBE_BYTES = 64 << 20  # ... fewer where their patches would take more than this (at least 16)
 _MAP, _UNIFORM, _ASIDE = 0, 1, 2  # draw from the map's cells; anywhere (the map proposes nothing); never
 
 
@@ -71,7 +72,8 @@ def cached_parts(config: SamplerConfig, modes: Sequence[str]) -> tuple[tuple[Par
     if alpha is None or not alpha.any():
         return config.parts, None
     main = config.parts[0]
-    return (*config.parts, Part("alpha", Fraction(1), CompanionKind.MASK, 1, main.dtype, main.patch_hw)), alpha
+    opaque = 65535 if main.dtype == "uint16" else 255  # padding counts as opaque, as in images without alpha
+    return (*config.parts, Part("alpha", Fraction(1), CompanionKind.MASK, 1, main.dtype, main.patch_hw, opaque)), alpha
 
 
 def map_geometry(patch_size: tuple[int, int], height: int, width: int) -> dict[str, int]:
@@ -130,7 +132,7 @@ class ContentAnchors(AnchorPolicy):
         self._map_threshold = _sampled(threshold)
         self.backend, self.xp = backend, backend.xp
         self.threshold, self.alpha_part, self.allow_repeats = threshold, alpha_part, allow_repeats
-        self._pending: dict[int, Any] = {}  # slot → cell flags on the device, not yet on the host
+        self._pending: dict[int, tuple[int, Any]] = {}  # slot → (source, cell flags on the device, not yet on the host)
         self._slots = 0
         self._mode = np.zeros(0, np.int8)  # per slot: _MAP, _UNIFORM or _ASIDE
         self._start = np.zeros(0, np.int64)  # per slot: first candidate in the pool, and how many
@@ -161,9 +163,10 @@ class ContentAnchors(AnchorPolicy):
         h, w = cache.sizes(np.asarray([slot]))
         geometry = map_geometry(self.patch_size, int(h[0]), int(w[0]))
         n = geometry["win_h"] * geometry["win_w"]
-        self._pending[int(slot)] = cache.content_map(slot, self.alpha_part, geometry,
-                                                     self._map_threshold.min_spread(n, MAP_STD_SHARE),
-                                                     self._map_threshold.min_opaque_count(n, MAP_OPAQUE_SLACK))
+        self._pending[int(slot)] = (int(cache.sources(np.asarray([slot]))[0]),
+                                    cache.content_map(slot, self.alpha_part, geometry,
+                                                      self._map_threshold.min_spread(n, MAP_STD_SHARE),
+                                                      self._map_threshold.min_opaque_count(n, MAP_OPAQUE_SLACK)))
         self._cols[slot] = geometry["cells_w"]
         self._mode[slot] = _MAP
         self._exact.pop(int(slot), None)
@@ -178,13 +181,19 @@ class ContentAnchors(AnchorPolicy):
         t0 = time.perf_counter()
         slots, pending = list(self._pending), list(self._pending.values())
         self._pending = {}
-        flags = self.backend.to_host(self.xp.concatenate(pending)) if len(pending) > 1 else self.backend.to_host(pending[0])
-        ends = np.cumsum([len(p) for p in pending])
+        maps = [flags for _, flags in pending]
+        flags = self.backend.to_host(self.xp.concatenate(maps)) if len(maps) > 1 else self.backend.to_host(maps[0])
+        ends = np.cumsum([len(m) for m in maps])
         scanned = self.scan_s
-        for slot, cells in zip(slots, np.split(flags, ends[:-1])):
+        for slot, (source, cells) in zip(slots, zip((p[0] for p in pending), np.split(flags, ends[:-1]))):
+            if not cache.holds(source) or int(cache.sources(np.asarray([slot]))[0]) != source:
+                continue  # evicted by the same refill: never drawn, nothing to judge
+            if source in self.set_aside:  # set aside before a resume (its scan found nothing, or its anchors failed)
+                self._mode[slot] = _ASIDE
+                continue
             candidates = np.flatnonzero(cells).astype(np.int32)
             self._append(cache, slot, candidates)  # first: a scan probes the candidates (as it did before a resume)
-            if not len(candidates) or int(cache.sources(np.asarray([slot]))[0]) in self.exact_sources:
+            if not len(candidates) or source in self.exact_sources:
                 self._scan(cache, slot)
         self.map_s += time.perf_counter() - t0 - (self.scan_s - scanned)
 
@@ -230,9 +239,10 @@ class ContentAnchors(AnchorPolicy):
         """``(k, 2)`` anchors among :data:`_PROBE` drawn for the image in ``slot`` that pass the exact
         test (seeded by ``source``: the same wherever and whenever it is probed, so a resumed stream
         finds the same)."""
+        count = int(max(16, min(_PROBE, _PROBE_BYTES // max(1, cache.parts[0].patch_bytes))))
         rng, self.rng = self.rng, np.random.default_rng([self.seed, source])
         try:
-            slots = np.full(_PROBE, slot, np.int64)
+            slots = np.full(count, slot, np.int64)
             if self._mode[slot] == _MAP and self._count[slot]:
                 ys, xs = self.draw(cache, slots)
             else:
@@ -240,7 +250,7 @@ class ContentAnchors(AnchorPolicy):
         finally:
             self.rng = rng
         patches = cache.cut(0, cache.table(0, slots, ys, xs))
-        ok = self._check(cache, patches, np.arange(_PROBE), slots, ys, xs)
+        ok = self._check(cache, patches, np.arange(count), slots, ys, xs)
         found = np.unique(np.stack([ys[ok], xs[ok]], axis=1), axis=0)
         return found.astype(np.int64)
 
@@ -301,7 +311,8 @@ class ContentAnchors(AnchorPolicy):
         n = len(slots)
         u = self.rng.random((n, 3))
         count = self._count[slots]
-        cell = self._pool[self._start[slots] + np.minimum((u[:, 0] * count).astype(np.int64), np.maximum(count - 1, 0))]
+        at = self._start[slots] + np.minimum((u[:, 0] * count).astype(np.int64), np.maximum(count - 1, 0))
+        cell = self._pool[np.where(count > 0, at, 0)]  # an image without candidates may start past the pool's end
         row, col = np.divmod(cell.astype(np.int64), self._cols[slots])
         size = map_geometry(self.patch_size, ph, pw)["cell_px"]
         top, left = row * size, col * size

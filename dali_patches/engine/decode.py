@@ -27,7 +27,7 @@ import numpy as np
 from ..sources.base import Source
 from ..sources.s3 import ENDPOINT_PATIENCE_S
 from ..state import state_value
-from .backend import Backend, HostArray
+from .backend import Backend
 from .decoders import decode_files, decode_pipeline
 
 __all__ = ["DecodeError", "DecodeStage", "error_cause"]
@@ -67,9 +67,9 @@ class DecodeStage:
         parts: ``(channels, dtype)`` of each column: 3 (RGB) or 1 (gray), ``"uint8"``/``"uint16"``.
         hw_decoder_load: GPU: the share of each batch nvJPEG gives its hardware engine (``None``:
             DALI's default).
-        alpha: ``(N,) bool`` per row, whether its main image has an alpha channel; given, every
-            row comes with one more part after its companions: its alpha ``(H, W, 1)``, or ``(1, 1, 1)``
-            opaque for rows without (:func:`_decode_alpha_pipeline`). ``None``: no alpha part.
+        alpha: every row comes with one more part after its companions: its main image's alpha
+            ``(H, W, 1)``, or ``(1, 1, 1)`` opaque for images without one
+            (:func:`~dali_patches.engine.decoders.decode_pipeline`).
         source: where the locations live (``None``: local files or ``s3://`` objects, as the
             locations say).
     """
@@ -89,10 +89,10 @@ class DecodeStage:
         exif: bool = True,
         parts: Sequence[tuple[int, str]] = ((3, "uint8"),),
         hw_decoder_load: float | None = None,
-        alpha: HostArray | None = None,
+        alpha: bool = False,
     ) -> None:
         self._backend = backend
-        self._alpha = None if alpha is None else np.asarray(alpha, bool)
+        self._alpha = alpha
         self._paths: list[list[str]] = ([list(c) for c in columns] if columns and not isinstance(columns[0], str)
                                         else [[str(c) for c in columns]])
         self._source = source
@@ -168,7 +168,7 @@ class DecodeStage:
                                                **self._order, at=checkpoint)
             try:
                 self._pipe: Any = decode_pipeline(self._reader, self._backend, **self._build_args, output=self._output,
-                                            alpha_rows=self._alpha_rows())
+                                                  alpha=self._alpha)
                 self._runs = 0
                 return
             except RuntimeError as e:
@@ -178,12 +178,6 @@ class DecodeStage:
                 if source is None:
                     raise
                 self._mark_broken(source, error_cause(e))
-
-    def _alpha_rows(self) -> list[int] | None:
-        """The labels whose bytes (their own, or a stand-in's) have an alpha channel."""
-        if self._alpha is None:
-            return None
-        return np.flatnonzero(self._alpha[self._read_as]).tolist()
 
     def _named_in(self, text: str) -> int | None:
         """The row whose item an error message names (the longest matching location), if any."""
@@ -259,7 +253,7 @@ class DecodeStage:
         self._runs += 1
         for source, why in self._reader.take_bad():
             self.mark_broken(source, why)
-        n = len(self._paths) + (self._alpha is not None)  # images per row (the alpha part last)
+        n = len(self._paths) + self._alpha  # images per row (the alpha part last)
         sources = np.asarray(outputs[n].as_tensor()).reshape(-1)
         for labels in outputs[n + 1:]:
             if not np.array_equal(np.asarray(labels.as_tensor()).reshape(-1), sources):
@@ -330,7 +324,7 @@ class DecodeStage:
                 continue
             try:
                 for _ in decode_files(self._source, [[c[source]] for c in self._paths], self._backend, num_threads=1,
-                                      alpha=None if self._alpha is None else self._alpha[[source]], **self._output):
+                                      alpha=self._alpha, **self._output):
                     pass
             except RuntimeError as e:
                 self._mark_broken(source, f"the decoder rejects it ({error_cause(e)})")

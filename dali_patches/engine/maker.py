@@ -135,7 +135,7 @@ class BatchMaker:
         self.decoder = DecodeStage(self.source, self.columns, backend, batch_size=config.decode_batch or 1,
                                    min_good=1 if config.allow_repeats else config.batch_size,
                                    num_threads=config.num_threads or 1, seed=config.seed, shard_id=config.shard_id or 0,
-                                   num_shards=shards, alpha=self._alpha, **self._output)
+                                   num_shards=shards, alpha=self._alpha is not None, **self._output)
         # The most of the arena the shard's images can fill (on the CPU only written pages are resident).
         self._shard_bytes = int(np.sort(sizes)[::-1][: self.decoder.shard_size].sum())
         # "auto" takes what is ready: two decode batches banked; a fixed reuse takes exact counts and
@@ -375,7 +375,7 @@ class BatchMaker:
         self.feeder.load_state_dict(snapshot["decoder"])
         resident = [[column[s] for s in snapshot["cache"]["source"]] for column in self.columns]
         with self.backend.use(self.stream):
-            self.cache.rewrite(self._redecoded(resident, snapshot["cache"]["source"]))
+            self.cache.rewrite(self._redecoded(resident))
             for slot in self.cache.resident_slots():
                 self.draws.anchors.on_insert(self.cache, slot)
         self.counts = counts
@@ -383,10 +383,10 @@ class BatchMaker:
         self.snapshot(self.counts.batches_made)
         return skip
 
-    def _redecoded(self, resident: list[list[str]], sources: list[int]) -> Iterator[list[Any]]:
-        alpha = None if self._alpha is None else self._alpha[sources]
+    def _redecoded(self, resident: list[list[str]]) -> Iterator[list[Any]]:
         for parts in decode_files(self.source, resident, self.backend, self.config.num_threads or 1,
-                                  batch_size=self.config.decode_batch or 1, alpha=alpha, **self._output):
+                                  batch_size=self.config.decode_batch or 1, alpha=self._alpha is not None,
+                                  **self._output):
             yield self.cache.padded(self._complete(parts), self.config.patch_size)  # max_memory's batch above
             self.backend.synchronize(self.stream)  # copied before DALI may reuse the buffer
 

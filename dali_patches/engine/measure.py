@@ -22,8 +22,9 @@ and the kernel's stand-in on the simulated device of the tests; they agree bit f
   cell of ``cell × cell`` sample anchors one flag: whether any of its anchors looks informative
   (at least :data:`MAP_STD_SHARE` of ``min_std``, :data:`MAP_OPAQUE_SLACK` below ``min_opaque``).
   It reads ``1/stride²`` of the pixels;
-* :func:`passing_anchors` — every anchor of one image tested exactly from summed-area tables (a band
-  of rows at a time, on the host): for the rare image whose map promised what its patches do not hold.
+* :func:`passing_anchors` — every anchor of one image tested exactly from ``int64`` summed-area
+  tables of the same integer parts (a band of rows at a time, on the host): for the rare image
+  whose map proposes nothing or promised what its patches do not hold.
 
 On the host, :func:`check_host` first accepts patches by certificates that read an eighth, then
 half of their rows: for any subset ``K`` of a patch ``S``, ``|S|·Var(S) ≥ |K|·Var(K)`` (the
@@ -51,7 +52,7 @@ MAP_STD_SHARE = 0.5  # a map cell is a candidate where its sampled std reaches t
 MAP_OPAQUE_SLACK = 0.25  # ... and its sampled opaque share min_opaque less this
 _CHECK_THREADS = 256
 _CERTIFICATE_ROWS = (8, 2)  # the host's certificates read every 8th, then every 2nd row of a patch
-_SCAN_BAND_ROWS = 256  # passing_anchors: anchor rows per band (temporaries ~ (band + P_h) × W × 8 bytes × 4)
+_SCAN_BAND_ROWS = 128  # passing_anchors: anchor rows per band (int64 sums of (band + P_h) × W values stay exact)
 
 # Every double operation in the kernels is rounded as written (no fused multiply-add), as NumPy computes.
 _SPREAD = r"""
@@ -359,27 +360,27 @@ def map_device(xp: Any, arena: DeviceArray, args: tuple[Any, ...], cells: int) -
 def passing_anchors(image: HostArray, alpha: HostArray | None, patch_hw: tuple[int, int], step: int,
                     threshold: Threshold, most: int) -> HostArray:
     """Every anchor (a multiple of ``step``) of ``image`` (``(H, W, C)``, host) whose patch passes,
-    tested exactly from summed-area tables (``float64``; a band of anchor rows at a time); returns
-    at most ``most`` of them, evenly spread, as ``(k, 2) int64`` ``(y, x)`` (``k = 0``: none)."""
+    tested exactly: summed-area tables of the integer parts of :func:`check_twin` in ``int64`` (a
+    band of :data:`_SCAN_BAND_ROWS` anchor rows at a time, so that no sum overflows), the same
+    decision as the test of a gathered patch; returns at most ``most`` of them, evenly spread, as
+    ``(k, 2) int64`` ``(y, x)`` (``k = 0``: none)."""
     (ph, pw), height = patch_hw, image.shape[0]
     n = ph * pw
     found: list[HostArray] = []
     limit = threshold.min_spread(n)
     for top in range(0, height - ph + 1, _SCAN_BAND_ROWS):
         rows = min(_SCAN_BAND_ROWS, height - ph + 1 - top)
-        region = image[top: top + rows + ph - 1]
-        luma = _luma(region, image.shape[2]).astype(np.float64)
+        luma = _luma(image[top: top + rows + ph - 1], image.shape[2])
+        h, low = luma >> 16, luma & 0xFFFF
 
         def box(values: HostArray) -> HostArray:
-            table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), np.float64)
+            table = np.zeros((values.shape[0] + 1, values.shape[1] + 1), np.int64)
             np.cumsum(np.cumsum(values, 0), 1, out=table[1:, 1:])
             return table[ph:, pw:] - table[:-ph, pw:] - table[ph:, :-pw] + table[:-ph, :-pw]
 
-        s1 = box(luma)
-        ok = float(n) * box(luma * luma) - s1 * s1 >= limit
+        ok = _spread(n, box(luma), box(h * h), box(h * low), box(low * low)) >= limit
         if alpha is not None:
-            ok &= box(_opaque(alpha[top: top + rows + ph - 1], threshold.value_bytes).astype(np.float64)) \
-                >= threshold.min_opaque_count(n)
+            ok &= box(_opaque(alpha[top: top + rows + ph - 1], threshold.value_bytes)) >= threshold.min_opaque_count(n)
         ys, xs = np.nonzero(ok)
         ys += top
         keep = (ys % step == 0) & (xs % step == 0)

@@ -108,8 +108,8 @@ def without_corrupt(catalog: Catalog, num_threads: int = 1, progress: bool = Fal
 
 
 def find_flat(catalog: Catalog, patch_size: tuple[int, int], min_std: float, min_opaque: float = 0.9,
-              channels: int = 3, dtype: str = "uint8", num_threads: int = 1,
-              progress: bool = False) -> tuple[dict[str, str], list[float]]:
+              channels: int = 3, dtype: str = "uint8", num_threads: int = 1, progress: bool = False,
+              step: int = 1) -> tuple[dict[str, str], list[float]]:
     """Decode every image of ``catalog`` once (on the CPU, as the sampler decodes it, with its alpha
     where it has one) and judge it as ``anchors="content"`` would when it enters the cache.
 
@@ -117,7 +117,9 @@ def find_flat(catalog: Catalog, patch_size: tuple[int, int], min_std: float, min
         ``(flat, shares)``: the images with no ``patch_size`` patch of a luminance std of at least
         ``min_std`` (and ``min_opaque`` of it opaque), each with why — the sampler would set them
         aside — and each image's share of map cells that look informative
-        (:func:`~dali_patches.engine.content.content_share`).
+        (:func:`~dali_patches.engine.content.content_share`). Images smaller than the patch (in a
+        catalog scanned with ``pad=True``) are padded as the cache pads them; anchors are multiples
+        of ``step`` (the sampler's ``anchor_step``).
     """
     if catalog.source is None:
         msg = "this catalog was built without its source; scan it with Catalog.scan"
@@ -127,12 +129,16 @@ def find_flat(catalog: Catalog, patch_size: tuple[int, int], min_std: float, min
     flat: dict[str, str] = {}
     shares: list[float] = []
     decoded = decode_files(catalog.source, [list(catalog.files)], resolve_backend("cpu"), num_threads, batch_size=2,
-                           parts=[(channels, dtype)], alpha=alpha if alpha.any() else None)
+                           parts=[(channels, dtype)], alpha=bool(alpha.any()))
     for path, parts in tqdm(zip(catalog.files, decoded), total=len(catalog.files), desc="judging content", unit="img",
                             disable=not progress, leave=False):
         image = np.asarray(parts[0])
         transparency = np.asarray(parts[1]) if len(parts) > 1 and parts[1].shape[:2] == image.shape[:2] else None
-        share = content_share(image, transparency, patch_size, 1, threshold)
+        grow = ((0, max(0, patch_size[0] - image.shape[0])), (0, max(0, patch_size[1] - image.shape[1])), (0, 0))
+        image = np.pad(image, grow)
+        if transparency is not None:  # padding is opaque, as the cache pads alpha
+            transparency = np.pad(transparency, grow, constant_values=np.iinfo(transparency.dtype).max)
+        share = content_share(image, transparency, patch_size, step, threshold)
         shares.append(share)
         if share == 0:
             flat[path] = (f"no {patch_size[0]}x{patch_size[1]} patch has a luminance std of at least {min_std:g}"
