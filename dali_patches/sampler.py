@@ -20,8 +20,8 @@ from typing import Any
 from .catalog.catalog import Catalog
 from .config import Device, SamplerConfig, default_decode_batch, format_bytes
 from .engine.backend import resolve_backend
-from .engine.content import cached_parts
 from .engine.outputs import PatchBatch
+from .engine.plan import cached_parts
 from .engine.producer import Producer
 from .engine.provenance import ProvenanceWriter
 from .engine.verify import without_corrupt

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import format_bytes, parse_bytes
-from ..engine.content import cached_parts
+from ..engine.plan import cached_parts
 from .bench import live, run_bench, summary_text
 from .defaults import COVERAGE_PATCHES, SECONDS, content_options, fit_args, scan, stream_config
 from .errors import translate

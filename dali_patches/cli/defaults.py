@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import SamplerConfig, format_bytes, parse_bytes
-from ..engine.content import cached_parts
-from ..engine.plan import ring_bytes_for
+from ..engine.plan import cached_parts, ring_bytes_for
 from ..options import Reuse
 
 if TYPE_CHECKING:

@@ -26,14 +26,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
-from ..catalog.screen import ALPHA_MODES
-from ..config import SamplerConfig
-from ..options import AnchorMode, CompanionKind, Part
 from ..state import state_value
 from .anchors import AnchorPolicy
 from .backend import Backend, HostArray
@@ -45,11 +41,10 @@ from .measure import (
     Threshold,
     check_device,
     check_host,
-    map_twin,
     passing_anchors,
 )
 
-__all__ = ["ContentAnchors", "cached_parts", "content_share", "map_geometry"]
+__all__ = ["ContentAnchors", "map_geometry", "sampled"]
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +58,6 @@ _PROBE_BYTES = 64 << 20  # ... fewer where their patches would take more than th
 _MAP, _UNIFORM, _ASIDE = 0, 1, 2  # draw from the map's cells; anywhere (the map proposes nothing); never
 
 
-def cached_parts(config: SamplerConfig, modes: Sequence[str]) -> tuple[tuple[Part, ...], HostArray | None]:
-    """What the cache holds per image: ``config.parts``, plus the main image's alpha (one channel of
-    its dtype, named ``"alpha"``, never delivered) with ``anchors="content"`` when an image has
-    transparency the decoder reads (``modes``: each image's Pillow mode); and ``(N,) bool``: which
-    images have it (``None`` without the part)."""
-    alpha = np.isin(np.asarray(modes), ALPHA_MODES) if config.anchors is AnchorMode.CONTENT and len(modes) else None
-    if alpha is None or not alpha.any():
-        return config.parts, None
-    main = config.parts[0]
-    opaque = 65535 if main.dtype == "uint16" else 255  # padding counts as opaque, as in images without alpha
-    return (*config.parts, Part("alpha", Fraction(1), CompanionKind.MASK, 1, main.dtype, main.patch_hw, opaque)), alpha
-
-
 def map_geometry(patch_size: tuple[int, int], height: int, width: int) -> dict[str, int]:
     """The map of an ``height × width`` image: ``stride`` (pixels between samples), ``win_h``/``win_w``
     (samples per patch window), ``anchors_h``/``anchors_w`` (sample anchors), ``cells_h``/``cells_w``,
@@ -87,28 +69,9 @@ def map_geometry(patch_size: tuple[int, int], height: int, width: int) -> dict[s
             "cells_h": -(-ah // _CELL), "cells_w": -(-aw // _CELL), "cell": _CELL, "cell_px": _CELL * s}
 
 
-def _sampled(threshold: Threshold) -> Threshold:
+def sampled(threshold: Threshold) -> Threshold:
     """The map's threshold: it samples 8-bit values (a 16-bit value's high byte)."""
     return Threshold(threshold.min_std, threshold.min_opaque, 1)
-
-
-def content_share(image: HostArray, alpha: HostArray | None, patch_size: tuple[int, int], step: int,
-                  threshold: Threshold) -> float:
-    """The share of an image's map cells that look informative (the map as the cache computes it,
-    on the host), or, where the map finds none, ``1e-9`` if the exhaustive scan finds one patch that
-    passes and 0 if none does (such an image would be set aside). ``image``: ``(H, W, C)``;
-    ``alpha``: its ``(H, W, 1)`` alpha or ``None``."""
-    h, w = image.shape[:2]
-    g = map_geometry(patch_size, h, w)
-    n = g["win_h"] * g["win_w"]
-    arena = np.concatenate([image.reshape(-1).view(np.uint8), *([] if alpha is None else [alpha.reshape(-1).view(np.uint8)])])
-    flags = np.zeros(g["cells_h"] * g["cells_w"], np.uint8)
-    map_twin(arena, 0, -1 if alpha is None else image.nbytes, w, image.shape[2], image.dtype.itemsize, g["stride"],
-             g["win_h"], g["win_w"], g["anchors_h"], g["anchors_w"], g["cell"], g["cells_w"], len(flags),
-             _sampled(threshold).min_spread(n, MAP_STD_SHARE), threshold.min_opaque_count(n, MAP_OPAQUE_SLACK), flags)
-    if flags.any():
-        return float(flags.mean())
-    return 1e-9 if len(passing_anchors(image, alpha, patch_size, step, threshold, 1)) else 0.0
 
 
 class ContentAnchors(AnchorPolicy):
@@ -129,7 +92,7 @@ class ContentAnchors(AnchorPolicy):
                  names: Sequence[str] = (), seed: int = 0, alpha: HostArray | None = None) -> None:
         super().__init__(patch_size, step, rng)
         self.names, self.seed, self._alpha = names, seed, alpha
-        self._map_threshold = _sampled(threshold)
+        self._map_threshold = sampled(threshold)
         self.backend, self.xp = backend, backend.xp
         self.threshold, self.alpha_part, self.allow_repeats = threshold, alpha_part, allow_repeats
         self._pending: dict[int, tuple[int, Any]] = {}  # slot → (source, cell flags on the device, not yet on the host)

@@ -31,14 +31,14 @@ from ..state import Field, read_fields, state_value
 from .anchors import AnchorPolicy, MaskAnchors, PointAnchors, UniformAnchors
 from .backend import Backend, HostArray
 from .cache import RingCache
-from .content import ContentAnchors, cached_parts
+from .content import ContentAnchors
 from .decode import DecodeStage
 from .decoders import decode_files
 from .draw import Draws, RefillSchedule
 from .feeder import DecodeFeeder
 from .measure import Threshold
 from .outputs import PatchBatch
-from .plan import plan_cache
+from .plan import cached_parts, plan_cache
 from .rounds import RoundCutter, RoundStates, round_batches
 from .views import HELD_GROUPS, HeldViews
 

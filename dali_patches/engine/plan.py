@@ -1,16 +1,21 @@
-"""The cache's size, worked out from the data set before anything is allocated: where the ring's
-slack rule lives, shared by the sampler's plan and the command line's defaults."""
+"""The cache's size and contents, worked out from the data set before anything is allocated: the
+parts each image takes, and the ring's slack rule, shared by the sampler's plan and the command
+line's defaults."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
-from ..config import format_bytes
+from ..catalog.screen import ALPHA_MODES
+from ..config import SamplerConfig, format_bytes
+from ..options import AnchorMode, CompanionKind, Part
 from .backend import HostArray
 
-__all__ = ["CachePlan", "images_held", "plan_cache", "ring_bytes_for"]
+__all__ = ["CachePlan", "cached_parts", "images_held", "plan_cache", "ring_bytes_for"]
 
 # A ring holds n images for sure when it fits the n largest plus this many largest images of slack:
 # one for the unusable tail at the wrap, one for the image being written.
@@ -88,3 +93,16 @@ def plan_cache(sample_bytes: HostArray, batch_size: int, shard_images: int, allo
                f"({format_bytes(free_bytes)}); lower it, or leave the largest images out")
         raise ValueError(msg)
     return CachePlan(capacity, int(capacity // int(sizes[-1]) + 1), images_held(sizes, capacity)[1])
+
+
+def cached_parts(config: SamplerConfig, modes: Sequence[str]) -> tuple[tuple[Part, ...], HostArray | None]:
+    """What the cache holds per image: ``config.parts``, plus the main image's alpha (one channel of
+    its dtype, named ``"alpha"``, never delivered) with ``anchors="content"`` when an image has
+    transparency the decoder reads (``modes``: each image's Pillow mode); and ``(N,) bool``: which
+    images have it (``None`` without the part)."""
+    alpha = np.isin(np.asarray(modes), ALPHA_MODES) if config.anchors is AnchorMode.CONTENT and len(modes) else None
+    if alpha is None or not alpha.any():
+        return config.parts, None
+    main = config.parts[0]
+    opaque = 65535 if main.dtype == "uint16" else 255  # padding counts as opaque, as in images without alpha
+    return (*config.parts, Part("alpha", Fraction(1), CompanionKind.MASK, 1, main.dtype, main.patch_hw, opaque)), alpha

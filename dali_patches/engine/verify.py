@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from ..catalog.catalog import Catalog, CatalogWarning
 from ..catalog.screen import ALPHA_MODES
 from ..sources.base import Problem, Source, user_stacklevel
-from .backend import resolve_backend
-from .content import content_share
+from .backend import HostArray, resolve_backend
+from .content import map_geometry, sampled
 from .decode import error_cause
 from .decoders import decode_files
-from .measure import Threshold
+from .measure import MAP_OPAQUE_SLACK, MAP_STD_SHARE, Threshold, map_twin, passing_anchors
 
-__all__ = ["find_corrupt", "find_flat", "without_corrupt"]
+__all__ = ["content_share", "find_corrupt", "find_flat", "without_corrupt"]
 
 
 _LIBJPEG_WARNING = "Corrupt JPEG data"
@@ -107,6 +107,25 @@ def without_corrupt(catalog: Catalog, num_threads: int = 1, progress: bool = Fal
     return catalog.without(corrupt)
 
 
+def content_share(image: HostArray, alpha: HostArray | None, patch_size: tuple[int, int], step: int,
+                  threshold: Threshold) -> float:
+    """The share of an image's map cells that look informative (the map as the cache computes it,
+    on the host), or, where the map finds none, ``1e-9`` if the exhaustive scan finds one patch that
+    passes and 0 if none does (such an image would be set aside). ``image``: ``(H, W, C)``;
+    ``alpha``: its ``(H, W, 1)`` alpha or ``None``."""
+    h, w = image.shape[:2]
+    g = map_geometry(patch_size, h, w)
+    n = g["win_h"] * g["win_w"]
+    arena = np.concatenate([image.reshape(-1).view(np.uint8), *([] if alpha is None else [alpha.reshape(-1).view(np.uint8)])])
+    flags = np.zeros(g["cells_h"] * g["cells_w"], np.uint8)
+    map_twin(arena, 0, -1 if alpha is None else image.nbytes, w, image.shape[2], image.dtype.itemsize, g["stride"],
+             g["win_h"], g["win_w"], g["anchors_h"], g["anchors_w"], g["cell"], g["cells_w"], len(flags),
+             sampled(threshold).min_spread(n, MAP_STD_SHARE), threshold.min_opaque_count(n, MAP_OPAQUE_SLACK), flags)
+    if flags.any():
+        return float(flags.mean())
+    return 1e-9 if len(passing_anchors(image, alpha, patch_size, step, threshold, 1)) else 0.0
+
+
 def find_flat(catalog: Catalog, patch_size: tuple[int, int], min_std: float, min_opaque: float = 0.9,
               channels: int = 3, dtype: str = "uint8", num_threads: int = 1, progress: bool = False,
               step: int = 1) -> tuple[dict[str, str], list[float]]:
@@ -117,7 +136,7 @@ def find_flat(catalog: Catalog, patch_size: tuple[int, int], min_std: float, min
         ``(flat, shares)``: the images with no ``patch_size`` patch of a luminance std of at least
         ``min_std`` (and ``min_opaque`` of it opaque), each with why — the sampler would set them
         aside — and each image's share of map cells that look informative
-        (:func:`~dali_patches.engine.content.content_share`). Images smaller than the patch (in a
+        (:func:`content_share`). Images smaller than the patch (in a
         catalog scanned with ``pad=True``) are padded as the cache pads them; anchors are multiples
         of ``step`` (the sampler's ``anchor_step``).
     """
