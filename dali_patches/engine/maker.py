@@ -270,8 +270,7 @@ class BatchMaker:
             self._views.add(decoded, lambda: self.backend.record(self.stream))
 
     def _complete(self, images: list[Any]) -> list[Any]:
-        """The decoded parts as the cache takes them: an opaque stand-in for the alpha of an image
-        without one becomes ``None`` (the cache fills it)."""
+        """The decoded parts as the cache takes them: an image's 1 × 1 opaque alpha becomes ``None`` (filled there)."""
         if self._alpha is not None and images[-1].shape[:2] == (1, 1) and images[0].shape[:2] != (1, 1):
             return [*images[:-1], None]
         return images
@@ -291,12 +290,11 @@ class BatchMaker:
         t1 = time.perf_counter()
         draw = self.draws.draw_round(self.cache, n)
         cuts, device_source, device_anchor = self.cutter.cut(self.cache, draw, self.stream)
-        if isinstance(self.draws.anchors, ContentAnchors):  # every patch tested; failing ones drawn again
-            with self.backend.use(self.stream):
-                self.draws.anchors.settle(
-                    self.cache, draw, cuts[0].reshape(-1, *self.config.parts[0].patch_shape),
-                    lambda todo: self.cutter.recut(self.cache, draw, cuts, device_source, device_anchor, todo),
-                    self.draws.anchors.drawable(self.cache, self.cache.resident_slots()), self.cutter.split)
+        if isinstance(self.draws.anchors, ContentAnchors):  # every patch tested (on the maker's stream), failing ones redrawn
+            self.draws.anchors.settle(self.cache, draw, cuts[0].reshape(-1, *self.config.parts[0].patch_shape),
+                                      lambda todo: self.cutter.recut(self.cache, draw, cuts, device_source,
+                                                                     device_anchor, todo),
+                                      self.draws.anchors.drawable(self.cache, self.cache.resident_slots()), self.cutter.split)
         self.cache.record_served(draw.slots)
         ready = self.backend.record(self.stream)
         self._views.release(ready)
