@@ -124,9 +124,9 @@ def screen(columns: Sequence[Sequence[str]], cols: Columns, skipped: list[tuple[
     alpha = [i for i in np.flatnonzero(usable).tolist() if cols.mode[i] in _ALPHA_MODES]
     if alpha and check:
         warnings.warn(f"{len(alpha)} image(s) have an alpha channel (e.g. {images[alpha[0]]!r}, "
-                      f"{cols.mode[alpha[0]].decode()}): it is dropped when decoding, so their transparent "
-                      "areas appear as the colour stored under them (often flat black or white); anchors='content' "
-                      "keeps patches out of the transparent areas of RGBA images (convert LA/PA images to RGBA)",
+                      f"{cols.mode[alpha[0]].decode()}): patches carry no alpha, so their transparent areas show "
+                      "the colour stored under them (often flat black or white); anchors='content' keeps patches "
+                      "out of the transparent areas of RGBA images (convert LA/PA images to RGBA)",
                       CatalogWarning, stacklevel=user_stacklevel())
     log.info("catalog: %d images, %d skipped", len(keep), len(skipped))
 

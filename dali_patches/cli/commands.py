@@ -195,8 +195,9 @@ def _inspect_text(r: dict[str, Any], cache: str, shown: int = 50) -> str:
     lines += [f"companions  {name}: {n:,} images paired" for name, n in r["companions"].items()]
     alpha = {mode: n for mode, n in r["modes"].items() if mode in ("RGBA", "LA", "PA")}
     if alpha:
-        lines.append(f"alpha       {sum(alpha.values()):,} images ({_counts(alpha)}): dropped when decoding, so "
-                     "transparent areas show the colour stored under them")
+        lines.append(f"alpha       {sum(alpha.values()):,} images ({_counts(alpha)}): patches carry no alpha, so "
+                     "transparent areas show the colour stored under them (--anchors content keeps patches out of "
+                     "those of RGBA images)")
     if r.get("content"):
         flat, c = r["content"]["flat"], r["content"]
         lines.append(f"content     {len(flat):,} images without a patch of luminance std >= {c['min_std']:g}"
