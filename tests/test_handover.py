@@ -222,12 +222,17 @@ def test_each_known_mistake_is_caught(sim: Simulator, image_dir: Path, monkeypat
                                       mistake: str) -> None:
     inject, expected, options = MISTAKES[mistake]
     inject(monkeypatch, sim)
-    with PatchSampler(image_dir, device_id=DEVICE, **SETTINGS) as sampler:
-        got = _consume(sim, sampler, 40, lag_s=0.01, **options)
-    if expected is None:  # ordered, but a batch the consumer still held was rewritten under it
-        assert not _exact(sampler, got), mistake
-    else:
-        assert any(expected in hazard for hazard in sim.hazards), (mistake, sim.hazards[:3])
+    # Some mistakes show only when the streams interleave one way (a consumer letting go of memory
+    # between two of the producer's steps): a busy machine may not give that order in one run, so
+    # the mistake is caught when any of three runs shows it.
+    for _ in range(3):
+        with PatchSampler(image_dir, device_id=DEVICE, **SETTINGS) as sampler:
+            got = _consume(sim, sampler, 40, lag_s=0.01, **options)
+        caught = not _exact(sampler, got) if expected is None else any(expected in h for h in sim.hazards)
+        if caught:
+            break
+    # expected None: ordered, but a batch the consumer still held was rewritten under it
+    assert caught, (mistake, sim.hazards[:3])
     sim.hazards.clear()
 
 
