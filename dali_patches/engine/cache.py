@@ -23,7 +23,7 @@ from ..options import CompanionKind, Part, scaled
 from ..state import state_value
 from .backend import Backend, DeviceArray, HostArray
 from .gather import OVERREAD_BYTES, gather, patch_table
-from .measure import map_device, map_twin
+from .measure import Threshold, map_args, map_device, map_twin
 
 __all__ = ["RingCache"]
 
@@ -179,18 +179,15 @@ class RingCache:
             raw = raw.copy()  # parts are packed byte to byte: a 16-bit part may start at an odd offset
         return raw.view(dtype).reshape(scaled(h, p.scale), scaled(w, p.scale), p.channels)
 
-    def content_map(self, slot: int, alpha_part: int | None, geometry: dict[str, int], min_spread: float,
-                    min_opaque: int) -> DeviceArray:
+    def content_map(self, slot: int, alpha_part: int | None, geometry: dict[str, int], threshold: Threshold) -> DeviceArray:
         """The coarse content map of the main image in ``slot`` (:mod:`dali_patches.engine.measure`,
         ``geometry`` from :func:`~dali_patches.engine.content.map_geometry`): ``(cells,) uint8`` flags
         on the cache's device (GPU: queued on the current stream)."""
-        g, main = geometry, self.parts[0]
-        cells = g["cells_h"] * g["cells_w"]
+        main = self.parts[0]
         alpha = self.part_offset(alpha_part, slot) if alpha_part is not None else -1
-        args: tuple[Any, ...] = (np.int64(self.offset[slot]), np.int64(alpha), np.int32(self.width[slot]), np.int32(main.channels),
-                np.int32(np.dtype(main.dtype).itemsize), *(np.int32(g[k]) for k in (
-                    "stride", "win_h", "win_w", "anchors_h", "anchors_w", "cell", "cells_w")), np.int32(cells),
-                np.float64(min_spread), np.int64(min_opaque))
+        args = map_args(int(self.offset[slot]), alpha, int(self.width[slot]), main.channels,
+                        np.dtype(main.dtype).itemsize, geometry, threshold)
+        cells = geometry["cells_h"] * geometry["cells_w"]
         if self.backend.xp is np:
             out = np.empty(cells, np.uint8)
             map_twin(self.arena, *args, out)  # type: ignore[call-arg]

@@ -35,16 +35,9 @@ from .anchors import AnchorPolicy
 from .backend import Backend, HostArray
 from .cache import RingCache
 from .draw import RoundDraw
-from .measure import (
-    MAP_OPAQUE_SLACK,
-    MAP_STD_SHARE,
-    Threshold,
-    check_device,
-    check_host,
-    passing_anchors,
-)
+from .measure import Threshold, check_device, check_host, passing_anchors
 
-__all__ = ["ContentAnchors", "map_geometry", "sampled"]
+__all__ = ["ContentAnchors", "map_geometry"]
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +62,6 @@ def map_geometry(patch_size: tuple[int, int], height: int, width: int) -> dict[s
             "cells_h": -(-ah // _CELL), "cells_w": -(-aw // _CELL), "cell": _CELL, "cell_px": _CELL * s}
 
 
-def sampled(threshold: Threshold) -> Threshold:
-    """The map's threshold: it samples 8-bit values (a 16-bit value's high byte)."""
-    return Threshold(threshold.min_std, threshold.min_opaque, 1)
-
-
 class ContentAnchors(AnchorPolicy):
     """Anchors where patches pass ``threshold`` (see the module).
 
@@ -92,7 +80,7 @@ class ContentAnchors(AnchorPolicy):
                  names: Sequence[str] = (), seed: int = 0, alpha: HostArray | None = None) -> None:
         super().__init__(patch_size, step, rng)
         self.names, self.seed, self._alpha = names, seed, alpha
-        self._map_threshold = sampled(threshold)
+        self._cell_px = map_geometry(patch_size, *patch_size)["cell_px"]  # the same for every image
         self.backend, self.xp = backend, backend.xp
         self.threshold, self.alpha_part, self.allow_repeats = threshold, alpha_part, allow_repeats
         self._pending: dict[int, tuple[int, Any]] = {}  # slot → (source, cell flags on the device, not yet on the host)
@@ -125,11 +113,8 @@ class ContentAnchors(AnchorPolicy):
         self._grow(cache.max_slots)
         h, w = cache.sizes(np.asarray([slot]))
         geometry = map_geometry(self.patch_size, int(h[0]), int(w[0]))
-        n = geometry["win_h"] * geometry["win_w"]
         self._pending[int(slot)] = (int(cache.sources(np.asarray([slot]))[0]),
-                                    cache.content_map(slot, self.alpha_part, geometry,
-                                                      self._map_threshold.min_spread(n, MAP_STD_SHARE),
-                                                      self._map_threshold.min_opaque_count(n, MAP_OPAQUE_SLACK)))
+                                    cache.content_map(slot, self.alpha_part, geometry, self.threshold))
         self._cols[slot] = geometry["cells_w"]
         self._mode[slot] = _MAP
         self._exact.pop(int(slot), None)
@@ -228,9 +213,7 @@ class ContentAnchors(AnchorPolicy):
 
     def _bound(self, source: int | None = None) -> str:
         """What a patch must have, in words (the opaque share where the image, or any, has alpha)."""
-        opaque = self.threshold.min_opaque > 0 and self._alpha is not None and (source is None or self._alpha[source])
-        return (f"a luminance std of at least {self.threshold.min_std:g}"
-                + (f" with at least {self.threshold.min_opaque:.0%} of its pixels opaque" if opaque else ""))
+        return self.threshold.describe(self._alpha is not None and (source is None or bool(self._alpha[source])))
 
     def _too_few(self, drawable: int, batch_size: int) -> str:
         """The message when fewer images hold an informative patch than a batch needs."""
@@ -277,7 +260,7 @@ class ContentAnchors(AnchorPolicy):
         at = self._start[slots] + np.minimum((u[:, 0] * count).astype(np.int64), np.maximum(count - 1, 0))
         cell = self._pool[np.where(count > 0, at, 0)]  # an image without candidates may start past the pool's end
         row, col = np.divmod(cell.astype(np.int64), self._cols[slots])
-        size = map_geometry(self.patch_size, ph, pw)["cell_px"]
+        size = self._cell_px
         top, left = row * size, col * size
         y = top + (u[:, 1] * (np.minimum(top + size, h - ph + 1) - top)).astype(np.int64)
         x = left + (u[:, 2] * (np.minimum(left + size, w - pw + 1) - left)).astype(np.int64)
@@ -291,13 +274,13 @@ class ContentAnchors(AnchorPolicy):
             y[i], x[i] = anchors[min(int(u[i, 0] * len(anchors)), len(anchors) - 1)]
         return y, x
 
-    def settle(self, cache: RingCache, draw: RoundDraw, patches: Any, recut: Any, resident: HostArray,
-               split: Any = None) -> None:
+    def settle(self, cache: RingCache, draw: RoundDraw, patches: Any, recut: Any, split: Any = None) -> None:
         """Test every patch of a round exactly and redraw the failing ones until all pass (see the
         module). ``patches``: the round's main patches ``(n·B, P_h, P_w, C)`` on the device;
         ``recut(positions)``: cut those positions again from ``draw`` (changed in place);
-        ``resident``: the slots a batch may use; ``split(work, count)``: runs ``work(start, stop)``
-        over ``range(count)``, on two threads where it can (the host's test)."""
+        ``split(work, count)``: runs ``work(start, stop)`` over ``range(count)``, on two threads
+        where it can (the host's test)."""
+        resident = self.drawable(cache, cache.resident_slots())  # the slots a replacement may come from
         slots, ys, xs, sources = (draw.slots.reshape(-1), draw.y.reshape(-1), draw.x.reshape(-1),
                                   draw.source.reshape(-1))
         b = draw.slots.shape[1]
@@ -316,7 +299,7 @@ class ContentAnchors(AnchorPolicy):
                     self._scan(cache, slot)
                 elif tries[todo][slots[todo] == slot].max() >= _MAP_TRIES + 3:  # its exact list fails: a rounding edge
                     self._aside(cache, slot)
-            resident = resident[self._mode[resident] != _ASIDE]
+            resident = self.drawable(cache, resident)
             for i in todo[self._mode[slots[todo]] == _ASIDE].tolist():
                 slots[i] = self._replacement(resident, slots[(i // b) * b: (i // b + 1) * b])
                 sources[i], tries[i] = cache.sources(slots[i: i + 1])[0], 0

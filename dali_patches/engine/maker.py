@@ -293,8 +293,7 @@ class BatchMaker:
         if isinstance(self.draws.anchors, ContentAnchors):  # every patch tested (on the maker's stream), failing ones redrawn
             self.draws.anchors.settle(self.cache, draw, cuts[0].reshape(-1, *self.config.parts[0].patch_shape),
                                       lambda todo: self.cutter.recut(self.cache, draw, cuts, device_source,
-                                                                     device_anchor, todo),
-                                      self.draws.anchors.drawable(self.cache, self.cache.resident_slots()), self.cutter.split)
+                                                                     device_anchor, todo), self.cutter.split)
         self.cache.record_served(draw.slots)
         ready = self.backend.record(self.stream)
         self._views.release(ready)

@@ -44,7 +44,8 @@ import numpy as np
 from .backend import DeviceArray, HostArray
 
 __all__ = ["CHECK_NAME", "CHECK_SOURCE", "MAP_NAME", "MAP_OPAQUE_SLACK", "MAP_SOURCE", "MAP_STD_SHARE",
-           "Threshold", "check_host", "check_twin", "map_twin", "passing_anchors"]
+           "Threshold", "check_device", "check_host", "check_twin", "map_args", "map_device", "map_twin",
+           "passing_anchors"]
 
 CHECK_NAME = "dali_patches_content_check"
 MAP_NAME = "dali_patches_content_map"
@@ -175,6 +176,30 @@ class Threshold:
     def min_opaque_count(self, n: int, slack: float = 0.0) -> int:
         """Least opaque pixels among ``n``."""
         return max(0, math.ceil((self.min_opaque - slack) * n - 1e-9))
+
+    def sampled(self) -> Threshold:
+        """The map's threshold: it samples 8-bit values (a 16-bit value's high byte)."""
+        return Threshold(self.min_std, self.min_opaque, 1)
+
+    def describe(self, opaque: bool = True) -> str:
+        """What a passing patch has, in words (the opaque share with ``opaque``, when it is bounded)."""
+        return (f"a luminance std of at least {self.min_std:g}"
+                + (f" with at least {self.min_opaque:.0%} of its pixels opaque" if opaque and self.min_opaque > 0 else ""))
+
+
+def map_args(offset: int, alpha: int, width: int, channels: int, value_bytes: int, geometry: dict[str, int],
+             threshold: Threshold) -> tuple[Any, ...]:
+    """The arguments of :data:`MAP_SOURCE` and :func:`map_twin` between the arena and ``out``, typed
+    as the kernel takes them: an image whose main part starts at byte ``offset`` (its alpha at
+    ``alpha``, or -1), a map of ``geometry`` (:func:`~dali_patches.engine.content.map_geometry`),
+    and ``threshold`` on the sampled 8-bit values with the map's :data:`MAP_STD_SHARE` and
+    :data:`MAP_OPAQUE_SLACK`."""
+    g, sampled = geometry, threshold.sampled()
+    n = g["win_h"] * g["win_w"]
+    return (np.int64(offset), np.int64(alpha), np.int32(width), np.int32(channels), np.int32(value_bytes),
+            *(np.int32(g[k]) for k in ("stride", "win_h", "win_w", "anchors_h", "anchors_w", "cell", "cells_w")),
+            np.int32(g["cells_h"] * g["cells_w"]), np.float64(sampled.min_spread(n, MAP_STD_SHARE)),
+            np.int64(sampled.min_opaque_count(n, MAP_OPAQUE_SLACK)))
 
 
 def _spread(n: Any, s1: Any, hi: Any, mid: Any, lo: Any) -> Any:

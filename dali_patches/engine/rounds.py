@@ -234,8 +234,8 @@ class RoundCutter:
         if half:
             try:
                 first = self._helper.submit(work, 0, half)  # type: ignore[union-attr]
-            except RuntimeError:  # the interpreter is exiting (executors refuse work): all of it here
-                half = 0
+            except RuntimeError:  # the interpreter is exiting (executors refuse work): all of it here, from now on
+                self._helper, half = None, 0
         work(half, count)
         if first is not None:
             first.result()
@@ -249,22 +249,15 @@ class RoundCutter:
         return stage
 
     def _cut_host(self, cache: RingCache, k: int, table: Any, n: int, b: int, buffer: Any) -> Any:
-        """One part of a round on the host, into ``buffer``: the first half on the helper thread when
-        there is one. Returns ``(n, B, h, w, C)``."""
+        """One part of a round on the host, into ``buffer``, split by batches (:meth:`split`).
+        Returns ``(n, B, h, w, C)``."""
         part = self.parts[k]
-        nbytes = len(table) * part.patch_bytes
-        half = n // 2 if self._helper is not None and n > 1 else 0
-        split = half * b * part.patch_bytes
-        first = None
-        if half:
-            try:
-                first = self._helper.submit(cache.cut, k, table[: half * b], None, buffer[:split])  # type: ignore[union-attr]
-            except RuntimeError:  # the interpreter is exiting (executors refuse work): cut it all here
-                self._helper, split, half = None, 0, 0
-        cache.cut(k, table[half * b:], None, buffer[split:nbytes])
-        if first is not None:
-            first.result()
-        return buffer[:nbytes].view(np.dtype(part.dtype)).reshape(n, b, *part.patch_shape)
+
+        def work(start: int, stop: int) -> None:  # batches [start, stop)
+            cache.cut(k, table[start * b: stop * b], None, buffer[start * b * part.patch_bytes: stop * b * part.patch_bytes])
+
+        self.split(work, n)
+        return buffer[: len(table) * part.patch_bytes].view(np.dtype(part.dtype)).reshape(n, b, *part.patch_shape)
 
     def close(self) -> None:
         """Stop the helper; drop the ring and the staging (the producer's stream is synchronised)."""

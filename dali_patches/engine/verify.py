@@ -23,10 +23,10 @@ from ..catalog.catalog import Catalog, CatalogWarning
 from ..catalog.screen import ALPHA_MODES
 from ..sources.base import Problem, Source, user_stacklevel
 from .backend import HostArray, resolve_backend
-from .content import map_geometry, sampled
+from .content import map_geometry
 from .decode import error_cause
 from .decoders import decode_files
-from .measure import MAP_OPAQUE_SLACK, MAP_STD_SHARE, Threshold, map_twin, passing_anchors
+from .measure import Threshold, map_args, map_twin, passing_anchors
 
 __all__ = ["content_share", "find_corrupt", "find_flat", "without_corrupt"]
 
@@ -115,12 +115,10 @@ def content_share(image: HostArray, alpha: HostArray | None, patch_size: tuple[i
     ``alpha``: its ``(H, W, 1)`` alpha or ``None``."""
     h, w = image.shape[:2]
     g = map_geometry(patch_size, h, w)
-    n = g["win_h"] * g["win_w"]
     arena = np.concatenate([image.reshape(-1).view(np.uint8), *([] if alpha is None else [alpha.reshape(-1).view(np.uint8)])])
     flags = np.zeros(g["cells_h"] * g["cells_w"], np.uint8)
-    map_twin(arena, 0, -1 if alpha is None else image.nbytes, w, image.shape[2], image.dtype.itemsize, g["stride"],
-             g["win_h"], g["win_w"], g["anchors_h"], g["anchors_w"], g["cell"], g["cells_w"], len(flags),
-             sampled(threshold).min_spread(n, MAP_STD_SHARE), threshold.min_opaque_count(n, MAP_OPAQUE_SLACK), flags)
+    map_twin(arena, *map_args(0, -1 if alpha is None else image.nbytes, w, image.shape[2], image.dtype.itemsize, g,
+                              threshold), flags)  # type: ignore[call-arg]
     if flags.any():
         return float(flags.mean())
     return 1e-9 if len(passing_anchors(image, alpha, patch_size, step, threshold, 1)) else 0.0
@@ -160,6 +158,5 @@ def find_flat(catalog: Catalog, patch_size: tuple[int, int], min_std: float, min
         share = content_share(image, transparency, patch_size, step, threshold)
         shares.append(share)
         if share == 0:
-            flat[path] = (f"no {patch_size[0]}x{patch_size[1]} patch has a luminance std of at least {min_std:g}"
-                          + (f" with {min_opaque:.0%} of it opaque" if transparency is not None else ""))
+            flat[path] = f"no {patch_size[0]}x{patch_size[1]} patch has {threshold.describe(transparency is not None)}"
     return flat, shares
